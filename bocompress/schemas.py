@@ -1,0 +1,411 @@
+"""The wire contract of bocompress (v1), shared by the service, the workers and users.
+
+Field and endpoint names here are fixed by DESIGN.md: extend them, never rename them.
+Only pydantic is imported, so ``import bocompress`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_PREFIX = "/api/v1"
+
+TRIAL_STATES = ("queued", "running", "completed", "failed", "cancelled", "abandoned")
+TrialState = Literal["queued", "running", "completed", "failed", "cancelled", "abandoned"]
+TERMINAL_TRIAL_STATES = ("completed", "failed", "cancelled", "abandoned")
+JOB_STATES = ("profiling", "running", "completed", "cancelled", "failed")
+JobState = Literal["profiling", "running", "completed", "cancelled", "failed"]
+TaskKind = Literal["profile", "evaluate", "export"]
+Role = Literal["admin", "client", "worker"]
+
+ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56")
+ZOO_DATA = ("digits", "synthetic")
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+METHODS = ("svd", "tucker2", "magnitude", "channel_l1", "channel_lasso")
+MethodName = Literal["svd", "tucker2", "magnitude", "channel_l1", "channel_lasso"]
+COST_KINDS = ("params", "flops", "channels", "activation")
+CostKind = Literal["params", "flops", "channels", "activation"]
+OBJECTIVE_KINDS = ("scalarized", "constrained", "pareto")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")
+
+
+class _Strict(BaseModel):
+    """Requests refuse unknown fields, so a typo is a 422 naming it, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _finite(v: float, what: str) -> float:
+    if v is None or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number")
+    return v
+
+
+# --------------------------------------------------------------------------- job spec
+
+
+class ParameterSpec(_Strict):
+    """One dimension of a generic job's search space."""
+
+    name: str = Field(min_length=1, max_length=200)
+    type: Literal["float", "int"] = "float"
+    low: float
+    high: float
+    log: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v.startswith("/") or ".." in v:
+            raise ValueError("parameter name may hold only letters, digits and _ . : - [ ] /")
+        return v
+
+    @field_validator("low", "high")
+    @classmethod
+    def _bounds_finite(cls, v: float) -> float:
+        return _finite(v, "bound")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "ParameterSpec":
+        if not self.low < self.high:
+            raise ValueError(f"parameter {self.name!r}: low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"parameter {self.name!r}: a log-scaled parameter needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"parameter {self.name!r}: an int parameter needs integer bounds")
+        return self
+
+
+class CompressionSpec(_Strict):
+    """What to compress, with what, and over which layers."""
+
+    model: str = Field(min_length=1, max_length=200, description="model id (from upload) or zoo name")
+    data: str = Field(min_length=1, max_length=200, description="dataset id (from upload) or zoo name")
+    method: MethodName | dict[str, MethodName] = Field(
+        description="one method, or a mapping layer type -> method, e.g. {'Conv2d': 'tucker2', 'Linear': 'svd'}"
+    )
+    layers: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
+    theta_min: float = Field(default=0.05, gt=0.0, lt=1.0)
+    n_calibration: int = Field(default=256, ge=8, le=100_000)
+
+    @field_validator("method")
+    @classmethod
+    def _method_map(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("method mapping must not be empty")
+            for k in v:
+                if k not in ("Conv2d", "Linear"):
+                    raise ValueError(f"method mapping key {k!r}: use 'Conv2d' or 'Linear'")
+        return v
+
+
+class Objective(_Strict):
+    """A compression objective (``kind``) or a generic one (``metric`` + ``direction``)."""
+
+    kind: Literal["scalarized", "constrained", "pareto"] | None = None
+    kappa: float = Field(default=1.0, gt=0.0, le=1e6)
+    cost: CostKind = "params"
+    budget: float | None = Field(default=None, gt=0.0, le=1.0, description="max R for 'constrained'")
+    metric: str | None = Field(default=None, min_length=1, max_length=200)
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+    @field_validator("kappa")
+    @classmethod
+    def _kappa_finite(cls, v: float) -> float:
+        return _finite(v, "kappa")
+
+    @model_validator(mode="after")
+    def _constrained_has_budget(self) -> "Objective":
+        if self.kind == "constrained" and self.budget is None:
+            raise ValueError("a 'constrained' objective needs a 'budget' (the largest allowed ratio R)")
+        return self
+
+
+class Budget(_Strict):
+    max_trials: int = Field(default=60, ge=1, le=100_000)
+    max_parallel: int = Field(default=4, ge=1, le=1024)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_seconds: float = Field(default=60.0, ge=1.0, le=86_400.0)
+
+
+class OptimizerSpec(_Strict):
+    n_initial: int = Field(default=8, ge=1, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    engine: Literal["auto", "sobol", "gp"] = Field(
+        default="auto", description="'auto': Sobol for n_initial trials, then the GP; 'sobol': Sobol only"
+    )
+
+
+class JobCreate(_Strict):
+    """``POST /api/v1/jobs``: a compression job or a generic (ask/tell) job."""
+
+    name: str = Field(min_length=1, max_length=200)
+    compression: CompressionSpec | None = None
+    parameters: list[ParameterSpec] | None = None
+    objective: Objective = Field(default_factory=Objective)
+    budget: Budget = Field(default_factory=Budget)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "JobCreate":
+        if (self.compression is None) == (self.parameters is None):
+            raise ValueError("give exactly one of 'compression' (a compression job) or 'parameters' (a generic job)")
+        if self.parameters is not None:
+            if len(self.parameters) == 0:
+                raise ValueError("parameters: the list must not be empty")
+            if len(self.parameters) > 1000:
+                raise ValueError("parameters: at most 1000")
+            names = [p.name for p in self.parameters]
+            if len(set(names)) != len(names):
+                raise ValueError("parameters: names must be unique")
+            if self.objective.kind is not None:
+                raise ValueError("objective.kind is for compression jobs; a generic job takes 'metric' and 'direction'")
+            if self.objective.metric is None:
+                self.objective.metric = "objective"
+        else:
+            if self.objective.metric is not None:
+                raise ValueError("objective.metric is for generic jobs; a compression job takes 'kind'")
+            if self.objective.kind is None:
+                self.objective.kind = "scalarized"
+        return self
+
+    @property
+    def is_compression(self) -> bool:
+        return self.compression is not None
+
+
+# --------------------------------------------------------------------------- layer table
+
+
+class CostFactor(_Strict):
+    """A kept count: ``clamp(floor(theta[param] * size + 0.5), 1, size)``."""
+
+    param: str
+    size: int = Field(ge=1)
+
+
+class CostTerm(_Strict):
+    """``coef * product(kept counts of its factors)``; no factor means a constant."""
+
+    coef: float
+    factors: list[CostFactor] = Field(default_factory=list)
+
+
+class CostForm(_Strict):
+    """A layer's cost as a closed form in theta: ``min(sum(terms), cap)`` (cap = the dense cost)."""
+
+    terms: list[CostTerm]
+    cap: float | None = None
+
+
+class LayerInfo(_Strict):
+    name: str
+    type: str = Field(description="module type, e.g. Conv2d, Linear")
+    method: str
+    shape: list[int] = Field(description="weight shape")
+    params: list[str] = Field(description="names of the search parameters this layer's cost depends on")
+    costs: dict[str, CostForm] = Field(description="cost kind -> closed form in theta")
+    dense: dict[str, float] = Field(default_factory=dict, description="cost kind -> cost of the original layer")
+
+
+class SearchParam(_Strict):
+    name: str
+    low: float
+    high: float
+    size: int = Field(default=0, description="the count theta multiplies (rank, channels); 0 when continuous")
+
+
+class ProfileReport(_Strict):
+    """What a worker reports for a job's profiling task."""
+
+    layers: list[LayerInfo] = Field(min_length=1)
+    params: list[SearchParam] = Field(min_length=1)
+    totals: dict[str, float] = Field(description="cost kind -> cost of the whole original model")
+    model_info: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- trials
+
+
+class TrialOut(BaseModel):
+    id: int
+    job_id: int
+    seq: int
+    number: int = Field(description="0-based order of creation within the job")
+    state: TrialState
+    params: dict[str, float]
+    values: dict[str, float] = Field(default_factory=dict)
+    sem: dict[str, float] = Field(default_factory=dict)
+    attempt: int
+    worker: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class JobOut(BaseModel):
+    id: int
+    name: str
+    state: JobState
+    owner: str
+    kind: Literal["compression", "generic"]
+    counts: dict[str, int]
+    best: TrialOut | None = None
+    created_at: datetime
+    updated_at: datetime
+    reason: str | None = None
+    seq: int = 0
+    spec: dict[str, Any]
+    layers: list[LayerInfo] | None = None
+    search_space: list[dict[str, Any]] | None = None
+    totals: dict[str, float] | None = None
+
+
+class Page(BaseModel):
+    items: list[Any]
+    next_cursor: str | None = None
+
+
+class AskRequest(_Strict):
+    count: int = Field(default=1, ge=1, le=1000)
+
+
+class AskResponse(BaseModel):
+    trials: list[TrialOut]
+
+
+def _check_metrics(v: dict[str, float], field: str) -> dict[str, float]:
+    if len(v) > 1000:
+        raise ValueError(f"{field}: at most 1000 entries")
+    for k, x in v.items():
+        if not isinstance(k, str) or not (0 < len(k) <= 200):
+            raise ValueError(f"{field}: metric names are 1..200 characters")
+        if x is None or not math.isfinite(x):
+            raise ValueError(f"{field}[{k!r}] must be a finite number, got {x!r}")
+    return v
+
+
+class TellRequest(_Strict):
+    values: dict[str, float] = Field(default_factory=dict)
+    sem: dict[str, float] = Field(default_factory=dict)
+    failed: bool = False
+    error: str | None = Field(default=None, max_length=20_000)
+
+    @field_validator("values")
+    @classmethod
+    def _values_finite(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_metrics(v, "values")
+
+    @field_validator("sem")
+    @classmethod
+    def _sem_finite(cls, v: dict[str, float]) -> dict[str, float]:
+        v = _check_metrics(v, "sem")
+        for k, x in v.items():
+            if x < 0:
+                raise ValueError(f"sem[{k!r}] must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _has_result(self) -> "TellRequest":
+        if not self.failed and not self.values:
+            raise ValueError("values: give at least one metric, or failed=true")
+        return self
+
+
+class CompleteRequest(_Strict):
+    """A worker's result. ``profile`` for profiling tasks, ``artifact`` metadata for exports."""
+
+    values: dict[str, float] = Field(default_factory=dict)
+    sem: dict[str, float] = Field(default_factory=dict)
+    profile: ProfileReport | None = None
+    artifact: dict[str, Any] | None = None
+    lease_token: str | None = Field(default=None, max_length=64, description="lease.token from the lease")
+
+    @field_validator("values")
+    @classmethod
+    def _values_finite(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_metrics(v, "values")
+
+    @field_validator("sem")
+    @classmethod
+    def _sem_finite(cls, v: dict[str, float]) -> dict[str, float]:
+        v = _check_metrics(v, "sem")
+        for k, x in v.items():
+            if x < 0:
+                raise ValueError(f"sem[{k!r}] must be >= 0")
+        return v
+
+
+class FailRequest(_Strict):
+    error: str = Field(min_length=1, max_length=20_000)
+    retry: bool = False
+    lease_token: str | None = Field(default=None, max_length=64)
+
+
+class HeartbeatRequest(_Strict):
+    lease_token: str | None = Field(default=None, max_length=64)
+
+
+class LeaseRequest(_Strict):
+    worker: str = Field(default="worker", min_length=1, max_length=200)
+    kinds: list[TaskKind] = Field(default_factory=lambda: ["profile", "evaluate", "export"])
+
+
+class LeaseInfo(BaseModel):
+    token: str | None = Field(default=None, description="identifies this lease; send it back with heartbeat/complete/fail")
+    expires_at: datetime | None
+    lease_seconds: float
+    attempt: int
+
+
+class LeaseResponse(BaseModel):
+    task: TaskKind
+    trial: TrialOut
+    job: JobOut
+    lease: LeaseInfo
+
+
+class HeartbeatResponse(BaseModel):
+    lease: LeaseInfo
+
+
+# --------------------------------------------------------------------------- uploads, tokens
+
+
+class UploadOut(BaseModel):
+    id: str
+    kind: Literal["model", "dataset"]
+    arch: str | None = None
+    size: int
+    sha256: str
+    created_at: datetime
+    tensors: dict[str, list[int]] = Field(default_factory=dict)
+
+
+class TokenCreate(_Strict):
+    role: Role
+    owner: str | None = Field(default=None, min_length=1, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class TokenOut(BaseModel):
+    id: int
+    role: Role
+    owner: str
+    name: str | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+    token: str | None = Field(default=None, description="the secret; shown once, at creation")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    code: str

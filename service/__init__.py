@@ -1,0 +1,1 @@
+"""The bocompress control plane: REST API, dashboard, BO engine and persistence."""

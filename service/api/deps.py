@@ -1,0 +1,94 @@
+"""Dependencies declared once and used by every route (the service context, the caller)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.errors import APIError
+from service.auth import LOCAL_ADMIN, Principal, lookup
+from service.config import Settings
+from service.db.session import read_session
+
+
+@dataclass
+class Context:
+    """Everything a request needs; built by create_app, never at import time."""
+
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    metrics: Any
+    scheduler: Any = None
+    _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def principal_for(self, secret: str) -> Principal | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._token_cache.get(secret)
+            if hit and hit[0] > now:
+                return hit[1]
+        with read_session(self.factory) as s:
+            p = lookup(s, secret)
+        with self._lock:
+            if len(self._token_cache) > 10_000:
+                self._token_cache.clear()
+            self._token_cache[secret] = (now + 2.0, p)
+        return p
+
+
+def get_ctx(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+CtxDep = Annotated[Context, Depends(get_ctx)]
+
+
+def get_principal(request: Request, ctx: CtxDep) -> Principal:
+    if not ctx.settings.auth:
+        return LOCAL_ADMIN
+    header = request.headers.get("authorization", "")
+    secret = None
+    if header.lower().startswith("bearer "):
+        secret = header[7:].strip()
+    elif request.cookies.get("bocompress_token"):
+        # The dashboard's cookie: read access only.
+        if request.method not in ("GET", "HEAD"):
+            raise APIError(401, "the dashboard cookie grants read access only; send a bearer token", "unauthorized")
+        secret = request.cookies["bocompress_token"]
+    if not secret:
+        raise APIError(401, "missing bearer token: send 'Authorization: Bearer <token>'", "unauthorized",
+                       {"WWW-Authenticate": "Bearer"})
+    p = ctx.principal_for(secret)
+    if p is None:
+        raise APIError(401, "invalid or revoked token", "unauthorized", {"WWW-Authenticate": "Bearer"})
+    return p
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(*roles: str):  # type: ignore[no-untyped-def]
+    def _dep(p: PrincipalDep) -> Principal:
+        if p.role not in roles:
+            raise APIError(403, f"role '{p.role}' may not do this (needs {' or '.join(roles)})", "forbidden")
+        return p
+
+    return _dep
+
+
+ClientDep = Annotated[Principal, Depends(require("admin", "client"))]
+WorkerDep = Annotated[Principal, Depends(require("admin", "worker"))]
+AdminDep = Annotated[Principal, Depends(require("admin"))]
+AnyRoleDep = Annotated[Principal, Depends(require("admin", "client", "worker"))]

@@ -1,0 +1,88 @@
+"""Errors as ``{"detail": ..., "code": ...}``: 4xx for what the caller did wrong, never a 500 for bad input."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.db.session import StorageError
+from service.db.trials import NotFound, TransitionError
+
+log = logging.getLogger("bocompress.api")
+
+
+class APIError(Exception):
+    """An error with an HTTP status, a human message and a stable machine code."""
+
+    def __init__(self, status: int, detail: str, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.code = code
+        self.headers = headers
+
+
+def bad_request(field: str, reason: str) -> APIError:
+    return APIError(422, f"{field}: {reason}", "invalid")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    msgs = []
+    for e in exc.errors()[:10]:
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        loc = tuple(e.get("loc", ()))
+        if e.get("type") == "json_invalid":
+            msgs.append(f"body: invalid JSON ({e.get('ctx', {}).get('error', msg)})")
+        elif e.get("type") == "missing":
+            msgs.append(f"{_loc(loc)}: field required")
+        elif e.get("type") == "extra_forbidden":
+            msgs.append(f"{_loc(loc)}: unknown field")
+        else:
+            msgs.append(f"{_loc(loc)}: {msg}")
+    return "; ".join(msgs)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc), "code": "invalid"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                413: "too_large"}.get(exc.status_code, "error")
+        return JSONResponse({"detail": str(exc.detail), "code": code}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "code": "not_found"}, status_code=404)
+
+    @app.exception_handler(TransitionError)
+    async def _conflict(_: Request, exc: TransitionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        log.warning("storage busy", extra={"error": str(exc)})
+        return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"detail": "internal error", "code": "internal"}, status_code=500)

@@ -1,0 +1,295 @@
+"""Jobs: create, list, inspect, cancel; their trials, Pareto set, and ask/tell."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from bocompress.schemas import (
+    IMPORT_PATH_RE,
+    ZOO_DATA,
+    ZOO_MODELS,
+    AskRequest,
+    AskResponse,
+    JobCreate,
+    JobOut,
+    Page,
+    TellRequest,
+    TrialOut,
+)
+from service.api.deps import ClientDep, CtxDep, Context
+from service.api.errors import APIError, bad_request
+from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_row_out
+from service.auth import Principal
+from service.db.models import Blob, Job, Trial, utcnow
+from service.db.session import read_session, run_tx
+from service.db.trials import (
+    NotFound,
+    add_event,
+    cancel_job,
+    claim_next,
+    complete,
+    fail,
+    lock_trial,
+    pareto_front,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["jobs"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no or bad token"}, 403: {"description": "wrong role"},
+    404: {"description": "not found"}, 409: {"description": "conflict"}, 422: {"description": "invalid input"},
+}
+
+
+def visible_job(s: Session, job_id: int, p: Principal) -> Job:
+    """The job, if the caller may see it (admins: all; clients: their own); else 404."""
+    job = s.get(Job, job_id)
+    if job is None or (not p.is_admin and p.role != "worker" and job.owner != p.owner):
+        raise NotFound("job", job_id)
+    return job
+
+
+def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
+    c = body.compression
+    assert c is not None
+    if c.model.startswith("mdl_"):
+        blob = s.get(Blob, c.model)
+        if blob is None or blob.kind != "model" or (not p.is_admin and blob.owner != p.owner):
+            raise bad_request("compression.model", f"no uploaded model {c.model!r}")
+    elif c.model not in ZOO_MODELS and not IMPORT_PATH_RE.match(c.model):
+        raise bad_request("compression.model",
+                          f"{c.model!r} is neither an uploaded model id (mdl_...), a zoo model "
+                          f"({', '.join(ZOO_MODELS)}) nor an import path 'package.module:factory'")
+    if c.data.startswith("ds_"):
+        blob = s.get(Blob, c.data)
+        if blob is None or blob.kind != "dataset" or (not p.is_admin and blob.owner != p.owner):
+            raise bad_request("compression.data", f"no uploaded dataset {c.data!r}")
+    elif c.data not in ZOO_DATA:
+        raise bad_request("compression.data",
+                          f"{c.data!r} is neither an uploaded dataset id (ds_...) nor a built-in set "
+                          f"({', '.join(ZOO_DATA)})")
+
+
+@router.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
+def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
+    """Create a compression job (profiled by a worker first) or a generic ask/tell job.
+
+    A repeated request with the same ``Idempotency-Key`` returns the job the first one made.
+    """
+    spec = body.model_dump(mode="json", exclude_none=True)
+
+    def _create(s: Session) -> dict[str, Any]:
+        if idempotency_key:
+            prior = s.execute(select(Job).where(Job.owner == p.owner, Job.idempotency_key == idempotency_key)
+                              ).scalars().first()
+            if prior is not None:
+                response.status_code = 200
+                return job_out(s, prior)
+        now = utcnow()
+        if body.is_compression:
+            _check_refs(s, body, p)
+            job = Job(name=body.name, owner=p.owner, kind="compression", state="profiling", spec=spec,
+                      idempotency_key=idempotency_key, created_at=now, updated_at=now, seq=0, n_created=0)
+        else:
+            space = [prm.model_dump() for prm in body.parameters or []]
+            job = Job(name=body.name, owner=p.owner, kind="generic", state="running", spec=spec,
+                      search_space=space, idempotency_key=idempotency_key, created_at=now, updated_at=now,
+                      seq=0, n_created=0)
+        s.add(job)
+        s.flush()
+        add_event(s, job.id, "job_created", detail=p.owner)
+        if body.is_compression:
+            s.add(Trial(job_id=job.id, kind="profile", number=0, seq=0, state="queued", params={}, values={},
+                        sem={}, attempt=1, created_at=now))
+        s.flush()
+        return job_out(s, job, with_best=False)
+
+    try:
+        out = run_tx(ctx.factory, _create)
+    except IntegrityError:
+        # Two concurrent creates with one idempotency key: the other won; return its job.
+        with read_session(ctx.factory) as s:
+            prior = s.execute(select(Job).where(Job.owner == p.owner, Job.idempotency_key == idempotency_key)
+                              ).scalars().first()
+            if prior is None:
+                raise
+            response.status_code = 200
+            out = job_out(s, prior)
+    if ctx.scheduler is not None:
+        ctx.scheduler.wake()
+    return out
+
+
+@router.get("/jobs", response_model=Page, responses=ERRORS)
+def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+              cursor: Annotated[str | None, Query(max_length=200)] = None,
+              state: Annotated[str | None, Query(max_length=20)] = None) -> Any:
+    """Jobs, newest first, in pages: ``{"items": [...], "next_cursor": ...}``."""
+    before = decode_cursor(cursor)
+    with read_session(ctx.factory) as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+        if not p.is_admin:
+            q = q.where(Job.owner == p.owner)
+        if before is not None:
+            q = q.where(Job.id < before)
+        if state is not None:
+            q = q.where(Job.state == state)
+        rows = s.execute(q).scalars().all()
+        items = [job_out(s, j) for j in rows[:limit]]
+    nxt = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return {"items": items, "next_cursor": nxt}
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+    """Job state, counts per trial state, the best trial, and (compression) the layer table."""
+    with read_session(ctx.factory) as s:
+        return job_out(s, visible_job(s, job_id, p))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=ERRORS)
+def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+    """Stop a job: queued trials are cancelled, running ones stop at their next heartbeat."""
+
+    def _cancel(s: Session) -> dict[str, Any]:
+        job = visible_job(s, job_id, p)
+        if job.state in ("completed", "failed", "cancelled"):
+            return job_out(s, job)
+        cancel_job(s, job, ctx.dialect)
+        return job_out(s, job)
+
+    return run_tx(ctx.factory, _cancel)
+
+
+@router.get("/jobs/{job_id}/trials", response_model=Page, responses=ERRORS)
+def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
+                since: Annotated[int, Query(ge=0, le=2**62)] = 0,
+                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+                cursor: Annotated[str | None, Query(max_length=200)] = None) -> Any:
+    """Trials changed after ``since`` (a ``seq``), oldest change first.
+
+    ``next_cursor`` is set when more changes remain; the ``X-Job-Seq`` header is the job's
+    current ``seq``, the value to pass as ``since`` next time.
+    """
+    after = decode_cursor(cursor)
+    since = max(since, after or 0)
+    with read_session(ctx.factory) as s:
+        job = visible_job(s, job_id, p)
+        cols = [Trial.id, Trial.job_id, Trial.seq, Trial.number, Trial.state, Trial.params, Trial.values,
+                Trial.sem, Trial.attempt, Trial.worker, Trial.created_at, Trial.started_at, Trial.finished_at,
+                Trial.error]
+        rows = s.execute(
+            select(*cols).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.seq > since)
+            .order_by(Trial.seq).limit(limit + 1)
+        ).all()
+        job_seq = job.seq
+    items = [trial_row_out(r) for r in rows[:limit]]
+    nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    return JSONResponse({"items": items, "next_cursor": nxt}, headers={"X-Job-Seq": str(job_seq)})
+
+
+@router.get("/jobs/{job_id}/pareto", response_model=Page, responses=ERRORS)
+def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+    """Non-dominated completed trials in (L, R) = (distill_l2, ratio), both minimized, by R."""
+    with read_session(ctx.factory) as s:
+        job = visible_job(s, job_id, p)
+        rows = s.execute(
+            select(Trial).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == "completed")
+        ).scalars().all()
+        if job.kind == "compression":
+            pts = [(float(t.values["distill_l2"]), float(t.values["ratio"])) for t in rows]
+        else:
+            metric = job.spec["objective"].get("metric") or "objective"
+            sign = -1.0 if job.spec["objective"].get("direction") == "maximize" else 1.0
+            pts = [(sign * float(t.values.get(metric, float("inf"))), 0.0) for t in rows]
+        front = sorted((rows[i] for i in pareto_front(pts)), key=lambda t: float(t.values.get("ratio", 0.0)))
+        return {"items": [trial_out(t) for t in front], "next_cursor": None}
+
+
+@router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
+def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
+    """Up to ``count`` trials to evaluate yourself; empty when the budget is spent.
+
+    Proposals come from the job's buffer, filled in the background (never computed here);
+    this call waits up to ``ask_wait_seconds`` for the buffer to hold them.
+    """
+    with read_session(ctx.factory) as s:
+        job = visible_job(s, job_id, p)
+        if job.kind != "generic":
+            raise APIError(409, f"job {job_id} is a compression job: its trials are evaluated by workers",
+                           "not_generic")
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + ctx.settings.ask_wait_seconds
+    delay = 0.005
+    while len(got) < body.count:
+        def _claim(s: Session) -> tuple[dict[str, Any] | None, bool]:
+            c = claim_next(s, worker=f"client:{p.owner}", kinds=("evaluate",), lease_seconds=0, job_id=job_id,
+                           dialect=ctx.dialect)
+            if c is not None:
+                return trial_out(c.trial), False
+            j = s.get(Job, job_id)
+            assert j is not None
+            exhausted = j.state != "running" or j.n_created >= int(j.spec["budget"]["max_trials"])
+            return None, exhausted
+
+        t, exhausted = run_tx(ctx.factory, _claim)
+        if t is not None:
+            got.append(t)
+            delay = 0.005
+            continue
+        if exhausted or time.monotonic() > deadline:
+            break
+        if ctx.scheduler is not None:
+            ctx.scheduler.wake()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+    return {"trials": got}
+
+
+@router.get("/trials/{trial_id}", response_model=TrialOut, responses=ERRORS)
+def get_trial(trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+    with read_session(ctx.factory) as s:
+        t = s.get(Trial, trial_id)
+        if t is None or t.kind != "evaluate":
+            raise NotFound("trial", trial_id)
+        visible_job(s, t.job_id, p)
+        return trial_out(t)
+
+
+def _trial_for_client(s: Session, ctx: Context, trial_id: int, p: Principal) -> tuple[Trial, Job]:
+    t = lock_trial(s, trial_id, ctx.dialect)
+    if t.kind != "evaluate":
+        raise NotFound("trial", trial_id)
+    job = visible_job(s, t.job_id, p)
+    return t, job
+
+
+@router.post("/trials/{trial_id}/tell", response_model=TrialOut, responses=ERRORS)
+def tell(trial_id: int, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
+    """Report the result of an asked trial (idempotent), or its failure."""
+
+    def _tell(s: Session) -> dict[str, Any]:
+        t, job = _trial_for_client(s, ctx, trial_id, p)
+        if job.kind != "generic":
+            raise APIError(409, f"trial {trial_id} belongs to a compression job: workers report it", "not_generic")
+        if body.failed:
+            fail(s, t, body.error or "failed", retry=False, lease_token=None)
+            return trial_out(t)
+        metric = job.spec["objective"].get("metric") or "objective"
+        if metric not in body.values:
+            raise bad_request("values", f"missing the job's metric {metric!r}")
+        complete(s, t, dict(body.values), dict(body.sem), lease_token=None)
+        return trial_out(t)
+
+    out = run_tx(ctx.factory, _tell)
+    if ctx.scheduler is not None:
+        ctx.scheduler.wake()
+    return out

@@ -1,0 +1,65 @@
+"""Rows to wire dicts (hand-built: a 10,000-trial history must encode fast)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.api.errors import APIError
+from service.db.models import Job, Trial
+from service.db.trials import best_trial, count_states
+
+
+def iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def trial_out(t: Trial) -> dict[str, Any]:
+    return {
+        "id": t.id, "job_id": t.job_id, "seq": t.seq, "number": t.number, "state": t.state,
+        "params": t.params, "values": t.values or {}, "sem": t.sem or {}, "attempt": t.attempt,
+        "worker": t.worker, "created_at": iso(t.created_at), "started_at": iso(t.started_at),
+        "finished_at": iso(t.finished_at), "error": t.error,
+    }
+
+
+def trial_row_out(r: Any) -> dict[str, Any]:
+    """From a lightweight row (select of columns) rather than an ORM object."""
+    return {
+        "id": r.id, "job_id": r.job_id, "seq": r.seq, "number": r.number, "state": r.state,
+        "params": r.params, "values": r.values or {}, "sem": r.sem or {}, "attempt": r.attempt,
+        "worker": r.worker, "created_at": iso(r.created_at), "started_at": iso(r.started_at),
+        "finished_at": iso(r.finished_at), "error": r.error,
+    }
+
+
+def job_out(s: Session, job: Job, with_best: bool = True) -> dict[str, Any]:
+    best = best_trial(s, job) if with_best else None
+    profile = job.profile or {}
+    return {
+        "id": job.id, "name": job.name, "state": job.state, "owner": job.owner, "kind": job.kind,
+        "counts": count_states(s, job.id), "best": trial_out(best) if best else None,
+        "created_at": iso(job.created_at), "updated_at": iso(job.updated_at), "reason": job.reason,
+        "seq": job.seq, "spec": job.spec, "layers": profile.get("layers"), "search_space": job.search_space,
+        "totals": profile.get("totals"), "n_created": job.n_created,
+    }
+
+
+def encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if cursor is None or cursor == "":
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        tag, value = raw.split(":", 1)
+        if tag != "v1":
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(422, "cursor: not a cursor this service issued", "invalid") from exc

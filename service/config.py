@@ -1,0 +1,61 @@
+"""Service settings, from arguments or ``BOCOMPRESS_*`` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment.
+
+    Refuses unsafe combinations: running without auth is allowed only on a loopback address.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BOCOMPRESS_", extra="ignore")
+
+    database_url: str = Field(default="sqlite:///./bocompress.db")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth: bool = Field(default=True, description="require bearer tokens; off is allowed only on loopback")
+    auto_migrate: bool | None = Field(
+        default=None, description="upgrade the schema on start; default: on for SQLite, off for PostgreSQL"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    scheduler: bool = Field(default=True, description="run the proposal/lease-reaper loop in this process")
+    scheduler_interval: float = Field(default=0.5, gt=0.0, le=60.0)
+    generator_lease_seconds: float = Field(default=120.0, gt=1.0)
+    ask_wait_seconds: float = Field(default=20.0, ge=0.0, le=300.0)
+    replica: str = Field(default="", description="name of this replica (default host:pid)")
+
+    @model_validator(mode="after")
+    def _refuse_open_non_loopback(self) -> "Settings":
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(
+                f"auth is off but host {self.host!r} is not a loopback address: "
+                "turn auth on (BOCOMPRESS_AUTH=1) or bind to 127.0.0.1"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def migrate_on_start(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate

@@ -1,0 +1,109 @@
+"""Engines and sessions: SQLite in WAL mode with a busy timeout, PostgreSQL through psycopg 3."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("bocompress.db")
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """The one error the storage layer raises for a failure that is not the caller's fault."""
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL URLs given without a driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite, every transaction takes the write lock up front.
+
+    SQLite's deferred transactions fail with "database is locked" when two readers try to
+    upgrade at once (the busy handler is not called then); ``BEGIN IMMEDIATE`` queues writers
+    behind the busy timeout instead.
+    """
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=8,
+                               max_overflow=16, pool_timeout=60)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError):
+        msg = str(exc).lower()
+        if "locked" in msg or "busy" in msg:
+            return True
+    if isinstance(exc, DBAPIError):
+        code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        if code in ("40001", "40P01"):  # serialization failure, deadlock detected
+            return True
+    return False
+
+
+def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts: int = 8) -> T:
+    """Run ``fn(session)`` in one transaction, retrying transient lock/deadlock errors.
+
+    The caller never sees "database is locked": a transient failure is rolled back and retried
+    with jittered backoff; only a persistent one surfaces, as :class:`StorageError`.
+    """
+    for i in range(attempts):
+        session = factory()
+        try:
+            with session.begin():
+                return fn(session)
+        except (OperationalError, DBAPIError) as exc:
+            if not _is_transient(exc) or i == attempts - 1:
+                if _is_transient(exc):
+                    raise StorageError(f"database busy after {attempts} attempts: {exc.orig}") from exc
+                raise
+            log.debug("transient database error, retrying", extra={"attempt": i + 1, "error": str(exc.orig)})
+            time.sleep(min(0.5, 0.01 * 2**i) * (0.5 + random.random()))
+        finally:
+            session.close()
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    session = factory()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

@@ -1,0 +1,426 @@
+"""Jobs and trials: claiming work exactly once, guarded transitions, and the event log.
+
+Every state change is an ``UPDATE ... WHERE state IN (...)`` that must match exactly one row;
+when it matches none the caller gets :class:`TransitionError` (a 409 at the API), never a
+silent no-op. Each change of a trial bumps its job's ``seq`` in the same transaction: the job
+row is locked until commit, so trials of one job become visible in ``seq`` order and
+``?since=<seq>`` never skips a change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from bocompress import costs
+from service.db.models import Event, Job, Trial, utcnow
+
+log = logging.getLogger("bocompress.trials")
+
+ACTIVE_JOB_STATES = ("profiling", "running")
+OPEN_TRIAL_STATES = ("queued", "running")
+
+
+class TransitionError(Exception):
+    """A guarded update matched no row: the trial or job is not in a state that allows it."""
+
+    def __init__(self, message: str, code: str = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotFound(Exception):
+    def __init__(self, what: str, ident: Any) -> None:
+        super().__init__(f"{what} {ident} not found")
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Claimed:
+    trial: Trial
+    job: Job
+
+
+def result_hash(values: dict[str, Any], sem: dict[str, Any], extra: Any = None) -> str:
+    blob = json.dumps({"v": values, "s": sem, "x": extra}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def bump_seq(session: Session, job_id: int) -> int:
+    """Increase the job's change counter and return it (locks the job row until commit)."""
+    now = utcnow()
+    seq = session.execute(
+        update(Job).where(Job.id == job_id).values(seq=Job.seq + 1, updated_at=now).returning(Job.seq)
+    ).scalar_one()
+    return int(seq)
+
+
+def add_event(session: Session, job_id: int, kind: str, trial_id: int | None = None, from_state: str | None = None,
+              to_state: str | None = None, detail: str | None = None) -> None:
+    session.add(Event(job_id=job_id, trial_id=trial_id, kind=kind, from_state=from_state, to_state=to_state,
+                      detail=detail, at=utcnow()))
+
+
+def transition(session: Session, trial: Trial, to_state: str, from_states: Sequence[str], *,
+               event: str | None = None, detail: str | None = None, guard_attempt: bool = True,
+               **fields: Any) -> Trial:
+    """Move ``trial`` to ``to_state`` if it is in one of ``from_states``; else TransitionError."""
+    # Lock order everywhere: the trial row first, then the job row (bump_seq).
+    conds = [Trial.id == trial.id, Trial.state.in_(list(from_states))]
+    if guard_attempt:
+        conds.append(Trial.attempt == trial.attempt)
+    res = session.execute(update(Trial).where(*conds).values(state=to_state, **fields))
+    if res.rowcount != 1:
+        raise TransitionError(
+            f"trial {trial.id} is {trial.state}, not {' or '.join(from_states)}: cannot move it to {to_state}",
+            code="state",
+        )
+    seq = bump_seq(session, trial.job_id)
+    session.execute(update(Trial).where(Trial.id == trial.id).values(seq=seq))
+    add_event(session, trial.job_id, event or to_state, trial.id, trial.state, to_state, detail)
+    session.refresh(trial)
+    return trial
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+def claim_next(session: Session, worker: str, kinds: Iterable[str], lease_seconds: float | None = None,
+               job_id: int | None = None, dialect: str = "sqlite") -> Claimed | None:
+    """Take the oldest queued trial (of an active job) and lease it to ``worker``.
+
+    On PostgreSQL ``FOR UPDATE SKIP LOCKED`` hands each row to exactly one transaction; on
+    SQLite the whole transaction holds the write lock (``BEGIN IMMEDIATE``), which serializes
+    claimers. ``lease_seconds=None`` takes the job's own; 0 means no expiry (ask/tell).
+    """
+    q = (
+        select(Trial)
+        .join(Job, Job.id == Trial.job_id)
+        .where(Trial.state == "queued", Trial.kind.in_(list(kinds)), Job.state.in_(ACTIVE_JOB_STATES))
+        .order_by(Trial.id)
+        .limit(1)
+    )
+    if job_id is not None:
+        q = q.where(Trial.job_id == job_id)
+    if dialect == "postgresql":
+        q = q.with_for_update(skip_locked=True, of=Trial)
+    trial = session.execute(q).scalars().first()
+    if trial is None:
+        return None
+    job = session.get(Job, trial.job_id)
+    assert job is not None
+    secs = float(job.spec["budget"]["lease_seconds"]) if lease_seconds is None else lease_seconds
+    now = utcnow()
+    transition(
+        session, trial, "running", ("queued",), event="leased", detail=worker,
+        worker=worker, started_at=now, lease_token=secrets.token_hex(16),
+        lease_expires_at=(now + timedelta(seconds=secs)) if secs > 0 else None,
+    )
+    session.refresh(job)
+    return Claimed(trial, job)
+
+
+def reap_expired(session: Session, now: datetime | None = None, limit: int = 500) -> int:
+    """Put trials whose lease expired back to ``queued`` (attempt + 1), or ``abandoned``."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(Trial).where(Trial.state == "running", Trial.lease_expires_at.is_not(None),
+                            Trial.lease_expires_at < now).order_by(Trial.id).limit(limit)
+    ).scalars().all()
+    n = 0
+    for trial in rows:
+        job = session.get(Job, trial.job_id)
+        assert job is not None
+        max_attempts = int(job.spec["budget"]["max_attempts"])
+        try:
+            if trial.attempt < max_attempts:
+                transition(session, trial, "queued", ("running",), event="lease_expired",
+                           detail=f"worker {trial.worker} lost the lease", attempt=trial.attempt + 1,
+                           worker=None, lease_token=None, lease_expires_at=None)
+            else:
+                transition(session, trial, "abandoned", ("running",), event="abandoned",
+                           detail=f"lease lost {trial.attempt} times", lease_token=None, lease_expires_at=None,
+                           finished_at=now, error=f"abandoned: lease lost {trial.attempt} times")
+                after_trial_finished(session, job, trial)
+            n += 1
+        except TransitionError:
+            continue
+    return n
+
+
+# --------------------------------------------------------------------------- results
+
+
+def check_lease(trial: Trial, lease_token: str | None) -> None:
+    if lease_token is not None and trial.lease_token is not None and lease_token != trial.lease_token:
+        raise TransitionError(f"trial {trial.id}: this lease is no longer valid (the trial was leased again)",
+                              code="lease_lost")
+
+
+def lock_trial(session: Session, trial_id: int, dialect: str) -> Trial:
+    q = select(Trial).where(Trial.id == trial_id)
+    if dialect == "postgresql":
+        q = q.with_for_update()
+    trial = session.execute(q).scalars().first()
+    if trial is None:
+        raise NotFound("trial", trial_id)
+    return trial
+
+
+def heartbeat(session: Session, trial: Trial, lease_token: str | None) -> Trial:
+    job = session.get(Job, trial.job_id)
+    assert job is not None
+    if trial.state == "cancelled" or job.state == "cancelled":
+        raise TransitionError(f"trial {trial.id}: the job was cancelled", code="cancelled")
+    if trial.state != "running":
+        raise TransitionError(f"trial {trial.id} is {trial.state}: the lease was lost", code="lease_lost")
+    check_lease(trial, lease_token)
+    if trial.lease_expires_at is None:
+        return trial
+    secs = float(job.spec["budget"]["lease_seconds"])
+    res = session.execute(
+        update(Trial).where(Trial.id == trial.id, Trial.state == "running", Trial.attempt == trial.attempt)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=secs))
+    )
+    if res.rowcount != 1:
+        raise TransitionError(f"trial {trial.id}: the lease was lost", code="lease_lost")
+    session.refresh(trial)
+    return trial
+
+
+def complete(session: Session, trial: Trial, values: dict[str, float], sem: dict[str, float],
+             lease_token: str | None, extra: dict[str, Any] | None = None) -> tuple[Trial, bool]:
+    """Store a result once. Returns (trial, changed). Same result again: (trial, False)."""
+    h = result_hash(values, sem, extra)
+    if trial.state == "completed":
+        if trial.result_hash == h:
+            return trial, False
+        raise TransitionError(f"trial {trial.id} is already completed with a different result", code="duplicate")
+    if trial.state != "running":
+        code = "cancelled" if trial.state == "cancelled" else "lease_lost"
+        raise TransitionError(f"trial {trial.id} is {trial.state}: result refused (lease lost or job stopped)",
+                              code=code)
+    check_lease(trial, lease_token)
+    job = session.get(Job, trial.job_id)
+    assert job is not None
+    transition(session, trial, "completed", ("running",), values=values, sem=sem, result_hash=h,
+               finished_at=utcnow(), lease_expires_at=None, extra=extra)
+    after_trial_finished(session, job, trial)
+    return trial, True
+
+
+def fail(session: Session, trial: Trial, error: str, retry: bool, lease_token: str | None) -> Trial:
+    if trial.state != "running":
+        code = "cancelled" if trial.state == "cancelled" else "lease_lost"
+        raise TransitionError(f"trial {trial.id} is {trial.state}: failure report refused", code=code)
+    check_lease(trial, lease_token)
+    job = session.get(Job, trial.job_id)
+    assert job is not None
+    max_attempts = int(job.spec["budget"]["max_attempts"])
+    if retry and trial.attempt < max_attempts:
+        transition(session, trial, "queued", ("running",), event="retry", detail=error[:2000],
+                   attempt=trial.attempt + 1, worker=None, lease_token=None, lease_expires_at=None, error=error)
+        return trial
+    transition(session, trial, "failed", ("running",), detail=error[:2000], error=error, finished_at=utcnow(),
+               lease_expires_at=None)
+    after_trial_finished(session, job, trial)
+    return trial
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def count_states(session: Session, job_id: int, kind: str = "evaluate") -> dict[str, int]:
+    rows = session.execute(
+        select(Trial.state, func.count()).where(Trial.job_id == job_id, Trial.kind == kind).group_by(Trial.state)
+    ).all()
+    out = {s: 0 for s in ("queued", "running", "completed", "failed", "cancelled", "abandoned")}
+    out.update({s: int(n) for s, n in rows})
+    return out
+
+
+def set_job_state(session: Session, job: Job, to_state: str, from_states: Sequence[str],
+                  reason: str | None = None, **fields: Any) -> None:
+    now = utcnow()
+    values: dict[str, Any] = dict(state=to_state, updated_at=now, **fields)
+    if reason is not None:
+        values["reason"] = reason
+    if to_state in ("completed", "failed", "cancelled"):
+        values["finished_at"] = now
+    res = session.execute(update(Job).where(Job.id == job.id, Job.state.in_(list(from_states))).values(**values))
+    if res.rowcount != 1:
+        raise TransitionError(f"job {job.id} is {job.state}, not {' or '.join(from_states)}", code="job_state")
+    add_event(session, job.id, f"job_{to_state}", None, job.state, to_state, reason)
+    session.refresh(job)
+
+
+def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
+    """Close the job once its budget is spent and nothing is open; fail it if profiling failed."""
+    session.refresh(job)
+    if trial.kind == "profile":
+        if trial.state in ("failed", "abandoned") and job.state == "profiling":
+            set_job_state(session, job, "failed", ("profiling",),
+                          reason=f"profiling failed: {trial.error or trial.state}")
+        return
+    if trial.kind != "evaluate" or job.state != "running":
+        return
+    max_trials = int(job.spec["budget"]["max_trials"])
+    if job.n_created < max_trials:
+        return
+    open_n = session.execute(
+        select(func.count()).select_from(Trial)
+        .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_(OPEN_TRIAL_STATES))
+    ).scalar_one()
+    if open_n == 0:
+        set_job_state(session, job, "completed", ("running",))
+
+
+def cancel_job(session: Session, job: Job, dialect: str) -> Job:
+    q = select(Trial).where(Trial.job_id == job.id, Trial.state.in_(OPEN_TRIAL_STATES)).order_by(Trial.id)
+    if dialect == "postgresql":
+        q = q.with_for_update()
+    open_trials = session.execute(q).scalars().all()
+    set_job_state(session, job, "cancelled", ACTIVE_JOB_STATES, reason="cancelled by user")
+    for t in open_trials:
+        transition(session, t, "cancelled", OPEN_TRIAL_STATES, finished_at=utcnow(), lease_expires_at=None,
+                   guard_attempt=False)
+    return job
+
+
+def insert_proposals(session: Session, job: Job, expected_created: int, proposals: list[dict[str, float]],
+                     kind: str = "evaluate") -> list[Trial]:
+    """Add proposals as queued trials, unless another generator got there first."""
+    k = len(proposals)
+    res = session.execute(
+        update(Job).where(Job.id == job.id, Job.n_created == expected_created, Job.state == "running")
+        .values(n_created=Job.n_created + k)
+    )
+    if res.rowcount != 1:
+        raise TransitionError(f"job {job.id}: proposals were made by another generator", code="raced")
+    out = []
+    now = utcnow()
+    for i, params in enumerate(proposals):
+        seq = bump_seq(session, job.id)
+        t = Trial(job_id=job.id, kind=kind, number=expected_created + i, seq=seq, state="queued",
+                  params=params, values={}, sem={}, attempt=1, created_at=now)
+        session.add(t)
+        out.append(t)
+    session.flush()
+    for t in out:
+        add_event(session, job.id, "proposed", t.id, None, "queued")
+    return out
+
+
+def acquire_generator(session: Session, job_id: int, me: str, seconds: float) -> bool:
+    """A database lock on the job's proposal stream: one generator at a time, across replicas."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "running",
+               or_(Job.generator_owner.is_(None), Job.generator_until.is_(None), Job.generator_until < now,
+                   Job.generator_owner == me))
+        .values(generator_owner=me, generator_until=now + timedelta(seconds=seconds))
+    )
+    return res.rowcount == 1
+
+
+def release_generator(session: Session, job_id: int, me: str) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.generator_owner == me).values(generator_owner=None,
+                                                                              generator_until=None)
+    )
+
+
+def jobs_needing_proposals(session: Session) -> list[tuple[int, int, int]]:
+    """(job id, queued count, n_created) for running jobs whose buffer is short."""
+    queued = (
+        select(Trial.job_id, func.count().label("q"))
+        .where(Trial.state == "queued", Trial.kind == "evaluate")
+        .group_by(Trial.job_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Job.id, func.coalesce(queued.c.q, 0), Job.n_created, Job.spec)
+        .outerjoin(queued, queued.c.job_id == Job.id)
+        .where(Job.state == "running")
+    ).all()
+    out = []
+    for jid, q, created, spec in rows:
+        b = spec["budget"]
+        if created < int(b["max_trials"]) and int(q) < int(b["max_parallel"]):
+            out.append((int(jid), int(q), int(created)))
+    return out
+
+
+# --------------------------------------------------------------------------- compression values
+
+
+def compression_values(job: Job, params: dict[str, float], values: dict[str, float]) -> dict[str, float]:
+    """Fill ``ratio`` (exact, from the layer table) and ``objective`` from the worker's L."""
+    obj = job.spec["objective"]
+    kind = obj.get("cost", "params")
+    out = dict(values)
+    if "ratio" in values:
+        out["ratio_measured"] = float(values["ratio"])
+    r = costs.ratio(job.profile, params, kind)
+    out["ratio"] = r
+    L = float(values["distill_l2"])
+    if obj.get("kind") == "constrained":
+        budget = float(obj["budget"])
+        out["feasible"] = 1.0 if r <= budget + 1e-12 else 0.0
+        out["objective"] = L if r <= budget + 1e-12 else L + 1e6 * (r - budget) + 1.0
+    else:
+        out["objective"] = float(obj.get("kappa", 1.0)) * L + r
+    return out
+
+
+def objective_of(job: Job, values: dict[str, Any]) -> float | None:
+    """The number a job minimizes for one completed trial (generic maximize → negated)."""
+    if job.kind == "compression":
+        v = values.get("objective")
+        return None if v is None else float(v)
+    metric = job.spec["objective"].get("metric") or "objective"
+    v = values.get(metric)
+    if v is None:
+        return None
+    return -float(v) if job.spec["objective"].get("direction") == "maximize" else float(v)
+
+
+def best_trial(session: Session, job: Job) -> Trial | None:
+    rows = session.execute(
+        select(Trial).where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state == "completed")
+    ).scalars().all()
+    best, best_v = None, None
+    for t in rows:
+        v = objective_of(job, t.values)
+        if v is not None and (best_v is None or v < best_v):
+            best, best_v = t, v
+    return best
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (both coordinates minimized)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_r = [], float("inf")
+    for i in order:
+        if points[i][1] < best_r:
+            front.append(i)
+            best_r = points[i][1]
+    return front
+
+
+__all__ = [
+    "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "and_", "best_trial",
+    "bump_seq", "cancel_job", "claim_next", "complete", "compression_values", "count_states", "fail",
+    "heartbeat", "insert_proposals", "jobs_needing_proposals", "objective_of", "pareto_front", "reap_expired",
+    "set_job_state", "transition",
+]

@@ -1,0 +1,33 @@
+"""Structured (JSON-lines) logs, quiet by default."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _RESERVED and not k.startswith("_"):
+                out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure(level: str = "warning") -> None:
+    root = logging.getLogger("bocompress")
+    root.setLevel(level.upper())
+    if not any(getattr(h, "_bocompress", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(JsonFormatter())
+        h._bocompress = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.propagate = False

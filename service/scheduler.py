@@ -1,0 +1,172 @@
+"""Keeps each running job's proposal buffer full and reaps expired leases, off the request path.
+
+One background thread per service process. Proposals are computed here (a GP fit can take a
+second) and written to the database as ``queued`` trials, so a worker's lease or a client's
+``ask`` is answered from the database. With several replicas on one PostgreSQL, a job's
+proposal stream is guarded by a lock in the database (``jobs.generator_owner``/``generator_until``)
+and by the guarded ``n_created`` update: at most one generator per job, never two batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Job, Trial
+from service.db.session import read_session, run_tx
+from service.db.trials import (
+    TransitionError,
+    acquire_generator,
+    insert_proposals,
+    jobs_needing_proposals,
+    reap_expired,
+    release_generator,
+)
+
+log = logging.getLogger("bocompress.scheduler")
+
+
+def job_problem(job: Job) -> Any:
+    from service.optimizer import Problem
+
+    spec = job.spec
+    opt = spec.get("optimizer", {})
+    return Problem(
+        params=list(job.search_space or []),
+        objective=dict(spec["objective"]),
+        profile=job.profile if job.kind == "compression" else None,
+        n_initial=int(opt.get("n_initial", 8)),
+        seed=int(opt.get("seed", 0)),
+        engine=str(opt.get("engine", "auto")),
+    )
+
+
+def observations(s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
+    """Completed finite results (what the GP sees) and the params of queued/running trials."""
+    import math
+
+    from service.optimizer import Observation
+
+    rows = s.execute(
+        select(Trial.state, Trial.params, Trial.values, Trial.sem, Trial.number)
+        .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_(("queued", "running", "completed")))
+        .order_by(Trial.number)
+    ).all()
+    if job.kind == "compression":
+        metric = "distill_l2"
+    else:
+        metric = job.spec["objective"].get("metric") or "objective"
+    obs, pending = [], []
+    for state, params, values, sem, _ in rows:
+        if state == "completed":
+            v = (values or {}).get(metric)
+            if v is None or not math.isfinite(float(v)):
+                continue
+            e = (sem or {}).get(metric)
+            obs.append(Observation(params=dict(params), value=float(v), sem=None if e is None else float(e)))
+        else:
+            pending.append(dict(params))
+    return obs, pending
+
+
+class Scheduler:
+    """The background loop of one replica."""
+
+    def __init__(self, factory: sessionmaker[Session], settings: Any, metrics: Any) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.metrics = metrics
+        self.me = settings.replica or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bocompress-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive a bad tick (DB restart, ...)
+                self.errors += 1
+                log.exception("scheduler tick failed")
+            self._wake.wait(self.settings.scheduler_interval)
+            self._wake.clear()
+
+    def tick(self) -> int:
+        """Reap expired leases and refill every short buffer once. Returns proposals made."""
+        run_tx(self.factory, lambda s: reap_expired(s))
+        with read_session(self.factory) as s:
+            todo = jobs_needing_proposals(s)
+        made = 0
+        for job_id, _, _ in todo:
+            if self._stop.is_set():
+                break
+            try:
+                made += self.fill(job_id)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("proposal failed", extra={"job_id": job_id})
+        return made
+
+    def fill(self, job_id: int) -> int:
+        """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
+        from service.optimizer import propose
+
+        secs = self.settings.generator_lease_seconds
+        if not run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs)):
+            return 0
+        try:
+            with read_session(self.factory) as s:
+                job = s.get(Job, job_id)
+                if job is None or job.state != "running":
+                    return 0
+                b = job.spec["budget"]
+                queued = s.execute(
+                    select(Trial.id).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == "queued")
+                ).all()
+                n = min(int(b["max_parallel"]) - len(queued), int(b["max_trials"]) - job.n_created)
+                if n <= 0:
+                    return 0
+                obs, pending = observations(s, job)
+                problem = job_problem(job)
+                created, state = job.n_created, job.optimizer_state
+            t0 = time.perf_counter()
+            points, new_state = propose(problem, obs, pending, created, n, state)
+            engine = (new_state or {}).get("last_engine", problem.engine)
+            self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))
+
+            def _insert(s: Session) -> int:
+                job = s.get(Job, job_id)
+                assert job is not None
+                insert_proposals(s, job, created, points)
+                job.optimizer_state = new_state
+                return len(points)
+
+            try:
+                k = run_tx(self.factory, _insert)
+            except TransitionError:
+                return 0
+            log.debug("proposed", extra={"job_id": job_id, "n": k})
+            return k
+        finally:
+            run_tx(self.factory, lambda s: release_generator(s, job_id, self.me))
