@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Job, Trial
+from service.db.models import Job, Trial, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import (
     TransitionError,
@@ -28,6 +28,7 @@ from service.db.trials import (
     jobs_needing_proposals,
     reap_expired,
     release_generator,
+    set_job_state,
 )
 
 log = logging.getLogger("bocompress.scheduler")
@@ -114,7 +115,11 @@ class Scheduler:
 
     def tick(self) -> int:
         """Reap expired leases and refill every short buffer once. Returns proposals made."""
-        run_tx(self.factory, lambda s: reap_expired(s))
+        with read_session(self.factory) as s:
+            expired = s.execute(select(Trial.id).where(Trial.state == "running",
+                                                       Trial.lease_expires_at < utcnow()).limit(1)).first()
+        if expired is not None:
+            run_tx(self.factory, lambda s: reap_expired(s))
         with read_session(self.factory) as s:
             todo = jobs_needing_proposals(s)
         made = 0
@@ -154,6 +159,19 @@ class Scheduler:
             points, new_state = propose(problem, obs, pending, created, n, state)
             engine = (new_state or {}).get("last_engine", problem.engine)
             self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))
+            if not points:
+                if not pending:
+                    # A finite (grid) space with every point tried: nothing left to propose.
+                    def _exhausted(s: Session) -> int:
+                        job = s.get(Job, job_id)
+                        assert job is not None
+                        if job.state == "running":
+                            set_job_state(s, job, "completed", ("running",),
+                                          reason=f"search space exhausted after {created} trials")
+                        return 0
+
+                    run_tx(self.factory, _exhausted)
+                return 0
 
             def _insert(s: Session) -> int:
                 job = s.get(Job, job_id)

@@ -36,12 +36,13 @@ def trial_row_out(r: Any) -> dict[str, Any]:
     }
 
 
-def job_out(s: Session, job: Job, with_best: bool = True) -> dict[str, Any]:
-    best = best_trial(s, job) if with_best else None
+def job_out(s: Session, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:
+    """A job as the contract shows it; ``light`` skips counts and best (the lease path)."""
+    best = best_trial(s, job) if with_best and not light else None
     profile = job.profile or {}
     return {
         "id": job.id, "name": job.name, "state": job.state, "owner": job.owner, "kind": job.kind,
-        "counts": count_states(s, job.id), "best": trial_out(best) if best else None,
+        "counts": {} if light else count_states(s, job.id), "best": trial_out(best) if best else None,
         "created_at": iso(job.created_at), "updated_at": iso(job.updated_at), "reason": job.reason,
         "seq": job.seq, "spec": job.spec, "layers": profile.get("layers"), "search_space": job.search_space,
         "totals": profile.get("totals"), "n_created": job.n_created,

@@ -7,6 +7,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from bocompress import costs
@@ -48,7 +49,7 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
         c = claim_next(s, worker=worker, kinds=body.kinds, dialect=ctx.dialect)
         if c is None:
             return None
-        return {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(s, c.job, with_best=False),
+        return {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(s, c.job, light=True),
                 "lease": _lease_info(c.trial, c.job)}
 
     out = run_tx(ctx.factory, _lease)
@@ -59,7 +60,7 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
         return Response(status_code=204)
-    return out
+    return JSONResponse(out)
 
 
 def _token(body_token: str | None, header_token: str | None) -> str | None:

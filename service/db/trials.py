@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from bocompress import costs
@@ -73,22 +73,27 @@ def add_event(session: Session, job_id: int, kind: str, trial_id: int | None = N
 def transition(session: Session, trial: Trial, to_state: str, from_states: Sequence[str], *,
                event: str | None = None, detail: str | None = None, guard_attempt: bool = True,
                **fields: Any) -> Trial:
-    """Move ``trial`` to ``to_state`` if it is in one of ``from_states``; else TransitionError."""
-    # Lock order everywhere: the trial row first, then the job row (bump_seq).
+    """Move ``trial`` to ``to_state`` if it is in one of ``from_states``; else TransitionError.
+
+    The caller holds the trial's row lock already (``SELECT ... FOR UPDATE`` on PostgreSQL;
+    the whole write transaction on SQLite), so the lock order is always trial, then job.
+    """
+    seq = bump_seq(session, trial.job_id)
     conds = [Trial.id == trial.id, Trial.state.in_(list(from_states))]
     if guard_attempt:
         conds.append(Trial.attempt == trial.attempt)
-    res = session.execute(update(Trial).where(*conds).values(state=to_state, **fields))
-    if res.rowcount != 1:
+    prev = trial.state
+    row = session.execute(
+        update(Trial).where(*conds).values(state=to_state, seq=seq, **fields).returning(Trial),
+        execution_options={"populate_existing": True, "synchronize_session": False},
+    ).scalars().first()
+    if row is None:
         raise TransitionError(
             f"trial {trial.id} is {trial.state}, not {' or '.join(from_states)}: cannot move it to {to_state}",
             code="state",
         )
-    seq = bump_seq(session, trial.job_id)
-    session.execute(update(Trial).where(Trial.id == trial.id).values(seq=seq))
-    add_event(session, trial.job_id, event or to_state, trial.id, trial.state, to_state, detail)
-    session.refresh(trial)
-    return trial
+    add_event(session, trial.job_id, event or to_state, trial.id, prev, to_state, detail)
+    return row
 
 
 # --------------------------------------------------------------------------- claiming
@@ -120,22 +125,25 @@ def claim_next(session: Session, worker: str, kinds: Iterable[str], lease_second
     assert job is not None
     secs = float(job.spec["budget"]["lease_seconds"]) if lease_seconds is None else lease_seconds
     now = utcnow()
-    transition(
+    trial = transition(
         session, trial, "running", ("queued",), event="leased", detail=worker,
         worker=worker, started_at=now, lease_token=secrets.token_hex(16),
         lease_expires_at=(now + timedelta(seconds=secs)) if secs > 0 else None,
     )
-    session.refresh(job)
     return Claimed(trial, job)
 
 
 def reap_expired(session: Session, now: datetime | None = None, limit: int = 500) -> int:
     """Put trials whose lease expired back to ``queued`` (attempt + 1), or ``abandoned``."""
     now = now or utcnow()
-    rows = session.execute(
-        select(Trial).where(Trial.state == "running", Trial.lease_expires_at.is_not(None),
-                            Trial.lease_expires_at < now).order_by(Trial.id).limit(limit)
-    ).scalars().all()
+    if session.execute(select(Trial.id).where(Trial.state == "running", Trial.lease_expires_at < now).limit(1)
+                       ).first() is None:
+        return 0
+    q = (select(Trial).where(Trial.state == "running", Trial.lease_expires_at.is_not(None),
+                             Trial.lease_expires_at < now).order_by(Trial.id).limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True, of=Trial)
+    rows = session.execute(q).scalars().all()
     n = 0
     for trial in rows:
         job = session.get(Job, trial.job_id)
@@ -306,17 +314,15 @@ def insert_proposals(session: Session, job: Job, expected_created: int, proposal
     )
     if res.rowcount != 1:
         raise TransitionError(f"job {job.id}: proposals were made by another generator", code="raced")
-    out = []
     now = utcnow()
-    for i, params in enumerate(proposals):
-        seq = bump_seq(session, job.id)
-        t = Trial(job_id=job.id, kind=kind, number=expected_created + i, seq=seq, state="queued",
-                  params=params, values={}, sem={}, attempt=1, created_at=now)
-        session.add(t)
-        out.append(t)
-    session.flush()
-    for t in out:
-        add_event(session, job.id, "proposed", t.id, None, "queued")
+    last = int(session.execute(
+        update(Job).where(Job.id == job.id).values(seq=Job.seq + k, updated_at=now).returning(Job.seq)
+    ).scalar_one())
+    rows = [dict(job_id=job.id, kind=kind, number=expected_created + i, seq=last - k + 1 + i, state="queued",
+                 params=params, values={}, sem={}, attempt=1, created_at=now) for i, params in enumerate(proposals)]
+    out = list(session.scalars(insert(Trial).returning(Trial, sort_by_parameter_order=True), rows))
+    session.execute(insert(Event), [dict(job_id=job.id, trial_id=t.id, kind="proposed", from_state=None,
+                                         to_state="queued", detail=None, at=now) for t in out])
     return out
 
 

@@ -1,0 +1,589 @@
+"""``propose``: the next points of a job, from its history. Pure computation, no I/O.
+
+Stages (``Problem.engine``):
+
+- ``sobol``: trial ``i`` takes point ``i`` of the job's scrambled Sobol sequence, mapped to the
+  space (log scale, int rounding, the ``k / size`` grid of compression parameters).
+- ``gp``: a GP on the modelled outcome (log L for compression jobs, the signed metric for generic
+  ones) and a log-EI-family acquisition over the job's objective, with pending trials as
+  ``X_pending``:
+
+  * ``scalarized``: qLogNEI of ``-(kappa * exp(log L) + R(theta))``, R exact in form and
+    relaxed to be continuous (:class:`~service.optimizer.objectives.CostModel`);
+  * ``constrained``: qLogNEI of ``-log L`` with a penalty on the relaxed ``R - budget``; every
+    candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
+  * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
+  * generic: qLogNEI on the metric (negated when minimizing).
+- ``auto``: Sobol for the first ``n_initial`` trials, then the GP.
+
+Every call is reproducible: same inputs, same outputs (all randomness is seeded from the job's
+seed and the history's size). Budgets are capped and adapt to the size of the problem, so a
+call stays within about a second for a hundred observations in 16 dims and a few seconds for a
+thousand in 64 dims (above ``max_fit_points`` observations the GP is fitted on the best points
+plus a seeded random subset of the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
+from botorch.acquisition.objective import GenericMCObjective
+from botorch.exceptions.warnings import BotorchWarning, OptimizationWarning
+from botorch.optim import optimize_acqf
+from botorch.sampling.normal import SobolQMCNormalSampler
+from torch import Tensor
+
+from .gp import KERNELS, MIN_YVAR, fit_gp
+from .objectives import CostModel, composite
+from .sobol import sobol_points
+from .space import Space
+
+ENGINES = ("auto", "sobol", "gp")
+DEFAULT_KERNEL = "rbf"
+DEFAULT_MAX_FIT_POINTS = 300
+# Pending points beyond this many enter X_pending as the most recent ones only (joint sampling
+# over all of them would cost more than it informs).
+MAX_PENDING = 128
+# Floor on L before taking its log (L is a relative squared error, 0 only for a lossless trial).
+MIN_L = 1e-10
+
+
+# --------------------------------------------------------------------------- public data
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a job searches and for what.
+
+    Attributes:
+        params: Generic jobs: ParameterSpec dicts ``{name, type, low, high, log}``; compression
+            jobs: SearchParam dicts ``{name, low, high, size}``.
+        objective: ``bocompress.schemas.Objective`` as a dict (``kind``, ``kappa``, ``cost``,
+            ``budget``, ``metric``, ``direction``); ``kind`` None means a generic job.
+        profile: The ProfileReport dict of a compression job (None for generic jobs).
+        n_initial: How many trials the Sobol stage makes (``auto``).
+        seed: The job's seed.
+        engine: ``auto``, ``sobol`` or ``gp``.
+        options: Optional tuning: ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``.
+    """
+
+    params: list[dict]
+    objective: dict
+    profile: dict | None
+    n_initial: int
+    seed: int
+    engine: str = "auto"
+    options: dict | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A completed trial with a finite result.
+
+    Attributes:
+        params: The trial's parameters.
+        value: Generic jobs: the metric as reported; compression jobs: L (``distill_l2``).
+        sem: The standard error of ``value``, if known.
+    """
+
+    params: dict[str, float]
+    value: float
+    sem: float | None = None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Caps on the work of one GP-stage call.
+
+    Attributes:
+        fit_maxiter: L-BFGS iterations of a warm-started fit (twice this when cold).
+        num_restarts: Starting points of the acquisition optimizer.
+        raw_samples: Candidates scored to choose those starting points.
+        maxiter: L-BFGS iterations of the acquisition optimizer per point.
+        mc_samples: Quasi-MC samples of the acquisition function.
+    """
+
+    fit_maxiter: int = 60
+    num_restarts: int = 4
+    raw_samples: int = 256
+    maxiter: int = 60
+    mc_samples: int = 64
+
+
+# Set by ``fast_mode()``: tests run with tiny budgets (as BoTorch's ``mock_optimize``).
+_FAST: Budgets | None = None
+
+
+@contextlib.contextmanager
+def fast_mode(budgets: Budgets | None = None) -> Iterator[None]:
+    """Cap every budget to a few iterations while the context is active (for tests)."""
+    global _FAST
+    prev = _FAST
+    _FAST = budgets or Budgets(fit_maxiter=15, num_restarts=2, raw_samples=64, maxiter=15, mc_samples=32)
+    try:
+        yield
+    finally:
+        _FAST = prev
+
+
+def _budgets(d: int, n_train: int) -> Budgets:
+    if _FAST is not None:
+        return _FAST
+    big = d * n_train
+    if big <= 2_000:
+        return Budgets(fit_maxiter=60, num_restarts=4, raw_samples=256, maxiter=60, mc_samples=64)
+    if big <= 20_000:
+        return Budgets(fit_maxiter=40, num_restarts=3, raw_samples=256, maxiter=40, mc_samples=64)
+    return Budgets(fit_maxiter=25, num_restarts=2, raw_samples=256, maxiter=25, mc_samples=32)
+
+
+# --------------------------------------------------------------------------- compiled problem
+
+
+@dataclass
+class _Ctx:
+    problem: Problem
+    space: Space
+    kind: str | None
+    kappa: float
+    budget: float | None
+    maximize: bool
+    cost: CostModel | None
+    kernel: str
+    max_fit: int
+    _exact_cache: dict = field(default_factory=dict)
+
+    @property
+    def compression(self) -> bool:
+        return self.kind is not None
+
+    def exact_r(self, params: Mapping[str, float]) -> float:
+        assert self.cost is not None
+        return self.cost.exact_ratio(params)
+
+    def feasible_mask(self, U: Tensor) -> Tensor:
+        """Which snapped points of ``n x d`` unit coordinates satisfy the budget (all True if none)."""
+        if self.kind != "constrained":
+            return torch.ones(U.shape[0], dtype=torch.bool)
+        assert self.cost is not None and self.budget is not None
+        return self.cost(self.space.snap_theta_tensor(U), exact=True) <= self.budget - 1e-12
+
+    def repair(self, U: Tensor) -> Tensor:
+        """Scale infeasible points toward ``low`` (unit 0) until their exact R fits the budget.
+
+        Args:
+            U: ``n x d`` unit coordinates.
+
+        Returns:
+            ``n x d`` unit coordinates; unchanged rows were feasible; a row stays at all-low when
+            even all-low exceeds the budget.
+        """
+        if self.kind != "constrained" or U.shape[0] == 0:
+            return U
+        ok = self.feasible_mask(U)
+        if bool(ok.all()):
+            return U
+        U = U.clone()
+        bad = U[~ok]
+        lo = torch.zeros(bad.shape[0], 1, dtype=U.dtype)
+        hi = torch.ones(bad.shape[0], 1, dtype=U.dtype)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            fits = self.feasible_mask(bad * mid).unsqueeze(-1)
+            lo = torch.where(fits, mid, lo)
+            hi = torch.where(fits, hi, mid)
+        U[~ok] = bad * lo
+        return U
+
+
+def _compile(problem: Problem) -> _Ctx:
+    if problem.engine not in ENGINES:
+        raise ValueError(f"unknown engine {problem.engine!r}; use one of {ENGINES}")
+    obj = dict(problem.objective or {})
+    kind = obj.get("kind")
+    if kind not in (None, "scalarized", "constrained", "pareto"):
+        raise ValueError(f"unknown objective kind {kind!r}")
+    compression = kind is not None
+    space = Space(problem.params, compression=compression)
+    cost = None
+    budget = None
+    if compression:
+        if problem.profile is None:
+            raise ValueError("a compression problem needs its profile (the ProfileReport dict)")
+        cost = CostModel(problem.profile, str(obj.get("cost") or "params"), space.names)
+        if kind == "constrained":
+            if obj.get("budget") is None:
+                raise ValueError("a 'constrained' objective needs a 'budget' (the largest allowed R)")
+            budget = float(obj["budget"])
+    opts = dict(problem.options or {})
+    kernel = str(opts.get("kernel", DEFAULT_KERNEL))
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {KERNELS}")
+    return _Ctx(
+        problem=problem,
+        space=space,
+        kind=kind,
+        kappa=float(obj.get("kappa", 1.0) or 1.0),
+        budget=budget,
+        maximize=obj.get("direction", "minimize") == "maximize",
+        cost=cost,
+        kernel=kernel,
+        max_fit=int(opts.get("max_fit_points", DEFAULT_MAX_FIT_POINTS)),
+    )
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def ratio(problem: Problem, params: Mapping[str, float]) -> float:
+    """The exact compression ratio R(theta) of a compression problem."""
+    if problem.profile is None or (problem.objective or {}).get("kind") is None:
+        raise ValueError("ratio() is defined for compression problems only (objective.kind and a profile)")
+    from bocompress import costs as exact_costs
+
+    return float(exact_costs.ratio(problem.profile, params, str(problem.objective.get("cost") or "params")))
+
+
+def composite_value(problem: Problem, params: Mapping[str, float], value: float) -> float:
+    """The job objective of a completed trial (see :func:`~service.optimizer.objectives.composite`).
+
+    ``scalarized`` (and ``pareto``, ranked by its scalarization): ``kappa * L + R``;
+    ``constrained``: L (ranked after every feasible trial when over budget); generic: the value.
+    """
+    obj = problem.objective or {}
+    kind = obj.get("kind")
+    if kind is None:
+        return float(value)
+    return composite(kind, float(obj.get("kappa", 1.0) or 1.0), float(value), ratio(problem, params), obj.get("budget"))
+
+
+def propose(
+    problem: Problem,
+    observations: list[Observation],
+    pending: list[dict[str, float]],
+    n_existing: int,
+    n: int,
+    state: dict | None = None,
+) -> tuple[list[dict[str, float]], dict]:
+    """The next ``n`` points of a job.
+
+    Args:
+        problem: The job's search space and objective.
+        observations: Completed trials with finite values.
+        pending: Parameters of queued and running trials (they enter the acquisition as
+            ``X_pending``, and are never proposed again).
+        n_existing: How many trials the job has created so far; trial ``n_existing + j`` takes
+            Sobol point ``n_existing + j`` while in the initial design.
+        n: How many points to propose.
+        state: The job's warm-start cache from the last call (GP hyperparameters), or None.
+
+    Returns:
+        The points (a list of parameter dicts, distinct from each other and from every
+        observed or pending point after rounding) and the updated state. Fewer than ``n``
+        points come back only when the space has no unseen point left (a small discrete
+        space, or a constrained job whose all-low point is the only one and already seen).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n_existing < 0:
+        raise ValueError(f"n_existing must be >= 0, got {n_existing}")
+    ctx = _compile(problem)
+    new_state: dict[str, Any] = dict(state or {})
+    if n == 0:
+        return [], new_state
+    obs = [o for o in observations if math.isfinite(float(o.value))]
+    seen: set[tuple[int, ...]] = {ctx.space.key(o.params) for o in obs}
+    seen |= {ctx.space.key(p) for p in pending}
+    distinct_obs = len({ctx.space.key(o.params) for o in obs})
+    gp_ready = problem.engine != "sobol" and distinct_obs >= 2
+
+    slots_sobol: list[int] = []
+    slots_gp: list[int] = []
+    for j in range(n):
+        i = n_existing + j
+        in_init = problem.engine == "sobol" or (problem.engine == "auto" and i < problem.n_initial)
+        (slots_sobol if in_init or not gp_ready else slots_gp).append(j)
+
+    mix = (int(problem.seed) * 1_000_003 + int(n_existing) * 7919 + len(obs) * 104_729 + len(pending)) % (2**31 - 1)
+    chosen: dict[int, list[float]] = {}
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizationWarning)
+        warnings.simplefilter("ignore", BotorchWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(mix)
+        for j in slots_sobol:
+            u = _sobol_slot(ctx, n_existing + j, seen, mix)
+            if u is not None:
+                chosen[j] = u
+                seen.add(ctx.space.unit_key(u))
+        if slots_gp:
+            gp_points, gp_state = _gp_stage(ctx, obs, pending, [chosen[j] for j in sorted(chosen)], len(slots_gp), seen, new_state.get("gp"), mix)
+            new_state["gp"] = gp_state
+            for j, u in zip(slots_gp, gp_points):
+                chosen[j] = u
+    points = [ctx.space.from_unit(chosen[j]) for j in range(n) if j in chosen]
+    if ctx.kind == "constrained":
+        points = [_ensure_feasible(ctx, p) for p in points]
+    return points, new_state
+
+
+# --------------------------------------------------------------------------- Sobol stage
+
+
+def _ensure_feasible(ctx: _Ctx, p: dict[str, float]) -> dict[str, float]:
+    """The final guard: the reference R of a proposed point must fit the budget."""
+    assert ctx.budget is not None
+    if ctx.exact_r(p) <= ctx.budget:
+        return p
+    # Float summation order put a boundary point a hair over: step grid dims down one at a time.
+    u = torch.tensor([ctx.space.to_unit(p)], dtype=torch.float64)
+    for scale in (0.999, 0.99, 0.95, 0.9, 0.75, 0.5, 0.25, 0.0):
+        q = ctx.space.from_unit((u[0] * scale).tolist())
+        if ctx.exact_r(q) <= ctx.budget or scale == 0.0:
+            return q
+    return ctx.space.from_unit([0.0] * ctx.space.d)
+
+
+def _accept(ctx: _Ctx, U: Tensor, seen: set[tuple[int, ...]]) -> list[float] | None:
+    """The first row of ``U`` (unit coordinates, repaired if constrained) not yet seen, snapped."""
+    U = ctx.repair(U.clamp(0.0, 1.0))
+    for row in U.tolist():
+        u = ctx.space.snap(row)
+        if ctx.space.unit_key(u) not in seen:
+            return u
+    return None
+
+
+def _sobol_slot(ctx: _Ctx, index: int, seen: set[tuple[int, ...]], mix: int) -> list[float] | None:
+    """Sobol point ``index`` mapped to the space; seeded uniform draws when it is taken."""
+    d = ctx.space.d
+    u = _accept(ctx, sobol_points(d, ctx.problem.seed, index, 1), seen)
+    if u is not None:
+        return u
+    g = torch.Generator().manual_seed((mix + 31 * index) % (2**31 - 1))
+    for _ in range(8):
+        u = _accept(ctx, torch.rand(64, d, generator=g, dtype=torch.float64), seen)
+        if u is not None:
+            return u
+    return None
+
+
+# --------------------------------------------------------------------------- GP stage
+
+
+def _training_data(ctx: _Ctx, obs: list[Observation]) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Unit inputs, modelled outcome, its noise variance, and each point's job objective.
+
+    Returns:
+        ``X`` (``n x d``), ``Y`` (``n x 1``: log L, or the metric signed so larger is better),
+        ``Yvar`` (``n x 1`` or None when some sem is unknown), and ``J`` (``n``: the job
+        objective, lower is better, used to rank incumbents and choose subsets).
+    """
+    X = torch.tensor([ctx.space.snap(ctx.space.to_unit(o.params)) for o in obs], dtype=torch.float64)
+    vals = torch.tensor([float(o.value) for o in obs], dtype=torch.float64)
+    have_sem = all(o.sem is not None and math.isfinite(float(o.sem)) for o in obs)
+    sem = torch.tensor([float(o.sem) if have_sem else 0.0 for o in obs], dtype=torch.float64)  # type: ignore[arg-type]
+    if ctx.compression:
+        L = vals.clamp_min(MIN_L)
+        Y = L.log()
+        var = (sem / L) ** 2  # delta method: var(log L) ~ (sem / L)^2
+        theta = ctx.space.snap_theta_tensor(X)
+        assert ctx.cost is not None
+        R = ctx.cost(theta, exact=True)
+        if ctx.kind == "constrained":
+            assert ctx.budget is not None
+            J = torch.where(R <= ctx.budget + 1e-12, vals, vals + 1e6 * (1.0 + R - ctx.budget))
+        else:
+            J = ctx.kappa * vals + R
+    else:
+        Y = vals if ctx.maximize else -vals
+        var = sem**2
+        J = -Y
+    Yvar = None
+    if have_sem:
+        floor = max(MIN_YVAR * float(Y.var()) if Y.numel() > 1 else MIN_YVAR, 1e-10)
+        Yvar = var.clamp_min(floor).unsqueeze(-1)
+    return X, Y.unsqueeze(-1), Yvar, J
+
+
+def _subset(ctx: _Ctx, J: Tensor, mix: int) -> Tensor:
+    """Indices to fit on: all when few; else the best third plus a seeded random rest."""
+    n = J.shape[0]
+    if n <= ctx.max_fit:
+        return torch.arange(n)
+    n_best = ctx.max_fit // 3
+    order = torch.argsort(J, stable=True)
+    best = order[:n_best]
+    rest = order[n_best:]
+    g = torch.Generator().manual_seed(mix)
+    pick = rest[torch.randperm(rest.shape[0], generator=g)[: ctx.max_fit - n_best]]
+    return torch.sort(torch.cat([best, pick])).values
+
+
+def _build_acqf(ctx: _Ctx, model: Any, X: Tensor, Y: Tensor, X_pending: Tensor | None, mc: int, seed: int) -> Any:
+    """The acquisition function of the job's objective (see the module docstring)."""
+    sampler = SobolQMCNormalSampler(sample_shape=torch.Size([mc]), seed=seed)
+    space = ctx.space
+    if ctx.kind is None:
+        return qLogNoisyExpectedImprovement(
+            model, X_baseline=X, sampler=sampler, X_pending=X_pending, prune_baseline=True, cache_root=False
+        )
+    cost = ctx.cost
+    assert cost is not None
+
+    def rel_r(Xq: Tensor) -> Tensor:
+        return cost(space.theta_from_unit(Xq), exact=False)
+
+    if ctx.kind == "scalarized":
+        kappa = ctx.kappa
+
+        def obj(samples: Tensor, X: Tensor | None = None) -> Tensor:
+            assert X is not None
+            return -(kappa * samples[..., 0].exp() + rel_r(X))
+
+        return qLogNoisyExpectedImprovement(
+            model, X_baseline=X, sampler=sampler, objective=GenericMCObjective(obj), X_pending=X_pending,
+            prune_baseline=True, cache_root=False,
+        )
+    if ctx.kind == "constrained":
+        budget = ctx.budget
+        assert budget is not None
+        # Over budget costs 50 nats of log L per unit of R overshoot: far worse than any feasible point.
+        penalty = 50.0 / budget
+
+        def cobj(samples: Tensor, X: Tensor | None = None) -> Tensor:
+            assert X is not None
+            return -samples[..., 0] - penalty * torch.relu(rel_r(X) - budget)
+
+        return qLogNoisyExpectedImprovement(
+            model, X_baseline=X, sampler=sampler, objective=GenericMCObjective(cobj), X_pending=X_pending,
+            prune_baseline=True, cache_root=False,
+        )
+    # pareto: maximize (-log L, -R) with R deterministic.
+    def mobj(samples: Tensor, X: Tensor | None = None) -> Tensor:
+        assert X is not None
+        r = rel_r(X).expand(samples.shape[:-1])
+        return torch.stack([-samples[..., 0], -r], dim=-1)
+
+    logl = Y[:, 0]
+    r_obs = cost(space.snap_theta_tensor(X), exact=True)
+    # The baseline is the observed near-front only: the hypervolume box decompositions per MC
+    # sample grow with the baseline, and dominated points far from the front contribute nothing.
+    keep = _front_layers(torch.stack([logl, r_obs], dim=-1), min_points=10, max_points=30)
+    span_l = float(logl.max() - logl.min()) + 1e-3
+    span_r = float(r_obs.max() - r_obs.min()) + 1e-3
+    ref = torch.tensor([-(float(logl.max()) + 0.1 * span_l), -(float(r_obs.max()) + 0.1 * span_r)], dtype=X.dtype)
+    return qLogNoisyExpectedHypervolumeImprovement(
+        model, ref_point=ref, X_baseline=X[keep], sampler=sampler, objective=GenericMCMultiOutputObjective(mobj),
+        X_pending=X_pending, prune_baseline=False, cache_root=False,
+    )
+
+
+def _front_layers(F: Tensor, min_points: int, max_points: int) -> Tensor:
+    """Indices of the first non-dominated layers of ``n x 2`` costs (lower is better).
+
+    Layers are peeled until at least ``min_points`` are taken (at most ``max_points``, a layer's
+    points ordered by their first cost).
+    """
+    remaining = torch.arange(F.shape[0])
+    taken: list[Tensor] = []
+    count = 0
+    while remaining.numel() > 0 and count < min_points:
+        G = F[remaining]
+        # i is dominated when some j is <= in both costs and < in one.
+        le = (G.unsqueeze(0) <= G.unsqueeze(1)).all(dim=-1)
+        lt = (G.unsqueeze(0) < G.unsqueeze(1)).any(dim=-1)
+        dominated = (le & lt).any(dim=1)
+        front = remaining[~dominated]
+        front = front[torch.argsort(F[front, 0], stable=True)]
+        taken.append(front)
+        count += front.numel()
+        remaining = remaining[dominated]
+    return torch.cat(taken)[:max_points]
+
+
+def _raw_candidates(ctx: _Ctx, X: Tensor, J: Tensor, n_raw: int, g: torch.Generator) -> Tensor:
+    """Candidate starting points: a Sobol cloud and perturbations of the best observed points.
+
+    The perturbations change a random subset of about 20 coordinates (as TuRBO's), which is what
+    finds improvements in dozens of dimensions where a uniform cloud is nearly always far away.
+    """
+    d = ctx.space.d
+    n_sobol = n_raw // 2
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    cloud = sobol_points(d, seed, 0, n_sobol)
+    k = min(5, X.shape[0])
+    best = X[torch.argsort(J, stable=True)[:k]]
+    n_loc = n_raw - n_sobol
+    centres = best[torch.arange(n_loc) % k]
+    prob = min(1.0, 20.0 / d)
+    mask = torch.rand(n_loc, d, generator=g, dtype=X.dtype) < prob
+    none = ~mask.any(dim=-1)
+    mask[none, torch.randint(0, d, (int(none.sum()),), generator=g)] = True
+    scale = torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=X.dtype)[torch.arange(n_loc) % 4].unsqueeze(-1)
+    local = (centres + mask * scale * torch.randn(n_loc, d, generator=g, dtype=X.dtype)).clamp(0.0, 1.0)
+    return ctx.repair(torch.cat([cloud, local]))
+
+
+def _eval_acqf(acqf: Any, U: Tensor, chunk: int = 128) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([acqf(U[i : i + chunk].unsqueeze(-2)) for i in range(0, U.shape[0], chunk)])
+
+
+def _gp_stage(
+    ctx: _Ctx,
+    obs: list[Observation],
+    pending: list[dict[str, float]],
+    chosen_sobol: list[list[float]],
+    n: int,
+    seen: set[tuple[int, ...]],
+    gp_state: dict | None,
+    mix: int,
+) -> tuple[list[list[float]], dict]:
+    """``n`` points from the GP, chosen one after another with the earlier ones as pending."""
+    space = ctx.space
+    X_all, Y_all, Yvar_all, J_all = _training_data(ctx, obs)
+    idx = _subset(ctx, J_all, mix)
+    X, Y, J = X_all[idx], Y_all[idx], J_all[idx]
+    Yvar = Yvar_all[idx] if Yvar_all is not None else None
+    b = _budgets(space.d, X.shape[0])
+    model, new_gp_state = fit_gp(X, Y, Yvar, ctx.kernel, gp_state, b.fit_maxiter)
+    pend = [space.snap(space.to_unit(p)) for p in pending[-MAX_PENDING:]] + list(chosen_sobol)
+    g = torch.Generator().manual_seed(mix)
+    bounds = torch.stack([torch.zeros(space.d), torch.ones(space.d)]).to(torch.float64)
+    out: list[list[float]] = []
+    for _ in range(n):
+        Xp = torch.tensor(pend + out, dtype=torch.float64) if (pend or out) else None
+        acqf = _build_acqf(ctx, model, X, Y, Xp, b.mc_samples, mix)
+        raw = _raw_candidates(ctx, X, J, b.raw_samples, g)
+        raw_val = _eval_acqf(acqf, raw)
+        order = torch.argsort(raw_val, descending=True, stable=True)
+        starts = raw[order[: b.num_restarts]].unsqueeze(-2)  # restarts x 1 x d
+        cand, cand_val = optimize_acqf(
+            acqf, bounds=bounds, q=1, num_restarts=starts.shape[0], batch_initial_conditions=starts,
+            options={"maxiter": b.maxiter, "batch_limit": starts.shape[0]}, return_best_only=False,
+            retry_on_optimization_warning=False,
+        )
+        cand = cand.reshape(-1, space.d)
+        cand_val = cand_val.reshape(-1)
+        ranked = torch.cat([cand[torch.argsort(cand_val, descending=True, stable=True)], raw[order]])
+        u = _accept(ctx, ranked, seen)
+        if u is None:
+            for _ in range(8):
+                u = _accept(ctx, torch.rand(64, space.d, generator=g, dtype=torch.float64), seen)
+                if u is not None:
+                    break
+        if u is None:
+            break
+        out.append(u)
+        seen.add(space.unit_key(u))
+    return out, new_gp_state
