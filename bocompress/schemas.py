@@ -371,6 +371,7 @@ class LeaseResponse(BaseModel):
     trial: TrialOut
     job: JobOut
     lease: LeaseInfo
+    source: TrialOut | None = Field(default=None, description="export tasks: the trial whose model to build")
 
 
 class HeartbeatResponse(BaseModel):
@@ -404,6 +405,25 @@ class TokenOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
     token: str | None = Field(default=None, description="the secret; shown once, at creation")
+
+
+class ExportRequest(_Strict):
+    """``POST /api/v1/jobs/{id}/trials/{trial_id}/export``: build the compressed model of a trial."""
+
+    finetune_steps: int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+
+
+class ExportOut(BaseModel):
+    id: int = Field(description="the export task's id")
+    job_id: int
+    trial_id: int
+    state: TrialState
+    finetune_steps: int
+    lr: float
+    values: dict[str, float] = Field(default_factory=dict)
+    artifact: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class ErrorOut(BaseModel):

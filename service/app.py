@@ -64,12 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.requests.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
-    from service.api import jobs, system, uploads, workers
+    from service.api import exports, jobs, system, uploads, workers
 
     app.include_router(system.router)
     app.include_router(jobs.router)
     app.include_router(workers.router)
     app.include_router(uploads.router)
+    app.include_router(exports.router)
     try:
         from service.dashboard import routes as dashboard
     except ImportError:  # the dashboard is optional at build time

@@ -49,8 +49,12 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
         c = claim_next(s, worker=worker, kinds=body.kinds, dialect=ctx.dialect)
         if c is None:
             return None
-        return {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(s, c.job, light=True),
-                "lease": _lease_info(c.trial, c.job)}
+        out = {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(s, c.job, light=True),
+               "lease": _lease_info(c.trial, c.job)}
+        if c.trial.kind == "export":
+            src = s.get(Trial, int(c.trial.params["trial_id"]))
+            out["source"] = trial_out(src) if src is not None else None
+        return out
 
     out = run_tx(ctx.factory, _lease)
     if out is None and run_tx(ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:

@@ -110,7 +110,8 @@ def claim_next(session: Session, worker: str, kinds: Iterable[str], lease_second
     q = (
         select(Trial)
         .join(Job, Job.id == Trial.job_id)
-        .where(Trial.state == "queued", Trial.kind.in_(list(kinds)), Job.state.in_(ACTIVE_JOB_STATES))
+        .where(Trial.state == "queued", Trial.kind.in_(list(kinds)),
+               or_(Job.state.in_(ACTIVE_JOB_STATES), and_(Trial.kind == "export", Job.state == "completed")))
         .order_by(Trial.id)
         .limit(1)
     )

@@ -1,0 +1,67 @@
+"""bocompress: Bayesian optimization of per-layer neural network compression, as a service.
+
+What a user imports: :class:`Client` (talks to a bocompress service over HTTP), :class:`Job`
+(a handle on one job: wait, trials as a DataFrame, plot, ask/tell, export) and the typed errors.
+Importing this package loads only httpx and pydantic; torch, pandas, matplotlib and tqdm are
+loaded by the methods that need them, so a notebook that only talks to a remote service stays
+light.
+
+Example::
+
+    import bocompress
+    with bocompress.Client() as client:          # BOCOMPRESS_URL / BOCOMPRESS_TOKEN
+        job = client.create_job({"name": "digits-svd",
+                                 "compression": {"model": "digits-cnn", "data": "digits",
+                                                 "method": "svd"}})
+        job.wait()
+        print(job.trials().head())
+"""
+
+from __future__ import annotations
+
+from .client import DEFAULT_URL, JOB_DONE_STATES, Client, Job
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BocompressError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+    WaitTimeoutError,
+)
+from .compressed import load_compressed, save_compressed
+from .schemas import JobCreate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Job",
+    "JobCreate",
+    "load_compressed",
+    "save_compressed",
+    "DEFAULT_URL",
+    "JOB_DONE_STATES",
+    "BocompressError",
+    "WaitTimeoutError",
+    "APIError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "__version__",
+]

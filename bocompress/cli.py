@@ -1,0 +1,476 @@
+"""The ``bocompress`` command line (Typer).
+
+Commands: ``serve`` (the service), ``worker`` (a GPU/CPU worker), ``demo`` (everything on one
+machine), ``migrate`` (database schema), ``token create|revoke``, and the client-side ``submit``,
+``status`` and ``trials``. Heavy modules (the service, the worker, torch, pandas, PyYAML) are
+imported inside the command that needs them, so ``bocompress --help`` is instant.
+
+Every error a user can cause prints one line, ``error: <message>``, on stderr and exits with a
+non-zero status (2 for wrong arguments, 1 for everything else); no traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from enum import Enum
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors its own copy of click as typer._click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as _cx  # type: ignore[no-redef]
+
+from .errors import BocompressError
+
+DEFAULT_DATABASE_URL = "sqlite:///./bocompress.db"
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class LogLevel(str, Enum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
+class Role(str, Enum):
+    admin = "admin"
+    client = "client"
+    worker = "worker"
+
+
+class _OneLineErrors(TyperGroup):
+    """The root group: usage mistakes and client errors become ``error: ...`` on one line."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except typer.Abort:
+            _fail("aborted", 130)
+        except _cx.NoArgsIsHelpError as exc:  # a bare group: show its help
+            typer.echo(exc.ctx.get_help())
+            sys.exit(2)
+        except _cx.ClickException as exc:
+            message = exc.format_message().replace("Value error, ", "")
+            if isinstance(exc, _cx.UsageError) and exc.ctx is not None:
+                message = f"{message} (see '{exc.ctx.command_path} --help')"
+            _fail(message, exc.exit_code)
+        except BocompressError as exc:
+            _fail(str(exc), 1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print ``error: <message>`` (one line) to stderr and exit with ``code``."""
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="bocompress",
+    help=(
+        "bocompress: Bayesian optimization of per-layer neural network compression.\n\n"
+        "\b\nExample:\n"
+        "  bocompress demo --trials 24\n"
+        "  bocompress serve --port 8000 &\n"
+        "  bocompress worker --device cuda:0 &\n"
+        "  bocompress submit job.yaml --wait"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+token_app = typer.Typer(
+    help=(
+        "Create or revoke API tokens (run on the service host; talks to the database).\n\n"
+        "\b\nExample:\n"
+        "  bocompress token create --role client --owner alice\n"
+        "  bocompress token revoke 3"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(token_app, name="token")
+
+_URL = typer.Option(None, "--url", envvar="BOCOMPRESS_URL", help="Service URL [default: http://127.0.0.1:8000].")
+_TOKEN = typer.Option(None, "--token", envvar="BOCOMPRESS_TOKEN", help="API token (Bearer).", show_envvar=True)
+_DB = typer.Option(DEFAULT_DATABASE_URL, "--database-url", envvar="BOCOMPRESS_DATABASE_URL",
+                   help="SQLAlchemy database URL (sqlite:///... or postgresql+psycopg://...).")
+
+
+def _lazy(module: str, attr: str) -> Any:
+    """Import ``module.attr`` at call time; a missing piece is a one-line error."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise BocompressError(f"cannot import {module}: {exc} (is the full bocompress package installed?)") from exc
+    try:
+        return getattr(mod, attr)
+    except AttributeError as exc:
+        raise BocompressError(f"{module} has no {attr!r}") from exc
+
+
+def _client(url: str | None, token: str | None) -> Any:
+    from .client import Client
+
+    return Client(url=url, token=token)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    database_url: str = _DB,
+    auth: bool = typer.Option(True, "--auth/--no-auth", help="Require Bearer tokens (--no-auth: local use only)."),
+    log_level: LogLevel = typer.Option(LogLevel.info, help="Log level."),
+) -> None:
+    """Run the service: REST API, dashboard and BO engine.
+
+    \b
+    Example:
+      bocompress serve --host 0.0.0.0 --port 8000 --database-url postgresql+psycopg://bo:bo@db/bo
+      bocompress serve --no-auth          # local, SQLite in ./bocompress.db
+    """
+    _lazy("service.app", "serve")(host=host, port=port, database_url=database_url, auth=auth,
+                                     log_level=log_level.value)
+
+
+@app.command()
+def worker(
+    url: Optional[str] = _URL,
+    token: Optional[str] = _TOKEN,
+    device: str = typer.Option("cpu", help="Torch device: cpu, cuda or cuda:N."),
+    name: Optional[str] = typer.Option(None, help="Worker name shown on its trials [default: host:pid]."),
+    max_trials: Optional[int] = typer.Option(None, min=1, help="Exit after this many tasks [default: run forever]."),
+    poll: float = typer.Option(1.0, min=0.05, help="Seconds between lease requests when idle."),
+) -> None:
+    """Run a worker: lease trials from the service, compress, measure, report.
+
+    \b
+    Example:
+      bocompress worker --url http://gpu-box:8000 --token $TOKEN --device cuda:0
+      BOCOMPRESS_URL=http://127.0.0.1:8000 bocompress worker --device cpu --max-trials 10
+    """
+    if not _DEVICE_RE.match(device):
+        raise typer.BadParameter(f"{device!r} is not cpu, cuda or cuda:N", param_hint="'--device'")
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    run_worker = _lazy("worker.loop", "run_worker")
+    run_worker(url=url, token=token, device=device, name=name, max_trials=max_trials, poll=poll)
+
+
+@app.command()
+def demo(
+    trials: int = typer.Option(24, min=1, help="Trials of the demo job."),
+    workers: int = typer.Option(1, min=1, max=64, help="Local worker processes."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the service running (and its database) afterwards."),
+) -> None:
+    """Run everything on this machine: a service, workers and a small compression job.
+
+    \b
+    Example:
+      bocompress demo --trials 24 --workers 2
+    """
+    _lazy("bocompress.demo", "run_demo")(trials=trials, workers=workers, keep=keep)
+
+
+@app.command()
+def migrate(database_url: str = _DB) -> None:
+    """Create or upgrade the database schema (Alembic) to the latest version.
+
+    \b
+    Example:
+      bocompress migrate --database-url postgresql+psycopg://bo:bo@localhost/bo
+    """
+    revision = _lazy("service.db.migrate", "upgrade")(database_url)
+    typer.echo(f"database at revision {revision}" if revision else "database upgraded")
+
+
+@token_app.command("create")
+def token_create(
+    role: Role = typer.Option(..., help="Token role."),
+    owner: Optional[str] = typer.Option(None, help="Owner name (jobs created with it belong to them)."),
+    name: Optional[str] = typer.Option(None, help="A label to recognise the token by."),
+    database_url: str = _DB,
+) -> None:
+    """Create a token and print its secret (shown only this once).
+
+    \b
+    Example:
+      bocompress token create --role client --owner alice --name laptop
+      export BOCOMPRESS_TOKEN=$(bocompress token create --role worker --owner ops)
+    """
+    create_token = _lazy("service.auth", "create_token")
+    try:
+        secret = create_token(database_url, role.value, owner, name)
+    except ValueError as exc:
+        raise BocompressError(str(exc)) from exc
+    typer.echo(secret)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: int = typer.Argument(..., help="Id of the token to revoke."),
+    database_url: str = _DB,
+) -> None:
+    """Revoke a token; requests with it are refused from now on.
+
+    \b
+    Example:
+      bocompress token revoke 3 --database-url sqlite:///./bocompress.db
+    """
+    revoke_token = _lazy("service.auth", "revoke_token")
+    try:
+        revoke_token(database_url, token_id)
+    except (ValueError, LookupError) as exc:
+        raise BocompressError(str(exc)) from exc
+    typer.echo(f"revoked token {token_id}")
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def _set_dotted(spec: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``spec['a']['b'] = value`` for ``dotted == 'a.b'``, creating missing mappings."""
+    keys = dotted.split(".")
+    node = spec
+    for i, key in enumerate(keys[:-1]):
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise BocompressError(f"sweep key {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def expand_specs(document: Any) -> list[dict[str, Any]]:
+    """Turn a submit YAML document into the list of job specs it stands for.
+
+    The document is one job spec, or ``{"jobs": [spec, ...]}``. An optional ``sweep`` mapping,
+    at the top level (applies to every job) or inside one job, maps dotted keys to lists of
+    values; a spec is expanded into the Cartesian product of them, each copy named
+    ``<name>[key=value,...]``.
+
+    Args:
+        document: The parsed YAML.
+
+    Returns:
+        The job specs, in order.
+
+    Raises:
+        BocompressError: The document has the wrong shape.
+    """
+    import copy
+
+    if not isinstance(document, dict):
+        raise BocompressError("the file must hold a job spec (a mapping) or 'jobs: [...]'")
+    document = copy.deepcopy(document)
+    top_sweep = document.pop("sweep", None) or {}
+    if "jobs" in document:
+        extra = set(document) - {"jobs"}
+        if extra:
+            raise BocompressError(f"next to 'jobs' only 'sweep' is allowed, found {sorted(extra)}")
+        jobs = document["jobs"]
+        if not isinstance(jobs, list) or not jobs:
+            raise BocompressError("'jobs' must be a non-empty list of job specs")
+    else:
+        jobs = [document]
+    out: list[dict[str, Any]] = []
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict):
+            raise BocompressError(f"jobs[{i}] must be a mapping, got {type(job).__name__}")
+        sweep = {**top_sweep, **(job.pop("sweep", None) or {})}
+        if not isinstance(sweep, dict):
+            raise BocompressError("'sweep' must map dotted keys to lists of values")
+        for key, values in sweep.items():
+            if not isinstance(values, list) or not values:
+                raise BocompressError(f"sweep {key!r}: give a non-empty list of values")
+        keys = list(sweep)
+        for combo in itertools.product(*(sweep[k] for k in keys)):
+            spec = copy.deepcopy(job)
+            for key, value in zip(keys, combo):
+                _set_dotted(spec, key, value)
+            if keys:
+                tag = ",".join(f"{k}={v}" for k, v in zip(keys, combo))
+                spec["name"] = f"{spec.get('name', 'job')}[{tag}]"
+            out.append(spec)
+    return out
+
+
+def _validate(specs: list[dict[str, Any]]) -> None:
+    """Check each spec against the wire schema; the first mistake is a one-line error."""
+    from pydantic import ValidationError
+
+    from .schemas import JobCreate
+
+    for i, spec in enumerate(specs):
+        try:
+            JobCreate.model_validate(spec)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            where = f"job {i} ({spec.get('name', '?')})"
+            raise BocompressError(f"{where}: {loc + ': ' if loc else ''}{err['msg']}") from exc
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="YAML job file."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the jobs to finish, with a progress bar."),
+    poll: float = typer.Option(1.0, min=0.001, help="Seconds between polls with --wait."),
+    url: Optional[str] = _URL,
+    token: Optional[str] = _TOKEN,
+) -> None:
+    """Submit the job(s) of a YAML file; prints one line per job: id and name.
+
+    The file holds one job spec, or `jobs: [...]`; an optional `sweep` maps dotted keys to value
+    lists and expands each spec into one job per combination.
+
+    \b
+    Example:
+      bocompress submit job.yaml --wait
+    \b
+    with job.yaml:
+      name: digits-svd
+      compression: {model: digits_cnn, data: digits, method: svd}
+      objective: {kind: scalarized, kappa: 1.0}
+      budget: {max_trials: 30, max_parallel: 2}
+      sweep: {objective.kappa: [0.5, 1, 2]}
+    """
+    import yaml
+
+    try:
+        document = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise BocompressError(f"{file}: not valid YAML: {exc}") from exc
+    specs = expand_specs(document)
+    _validate(specs)
+    with _client(url, token) as client:
+        jobs = client.submit_many(specs)
+        for job in jobs:
+            typer.echo(f"{job.id}\t{job.name}")
+        if wait:
+            for job in jobs:
+                job.wait(progress=True, poll=poll)
+                best = job.best(refresh=False)
+                value = (best or {}).get("values", {}).get(job.metric)
+                typer.echo(f"{job.id}\t{job.name}\t{job.state}\tbest {job.metric}={value}")
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in counts.items() if v)
+
+
+def _best_value(job: dict[str, Any]) -> str:
+    best = job.get("best") or {}
+    metric = ((job.get("spec") or {}).get("objective") or {}).get("metric") or "objective"
+    value = (best.get("values") or {}).get(metric)
+    return "" if value is None else f"{value:.4g}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+@app.command()
+def status(
+    job_id: Optional[int] = typer.Argument(None, help="A job id; without it, list jobs."),
+    limit: int = typer.Option(50, min=1, help="Most jobs to list."),
+    url: Optional[str] = _URL,
+    token: Optional[str] = _TOKEN,
+) -> None:
+    """Show jobs (a table), or one job's state, trial counts and best trial.
+
+    \b
+    Example:
+      bocompress status
+      bocompress status 7
+    """
+    with _client(url, token) as client:
+        if job_id is None:
+            rows = []
+            for job in itertools.islice(client.jobs(limit=min(limit, 100)), limit):
+                rows.append([str(job["id"]), job.get("name", ""), job.get("state", ""), job.get("kind", ""),
+                             _fmt_counts(job.get("counts") or {}), _best_value(job),
+                             str(job.get("created_at", ""))[:19]])
+            typer.echo(_table(rows, ["id", "name", "state", "kind", "trials", "best", "created"]) if rows
+                       else "no jobs")
+            return
+        job = client.get_job(job_id)
+        data = job.data
+        lines = [f"job {job.id}: {job.name}", f"state: {job.state}", f"kind: {job.kind}"]
+        if data.get("reason"):
+            lines.append(f"reason: {data['reason']}")
+        lines.append(f"trials: {_fmt_counts(job.counts) or 'none'} (max {job.max_trials})")
+        best = job.best(refresh=False)
+        if best:
+            values = ", ".join(f"{k}={v:.4g}" for k, v in (best.get("values") or {}).items())
+            lines.append(f"best: trial {best['id']} (#{best.get('number')}): {values}")
+            params = ", ".join(f"{k}={v:.3g}" for k, v in (best.get("params") or {}).items())
+            lines.append(f"  params: {params}")
+        else:
+            lines.append("best: none yet")
+        typer.echo("\n".join(lines))
+
+
+@app.command()
+def trials(
+    job_id: int = typer.Argument(..., help="The job id."),
+    csv: bool = typer.Option(False, "--csv", help="Write CSV instead of a table."),
+    url: Optional[str] = _URL,
+    token: Optional[str] = _TOKEN,
+) -> None:
+    """Print a job's trials: one row per trial, parameters and metrics as columns.
+
+    \b
+    Example:
+      bocompress trials 7
+      bocompress trials 7 --csv > trials.csv
+    """
+    with _client(url, token) as client:
+        df = client.get_job(job_id).trials()
+    if csv:
+        df.to_csv(sys.stdout, index=False)
+    elif df.empty:
+        typer.echo("no trials")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+            typer.echo(df.to_string(index=False))
+
+
+def main() -> None:  # pragma: no cover - `python -m bocompress.cli`
+    """Entry point equivalent to the ``bocompress`` script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,153 @@
+"""Export: a worker builds a trial's compressed model (optionally fine-tuned) for download."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response, UploadFile
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from bocompress.schemas import ExportOut, ExportRequest
+from service.api.deps import AnyRoleDep, ClientDep, CtxDep, WorkerDep
+from service.api.errors import APIError, bad_request
+from service.api.jobs import ERRORS, visible_job
+from service.api.uploads import _read_limited
+from service.db.models import Blob, Trial, utcnow
+from service.db.session import read_session, run_tx
+from service.db.trials import NotFound, add_event, bump_seq, check_lease, lock_trial
+from service.safetensors_check import InvalidSafetensors, inspect
+
+router = APIRouter(prefix="/api/v1", tags=["export"])
+
+
+def export_out(t: Trial) -> dict[str, Any]:
+    return {"id": t.id, "job_id": t.job_id, "trial_id": int(t.params["trial_id"]), "state": t.state,
+            "finetune_steps": int(t.params.get("finetune_steps", 0)), "lr": float(t.params.get("lr", 1e-4)),
+            "values": t.values or {}, "artifact": (t.extra or {}).get("artifact"), "error": t.error}
+
+
+def _source_trial(s: Session, job_id: int, trial_id: int) -> Trial:
+    t = s.get(Trial, trial_id)
+    if t is None or t.job_id != job_id or t.kind != "evaluate":
+        raise NotFound("trial", trial_id)
+    return t
+
+
+@router.post("/jobs/{job_id}/trials/{trial_id}/export", status_code=202, response_model=ExportOut,
+             responses=ERRORS)
+def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
+                   body: ExportRequest | None = None) -> Any:
+    """Queue an export task for a completed trial; the same request again returns the same task."""
+    body = body or ExportRequest()
+
+    def _req(s: Session) -> dict[str, Any]:
+        job = visible_job(s, job_id, p)
+        if job.kind != "compression":
+            raise APIError(409, f"job {job_id} is not a compression job: nothing to export", "not_compression")
+        src = _source_trial(s, job_id, trial_id)
+        if src.state != "completed":
+            raise APIError(409, f"trial {trial_id} is {src.state}: only a completed trial can be exported",
+                           "not_completed")
+        if job.state not in ("running", "completed"):
+            raise APIError(409, f"job {job_id} is {job.state}: no worker will build it", "job_state")
+        params = {"trial_id": trial_id, "finetune_steps": body.finetune_steps, "lr": body.lr}
+        for t in s.execute(select(Trial).where(Trial.job_id == job_id, Trial.kind == "export",
+                                               Trial.state.in_(("queued", "running", "completed")))).scalars():
+            if t.params == params:
+                return export_out(t)
+        n = s.execute(select(func.count()).select_from(Trial)
+                      .where(Trial.job_id == job_id, Trial.kind == "export")).scalar_one()
+        task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state="queued",
+                     params=params, values={}, sem={}, attempt=1, created_at=utcnow())
+        s.add(task)
+        s.flush()
+        add_event(s, job_id, "export_requested", task.id, None, "queued", f"trial {trial_id}")
+        return export_out(task)
+
+    return run_tx(ctx.factory, _req)
+
+
+@router.get("/jobs/{job_id}/trials/{trial_id}/export", response_model=ExportOut, responses=ERRORS)
+def get_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+    """The latest export task of a trial (state, values such as L before/after fine-tuning)."""
+    with read_session(ctx.factory) as s:
+        visible_job(s, job_id, p)
+        _source_trial(s, job_id, trial_id)
+        t = _latest_export(s, job_id, trial_id)
+        if t is None:
+            raise NotFound("export of trial", trial_id)
+        return export_out(t)
+
+
+def _latest_export(s: Session, job_id: int, trial_id: int) -> Trial | None:
+    rows = s.execute(select(Trial).where(Trial.job_id == job_id, Trial.kind == "export").order_by(Trial.id.desc())
+                     ).scalars().all()
+    mine = [t for t in rows if int(t.params.get("trial_id", -1)) == trial_id]
+    done = [t for t in mine if t.state == "completed"]
+    return done[0] if done else (mine[0] if mine else None)
+
+
+@router.get("/jobs/{job_id}/trials/{trial_id}/artifact", responses={**ERRORS, 200: {
+    "content": {"application/octet-stream": {}}, "description": "the compressed model (safetensors)"}})
+def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> Response:
+    """The exported model as safetensors (its ``__metadata__`` holds the layer description).
+
+    404 when no export was requested; 409 (with ``Retry-After``) while it is being built.
+    """
+    with read_session(ctx.factory) as s:
+        visible_job(s, job_id, p)
+        _source_trial(s, job_id, trial_id)
+        t = _latest_export(s, job_id, trial_id)
+        if t is None:
+            raise NotFound("export of trial", trial_id)
+        if t.state in ("queued", "running"):
+            raise APIError(409, f"the export of trial {trial_id} is {t.state}", "export_pending", {"Retry-After": "2"})
+        if t.state != "completed":
+            raise APIError(409, f"the export of trial {trial_id} {t.state}: {t.error or ''}".strip(), "export_failed")
+        art = (t.extra or {}).get("artifact") or {}
+        blob = s.get(Blob, art.get("blob_id", ""))
+        if blob is None:
+            raise NotFound("artifact of trial", trial_id)
+        return Response(blob.data, media_type="application/octet-stream",
+                        headers={"X-Sha256": blob.sha256,
+                                 "Content-Disposition": f'attachment; filename="job{job_id}-trial{trial_id}.safetensors"'})
+
+
+@router.post("/trials/{task_id}/artifact", status_code=201, responses=ERRORS)
+async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: WorkerDep, file: UploadFile,
+                          x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
+    """A worker uploads the compressed model of the export task it holds (then completes the task)."""
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
+    try:
+        tensors = inspect(data)
+    except InvalidSafetensors as exc:
+        raise bad_request("file", str(exc)) from None
+    import hashlib
+    import secrets
+
+    def _store(s: Session) -> dict[str, Any]:
+        t = lock_trial(s, task_id, ctx.dialect)
+        if t.kind != "export":
+            raise APIError(409, f"trial {task_id} is not an export task", "not_export")
+        if t.state != "running":
+            raise APIError(409, f"export task {task_id} is {t.state}: upload refused", "lease_lost")
+        check_lease(t, x_lease_token)
+        job = visible_job(s, t.job_id, p)
+        blob = Blob(id=f"art_{secrets.token_hex(12)}", kind="artifact", owner=job.owner, arch=None, size=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(), tensors=tensors,
+                    meta={"task_id": task_id, "trial_id": t.params.get("trial_id")}, data=data, created_at=utcnow())
+        s.add(blob)
+        s.execute(update(Trial).where(Trial.id == task_id).values(extra={"artifact": {"blob_id": blob.id}}))
+        return {"blob_id": blob.id, "size": blob.size, "sha256": blob.sha256}
+
+    return await _run(ctx, _store)
+
+
+async def _run(ctx, fn):  # type: ignore[no-untyped-def]
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(run_tx, ctx.factory, fn)
+
+
+__all__ = ["router", "AnyRoleDep"]

@@ -1,0 +1,1 @@
+"""The bocompress worker: compression methods, the model zoo, calibration data and evaluation."""
