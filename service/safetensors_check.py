@@ -24,10 +24,10 @@ def inspect(data: bytes) -> dict[str, dict]:
     """Return ``{tensor name: {"dtype", "shape"}}`` or raise InvalidSafetensors saying why."""
     if len(data) < 8:
         raise InvalidSafetensors("file is too short to be safetensors (no header length)")
-    if data[:2] == b"\x80\x04" or data[:1] == b"\x80" or data[:2] == b"PK":
-        raise InvalidSafetensors("this looks like a pickle / torch.save file: only safetensors is accepted")
     (n,) = struct.unpack("<Q", data[:8])
     if n < 2 or n > MAX_HEADER or 8 + n > len(data):
+        if data[:1] == b"\x80" or data[:2] == b"PK":
+            raise InvalidSafetensors("this looks like a pickle / torch.save file: only safetensors is accepted")
         raise InvalidSafetensors(f"header length {n} does not fit the file ({len(data)} bytes): not safetensors or truncated")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
