@@ -145,11 +145,13 @@ def _client(url: str | None, token: str | None) -> Any:
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
-    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", envvar="BOCOMPRESS_HOST", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=1, max=65535, envvar="BOCOMPRESS_PORT", help="TCP port."),
     database_url: str = _DB,
-    auth: bool = typer.Option(True, "--auth/--no-auth", help="Require Bearer tokens (--no-auth: local use only)."),
-    log_level: LogLevel = typer.Option(LogLevel.info, help="Log level."),
+    auth: bool = typer.Option(True, "--auth/--no-auth", envvar="BOCOMPRESS_AUTH",
+                              help="Require Bearer tokens (--no-auth: local use only)."),
+    log_level: LogLevel = typer.Option(LogLevel.warning, envvar="BOCOMPRESS_LOG_LEVEL",
+                                       help="Log level (JSON lines on stderr; quiet by default)."),
 ) -> None:
     """Run the service: REST API, dashboard and BO engine.
 

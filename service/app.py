@@ -100,4 +100,4 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug", log_config=None)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = Field(
         default=None, description="upgrade the schema on start; default: on for SQLite, off for PostgreSQL"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "warning"
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     scheduler: bool = Field(default=True, description="run the proposal/lease-reaper loop in this process")
     scheduler_interval: float = Field(default=0.5, gt=0.0, le=60.0)

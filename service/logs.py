@@ -23,11 +23,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "warning") -> None:
-    root = logging.getLogger("bocompress")
-    root.setLevel(level.upper())
-    if not any(getattr(h, "_bocompress", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(JsonFormatter())
-        h._bocompress = True  # type: ignore[attr-defined]
-        root.addHandler(h)
-    root.propagate = False
+    """JSON lines on stderr for bocompress's loggers and uvicorn's, at ``level``."""
+    for name in ("bocompress", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        if not any(getattr(h, "_bocompress", False) for h in logger.handlers):
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(JsonFormatter())
+            h._bocompress = True  # type: ignore[attr-defined]
+            logger.addHandler(h)
+        logger.propagate = False

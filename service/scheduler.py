@@ -32,6 +32,23 @@ from service.db.trials import (
 )
 
 log = logging.getLogger("bocompress.scheduler")
+_torch_configured = False
+
+
+def _configure_torch() -> None:
+    """One intra-op thread for proposals, set once per process before the first ``propose``.
+
+    Measured on 2 cores: torch's default pool (one thread per core) made a scrambled-Sobol point
+    cost 19 ms instead of 0.9 ms and a GP proposal 12 s instead of 1 s, because its threads
+    contend with the request threads of this same process. Proposals are small tensors; one
+    thread is both faster and leaves the other core to the API.
+    """
+    global _torch_configured
+    if not _torch_configured:
+        import torch
+
+        torch.set_num_threads(1)
+        _torch_configured = True
 
 
 def job_problem(job: Job) -> Any:
@@ -104,6 +121,10 @@ class Scheduler:
         self._wake.set()
 
     def _run(self) -> None:
+        try:  # import the BO engine (torch, BoTorch) now, not on the first proposal
+            import service.optimizer  # noqa: F401
+        except Exception:  # noqa: BLE001
+            log.exception("the optimizer failed to import")
         while not self._stop.is_set():
             try:
                 self.tick()
@@ -155,6 +176,7 @@ class Scheduler:
                 obs, pending = observations(s, job)
                 problem = job_problem(job)
                 created, state = job.n_created, job.optimizer_state
+            _configure_torch()
             t0 = time.perf_counter()
             points, new_state = propose(problem, obs, pending, created, n, state)
             engine = (new_state or {}).get("last_engine", problem.engine)

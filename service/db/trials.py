@@ -93,6 +93,10 @@ def transition(session: Session, trial: Trial, to_state: str, from_states: Seque
             code="state",
         )
     add_event(session, trial.job_id, event or to_state, trial.id, prev, to_state, detail)
+    if log.isEnabledFor(logging.INFO):
+        log.info("trial %s", event or to_state, extra={"job_id": trial.job_id, "trial_id": trial.id,
+                                                        "from_state": prev, "to_state": to_state,
+                                                        "attempt": row.attempt, "worker": row.worker})
     return row
 
 
