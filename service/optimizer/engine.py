@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ from .space import Space
 ENGINES = ("auto", "sobol", "gp")
 DEFAULT_KERNEL = "rbf"
 DEFAULT_MAX_FIT_POINTS = 300
+# Above this many (observations x dims) the additive kernel falls back to the plain one.
+ADDITIVE_MAX_ND = 8_000
 # Pending points beyond this many enter X_pending as the most recent ones only (joint sampling
 # over all of them would cost more than it informs).
 MAX_PENDING = 128
@@ -119,6 +122,27 @@ class Budgets:
     mc_samples: int = 64
 
 
+# Intra-op threads torch uses inside ``propose`` (restored afterwards). The GP problems here are
+# small: on a busy 2-core host two threads spin against each other and run ~5x slower than one.
+# None leaves torch's setting alone.
+THREADS: int | None = 1
+_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    with _THREAD_LOCK:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
+
+
 # Set by ``fast_mode()``: tests run with tiny budgets (as BoTorch's ``mock_optimize``).
 _FAST: Budgets | None = None
 
@@ -160,7 +184,6 @@ class _Ctx:
     cost: CostModel | None
     kernel: str
     max_fit: int
-    _exact_cache: dict = field(default_factory=dict)
 
     @property
     def compression(self) -> bool:
@@ -315,7 +338,7 @@ def propose(
 
     mix = (int(problem.seed) * 1_000_003 + int(n_existing) * 7919 + len(obs) * 104_729 + len(pending)) % (2**31 - 1)
     chosen: dict[int, list[float]] = {}
-    with torch.random.fork_rng(), warnings.catch_warnings():
+    with _torch_threads(THREADS), torch.random.fork_rng(), warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizationWarning)
         warnings.simplefilter("ignore", BotorchWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -556,7 +579,10 @@ def _gp_stage(
     X, Y, J = X_all[idx], Y_all[idx], J_all[idx]
     Yvar = Yvar_all[idx] if Yvar_all is not None else None
     b = _budgets(space.d, X.shape[0])
-    model, new_gp_state = fit_gp(X, Y, Yvar, ctx.kernel, gp_state, b.fit_maxiter)
+    kernel = ctx.kernel
+    if kernel == "additive" and X.shape[0] * space.d > ADDITIVE_MAX_ND:
+        kernel = "rbf"  # the additive kernel's n x n x d tensors get too large
+    model, new_gp_state = fit_gp(X, Y, Yvar, kernel, gp_state, b.fit_maxiter)
     pend = [space.snap(space.to_unit(p)) for p in pending[-MAX_PENDING:]] + list(chosen_sobol)
     g = torch.Generator().manual_seed(mix)
     bounds = torch.stack([torch.zeros(space.d), torch.ones(space.d)]).to(torch.float64)

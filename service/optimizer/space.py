@@ -144,8 +144,10 @@ class Space:
             k = min(max(math.floor(theta * dim.size + 0.5), k_lo), k_hi)
             return k / dim.size
         if dim.log:
-            return math.exp(math.log(dim.low) + u * (math.log(dim.high) - math.log(dim.low)))
-        return dim.low + u * (dim.high - dim.low)
+            x = math.exp(math.log(dim.low) + u * (math.log(dim.high) - math.log(dim.low)))
+        else:
+            x = dim.low + u * (dim.high - dim.low)
+        return min(max(x, dim.low), dim.high)  # exp(log(low)) may round below low
 
     def to_unit(self, params: Mapping[str, float]) -> list[float]:
         """Encode a parameter dict as unit coordinates (missing names raise a ValueError)."""

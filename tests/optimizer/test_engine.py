@@ -1,0 +1,243 @@
+"""propose(): reproducibility, duplicates, feasibility, the GP stage's worth, and scale."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bocompress import costs
+from service.optimizer import Observation, Problem, fast_mode, propose
+from service.optimizer.sobol import sobol_points
+from service.optimizer.space import Space
+from service.optimizer.synthetic import make_landscape
+
+
+@pytest.fixture(autouse=True)
+def _fast() -> Iterator[None]:
+    with fast_mode():
+        yield
+
+
+MIXED = [
+    {"name": "x", "type": "float", "low": -2.0, "high": 3.0, "log": False},
+    {"name": "lr", "type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    {"name": "layers", "type": "int", "low": 1, "high": 6, "log": False},
+    {"name": "width", "type": "int", "low": 8, "high": 512, "log": True},
+]
+
+
+def _mixed_value(p: dict[str, float]) -> float:
+    return (p["x"] - 0.5) ** 2 + (math.log10(p["lr"]) + 3) ** 2 + 0.3 * abs(p["layers"] - 3) + 0.1 * math.log2(p["width"])
+
+
+def _generic(params: list[dict], n_initial: int = 4, seed: int = 0, engine: str = "auto", direction: str = "minimize") -> Problem:
+    return Problem(params=params, objective={"metric": "y", "direction": direction}, profile=None,
+                   n_initial=n_initial, seed=seed, engine=engine)
+
+
+def _check_types(points: list[dict[str, float]]) -> None:
+    for p in points:
+        assert -2.0 <= p["x"] <= 3.0
+        assert 1e-5 <= p["lr"] <= 1e-1
+        assert p["layers"] == int(p["layers"]) and 1 <= p["layers"] <= 6
+        assert p["width"] == int(p["width"]) and 8 <= p["width"] <= 512
+
+
+def test_sobol_stage_is_reproducible_and_indexed_by_trial() -> None:
+    prob = _generic(MIXED, n_initial=8, seed=7)
+    a, _ = propose(prob, [], [], 0, 5)
+    b, _ = propose(prob, [], [], 0, 5)
+    assert a == b
+    _check_types(a)
+    head, _ = propose(prob, [], [], 0, 2)
+    tail, _ = propose(prob, [], head, 2, 3)
+    assert head + tail == a
+    other, _ = propose(_generic(MIXED, n_initial=8, seed=8), [], [], 0, 5)
+    assert other != a
+    # The i-th point is the i-th scrambled Sobol point, mapped to the space.
+    sp = Space(MIXED, compression=False)
+    assert a[3] == sp.from_unit(sobol_points(4, 7, 3, 1)[0].tolist())
+
+
+def test_gp_stage_is_reproducible_with_state() -> None:
+    prob = _generic(MIXED, n_initial=6, seed=1)
+    pts, _ = propose(prob, [], [], 0, 6)
+    obs = [Observation(p, _mixed_value(p), 0.01) for p in pts]
+    pending, _ = propose(prob, obs, [], 6, 1)
+    a, sa = propose(prob, obs, pending, 7, 3, {"other": 1})
+    b, sb = propose(prob, obs, pending, 7, 3, {"other": 1})
+    assert a == b and sa == sb
+    assert sa["other"] == 1 and "gp" in sa
+    _check_types(a)
+    # Warm-started from the returned state: still reproducible and JSON-serializable.
+    import json
+
+    c, sc = propose(prob, obs, pending, 7, 3, json.loads(json.dumps(sa)))
+    d, _ = propose(prob, obs, pending, 7, 3, json.loads(json.dumps(sa)))
+    assert c == d
+
+
+@pytest.mark.parametrize("engine", ["sobol", "gp"])
+def test_never_duplicates_pending_or_observed(engine: str) -> None:
+    params = [{"name": "a", "type": "int", "low": 0, "high": 2}, {"name": "b", "type": "int", "low": 0, "high": 1}]
+    prob = _generic(params, n_initial=2, engine=engine)
+    everything = [{"a": float(a), "b": float(b)} for a in range(3) for b in range(2)]
+    obs = [Observation(p, p["a"] + p["b"]) for p in everything[:2]]
+    pending = everything[2:4]
+    pts, _ = propose(prob, obs, pending, 4, 2)
+    keys = {(p["a"], p["b"]) for p in pts}
+    assert len(keys) == 2
+    assert keys == {(2.0, 0.0), (2.0, 1.0)}
+    # Nothing left: fewer points than asked, never a duplicate.
+    more, _ = propose(prob, obs, pending + pts, 6, 3)
+    assert more == []
+
+
+def test_batch_points_are_distinct_on_continuous_and_grid_spaces() -> None:
+    ls = make_landscape(d=3, seed=0)
+    for kind in ("scalarized", "pareto"):
+        prob = Problem(ls.params, {"kind": kind, "kappa": 1.0, "cost": "params"}, ls.profile, 4, 0)
+        init, _ = propose(prob, [], [], 0, 4)
+        g = torch.Generator().manual_seed(0)
+        obs = [Observation(p, *ls.measure(p, g)) for p in init]
+        pts, _ = propose(prob, obs, [], 4, 4)
+        sp = Space(ls.params, compression=True)
+        keys = [sp.key(p) for p in pts] + [sp.key(o.params) for o in obs]
+        assert len(pts) == 4 and len(set(keys)) == len(keys)
+        for p in pts:
+            for spec in ls.params:
+                k = round(p[spec["name"]] * spec["size"])
+                assert p[spec["name"]] == k / spec["size"]
+                assert spec["low"] <= p[spec["name"]] <= spec["high"]
+
+
+def _run_constrained(ls, budget: float, n_rounds: int, batch: int, seed: int) -> list[dict[str, float]]:
+    prob = Problem(ls.params, {"kind": "constrained", "budget": budget, "cost": "params"}, ls.profile, 6, seed)
+    g = torch.Generator().manual_seed(seed)
+    obs: list[Observation] = []
+    proposed: list[dict[str, float]] = []
+    state = None
+    for r in range(n_rounds):
+        pts, state = propose(prob, obs, [], len(proposed), batch, state)
+        proposed += pts
+        obs += [Observation(p, *ls.measure(p, g)) for p in pts]
+    return proposed
+
+
+def test_constrained_never_proposes_over_budget() -> None:
+    ls = make_landscape(d=6, seed=2)
+    budget = 0.25
+    # 2 Sobol rounds of 3, then 3 GP rounds of 3 (pending = earlier points of the batch).
+    proposed = _run_constrained(ls, budget, n_rounds=5, batch=3, seed=0)
+    assert len(proposed) == 15
+    rs = [costs.ratio(ls.profile, p, "params") for p in proposed]
+    assert max(rs) <= budget
+    # The repair keeps points near the budget rather than collapsing them to all-low.
+    assert statistics.median(rs) > 0.5 * budget
+
+
+def test_constrained_with_infeasible_floor_proposes_all_low_once() -> None:
+    ls = make_landscape(d=4, seed=2)
+    low = {p["name"]: p["low"] for p in ls.params}
+    r_low = costs.ratio(ls.profile, low, "params")
+    prob = Problem(ls.params, {"kind": "constrained", "budget": r_low / 2, "cost": "params"}, ls.profile, 4, 0)
+    pts, _ = propose(prob, [], [], 0, 3)
+    sp = Space(ls.params, compression=True)
+    assert [sp.key(p) for p in pts] == [sp.key(low)]
+
+
+def _branin(x1: float, x2: float) -> float:
+    b, c, t = 5.1 / (4 * math.pi**2), 5 / math.pi, 1 / (8 * math.pi)
+    return (x2 - b * x1**2 + c * x1 - 6) ** 2 + 10 * (1 - t) * math.cos(x1) + 10
+
+
+def _best_branin(engine: str, seed: int, trials: int = 25) -> float:
+    params = [{"name": "x1", "type": "float", "low": -5.0, "high": 10.0}, {"name": "x2", "type": "float", "low": 0.0, "high": 15.0}]
+    prob = _generic(params, n_initial=6, seed=seed, engine=engine)
+    obs: list[Observation] = []
+    state = None
+    for i in range(trials):
+        (p,), state = propose(prob, obs, [], i, 1, state)
+        obs.append(Observation(p, _branin(p["x1"], p["x2"])))
+    return min(o.value for o in obs)
+
+
+def test_gp_beats_sobol_on_branin() -> None:
+    gp = statistics.median(_best_branin("auto", s) for s in range(3))
+    sobol = statistics.median(_best_branin("sobol", s) for s in range(3))
+    assert gp < sobol
+    assert gp < 0.397887 + 0.5  # near the global minimum
+
+
+def test_maximize_direction_is_respected() -> None:
+    params = [{"name": "x", "type": "float", "low": 0.0, "high": 1.0}]
+    prob = _generic(params, n_initial=4, direction="maximize")
+    obs = [Observation({"x": x}, -((x - 0.8) ** 2)) for x in (0.1, 0.3, 0.5, 0.7, 0.95)]
+    pts, _ = propose(prob, obs, [], 5, 1)
+    assert abs(pts[0]["x"] - 0.8) < 0.15
+
+
+def test_pareto_returns_points_on_both_ends() -> None:
+    ls = make_landscape(d=4, seed=5)
+    prob = Problem(ls.params, {"kind": "pareto", "kappa": 1.0, "cost": "params"}, ls.profile, 6, 0)
+    g = torch.Generator().manual_seed(0)
+    init, _ = propose(prob, [], [], 0, 6)
+    obs = [Observation(p, *ls.measure(p, g)) for p in init]
+    pts, state = propose(prob, obs, [], 6, 3)
+    assert len(pts) == 3 and "gp" in state
+    sp = Space(ls.params, compression=True)
+    assert len({sp.key(p) for p in pts + init}) == 9
+
+
+def test_scale_1000_observations_64_dims() -> None:
+    d, n = 64, 1000
+    ls = make_landscape(d=d, seed=0)
+    sp = Space(ls.params, compression=True)
+    g = torch.Generator().manual_seed(0)
+    obs = []
+    for u in sobol_points(d, 3, 0, n).tolist():
+        p = sp.from_unit(u)
+        obs.append(Observation(p, *ls.measure(p, g)))
+    prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 8, 0)
+    pending = [sp.from_unit(u) for u in sobol_points(d, 4, 0, 8).tolist()]
+    with fast_mode(None), _default_budgets():
+        t0 = time.perf_counter()
+        pts, state = propose(prob, obs, pending, n + 8, 2)
+        elapsed = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pts2, _ = propose(prob, obs, pending, n + 8, 2, state)
+        warm = time.perf_counter() - t0
+    assert len(pts) == 2 and len(pts2) == 2
+    assert elapsed < 30.0 and warm < 30.0, (elapsed, warm)
+
+
+class _default_budgets:
+    """Leave fast mode: the scale test measures the production budgets."""
+
+    def __enter__(self) -> None:
+        import service.optimizer.engine as engine
+
+        self._prev = engine._FAST
+        engine._FAST = None
+
+    def __exit__(self, *exc: object) -> None:
+        import service.optimizer.engine as engine
+
+        engine._FAST = self._prev
+
+
+def test_bad_problems_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="engine"):
+        propose(_generic(MIXED, engine="random"), [], [], 0, 1)
+    ls = make_landscape(d=2, seed=0)
+    with pytest.raises(ValueError, match="profile"):
+        propose(Problem(ls.params, {"kind": "scalarized"}, None, 2, 0), [], [], 0, 1)
+    with pytest.raises(ValueError, match="budget"):
+        propose(Problem(ls.params, {"kind": "constrained"}, ls.profile, 2, 0), [], [], 0, 1)
+    with pytest.raises(ValueError, match="n must be"):
+        propose(_generic(MIXED), [], [], 0, -1)
