@@ -128,22 +128,29 @@ class _Processes:
         return [f"{name} exited with status {p.returncode}:\n{_tail(path)}"
                 for name, p, path, _ in self.procs if p.poll() is not None]
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM every process (workers first), wait up to ``timeout`` seconds, then SIGKILL."""
-        for _, proc, _, _ in reversed(self.procs):
-            if proc.poll() is None:
+    def stop(self, worker_timeout: float = 15.0, service_timeout: float = 5.0) -> None:
+        """Stop the workers (SIGTERM: each hands back its trial), then the service; SIGKILL what lingers.
+
+        The service goes last and gets a short grace: its database is a temporary file, and a
+        proposal being computed when it stops is of no use to anyone.
+        """
+        workers = [(p, log) for name, p, _, log in self.procs if name != "service"]
+        services = [(p, log) for name, p, _, log in self.procs if name == "service"]
+        for group, timeout in ((workers, worker_timeout), (services, service_timeout)):
+            for proc, _ in group:
+                if proc.poll() is None:
+                    try:
+                        proc.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + timeout
+            for proc, log in group:
                 try:
-                    proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        for _, proc, _, log in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-            log.close()
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+                log.close()
 
 
 def _wait_healthy(client: Any, procs: _Processes, timeout: float) -> None:

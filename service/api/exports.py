@@ -38,7 +38,10 @@ def _source_trial(s: Session, job_id: int, trial_id: int) -> Trial:
              responses=ERRORS)
 def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
                    body: ExportRequest | None = None) -> Any:
-    """Queue an export task for a completed trial; the same request again returns the same task."""
+    """Queue an export task for a completed trial; the same request again returns the same task.
+
+    ``GET …/artifact`` serves the export asked for last (409 while it is being built).
+    """
     body = body or ExportRequest()
 
     def _req(s: Session) -> dict[str, Any]:
@@ -52,10 +55,9 @@ def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
         if job.state not in ("running", "completed"):
             raise APIError(409, f"job {job_id} is {job.state}: no worker will build it", "job_state")
         params = {"trial_id": trial_id, "finetune_steps": body.finetune_steps, "lr": body.lr}
-        for t in s.execute(select(Trial).where(Trial.job_id == job_id, Trial.kind == "export",
-                                               Trial.state.in_(("queued", "running", "completed")))).scalars():
-            if t.params == params:
-                return export_out(t)
+        latest = _latest_export(s, job_id, trial_id)
+        if latest is not None and latest.params == params and latest.state in ("queued", "running", "completed"):
+            return export_out(latest)
         n = s.execute(select(func.count()).select_from(Trial)
                       .where(Trial.job_id == job_id, Trial.kind == "export")).scalar_one()
         task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state="queued",
@@ -84,8 +86,7 @@ def _latest_export(s: Session, job_id: int, trial_id: int) -> Trial | None:
     rows = s.execute(select(Trial).where(Trial.job_id == job_id, Trial.kind == "export").order_by(Trial.id.desc())
                      ).scalars().all()
     mine = [t for t in rows if int(t.params.get("trial_id", -1)) == trial_id]
-    done = [t for t in mine if t.state == "completed"]
-    return done[0] if done else (mine[0] if mine else None)
+    return mine[0] if mine else None  # the export asked for last
 
 
 @router.get("/jobs/{job_id}/trials/{trial_id}/artifact", responses={**ERRORS, 200: {

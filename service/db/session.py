@@ -54,7 +54,11 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers take a deferred transaction (WAL: they never block writers nor each other).
+            if conn.get_execution_options().get("bocompress_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
@@ -101,7 +105,13 @@ def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts:
 
 @contextlib.contextmanager
 def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
-    session = factory()
+    """A read-only transaction; on SQLite a deferred one, so a slow read never blocks writers."""
+    bind = factory.kw.get("bind")
+    ro = getattr(factory, "_bocompress_ro", None)
+    if ro is None and bind is not None:
+        ro = bind.execution_options(bocompress_readonly=True)
+        factory._bocompress_ro = ro  # type: ignore[attr-defined]
+    session = factory(bind=ro) if ro is not None else factory()
     try:
         with session.begin():
             yield session
