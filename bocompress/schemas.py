@@ -293,11 +293,11 @@ def _check_metrics(v: dict[str, float], field: str) -> dict[str, float]:
     return v
 
 
-class TellRequest(_Strict):
+class _Result(_Strict):
+    """Metric values and their standard errors: finite numbers, errors >= 0."""
+
     values: dict[str, float] = Field(default_factory=dict)
     sem: dict[str, float] = Field(default_factory=dict)
-    failed: bool = False
-    error: str | None = Field(default=None, max_length=20_000)
 
     @field_validator("values")
     @classmethod
@@ -312,6 +312,14 @@ class TellRequest(_Strict):
             if x < 0:
                 raise ValueError(f"sem[{k!r}] must be >= 0")
         return v
+
+
+class TellRequest(_Result):
+    values: dict[str, float] = Field(default_factory=dict)
+    sem: dict[str, float] = Field(default_factory=dict)
+    failed: bool = False
+    error: str | None = Field(default=None, max_length=20_000)
+
 
     @model_validator(mode="after")
     def _has_result(self) -> "TellRequest":
@@ -320,7 +328,7 @@ class TellRequest(_Strict):
         return self
 
 
-class CompleteRequest(_Strict):
+class CompleteRequest(_Result):
     """A worker's result. ``profile`` for profiling tasks, ``artifact`` metadata for exports."""
 
     values: dict[str, float] = Field(default_factory=dict)
@@ -329,19 +337,6 @@ class CompleteRequest(_Strict):
     artifact: dict[str, Any] | None = None
     lease_token: str | None = Field(default=None, max_length=64, description="lease.token from the lease")
 
-    @field_validator("values")
-    @classmethod
-    def _values_finite(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metrics(v, "values")
-
-    @field_validator("sem")
-    @classmethod
-    def _sem_finite(cls, v: dict[str, float]) -> dict[str, float]:
-        v = _check_metrics(v, "sem")
-        for k, x in v.items():
-            if x < 0:
-                raise ValueError(f"sem[{k!r}] must be >= 0")
-        return v
 
 
 class FailRequest(_Strict):

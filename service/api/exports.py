@@ -74,12 +74,18 @@ def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
 def get_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
     """The latest export task of a trial (state, values such as L before/after fine-tuning)."""
     with read_session(ctx.factory) as s:
-        visible_job(s, job_id, p)
-        _source_trial(s, job_id, trial_id)
-        t = _latest_export(s, job_id, trial_id)
-        if t is None:
-            raise NotFound("export of trial", trial_id)
+        t = _visible_export(s, job_id, trial_id, p)
         return export_out(t)
+
+
+def _visible_export(s: Session, job_id: int, trial_id: int, p: Any) -> Trial:
+    """The export asked for last of a trial the caller may see; else 404."""
+    visible_job(s, job_id, p)
+    _source_trial(s, job_id, trial_id)
+    t = _latest_export(s, job_id, trial_id)
+    if t is None:
+        raise NotFound("export of trial", trial_id)
+    return t
 
 
 def _latest_export(s: Session, job_id: int, trial_id: int) -> Trial | None:
@@ -97,11 +103,7 @@ def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> 
     404 when no export was requested; 409 (with ``Retry-After``) while it is being built.
     """
     with read_session(ctx.factory) as s:
-        visible_job(s, job_id, p)
-        _source_trial(s, job_id, trial_id)
-        t = _latest_export(s, job_id, trial_id)
-        if t is None:
-            raise NotFound("export of trial", trial_id)
+        t = _visible_export(s, job_id, trial_id, p)
         if t.state in ("queued", "running"):
             raise APIError(409, f"the export of trial {trial_id} is {t.state}", "export_pending", {"Retry-After": "2"})
         if t.state != "completed":

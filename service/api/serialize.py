@@ -17,7 +17,8 @@ def iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt is not None else None
 
 
-def trial_out(t: Trial) -> dict[str, Any]:
+def trial_out(t: Any) -> dict[str, Any]:
+    """A Trial (or a row of its columns) as the contract shows it."""
     return {
         "id": t.id, "job_id": t.job_id, "seq": t.seq, "number": t.number, "state": t.state,
         "params": t.params, "values": t.values or {}, "sem": t.sem or {}, "attempt": t.attempt,
@@ -27,22 +28,18 @@ def trial_out(t: Trial) -> dict[str, Any]:
 
 
 def trial_row_out(r: Any) -> dict[str, Any]:
-    """From a lightweight row (select of columns) rather than an ORM object."""
-    return {
-        "id": r.id, "job_id": r.job_id, "seq": r.seq, "number": r.number, "state": r.state,
-        "params": r.params, "values": r.values or {}, "sem": r.sem or {}, "attempt": r.attempt,
-        "worker": r.worker, "created_at": iso(r.created_at), "started_at": iso(r.started_at),
-        "finished_at": iso(r.finished_at), "error": r.error,
-    }
+    """From a lightweight row (a select of columns): rows have the same attributes as a Trial."""
+    return trial_out(r)
 
 
-def job_out(s: Session, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:
-    """A job as the contract shows it; ``light`` skips counts and best (the lease path)."""
-    best = best_trial(s, job) if with_best and not light else None
+def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:
+    """A job as the contract shows it; ``light`` skips counts and best (the lease path; no session needed)."""
+    assert light or s is not None, "a full job view reads counts and best: it needs a session"
+    best = best_trial(s, job) if with_best and not light and s is not None else None
     profile = job.profile or {}
     return {
         "id": job.id, "name": job.name, "state": job.state, "owner": job.owner, "kind": job.kind,
-        "counts": {} if light else count_states(s, job.id), "best": trial_out(best) if best else None,
+        "counts": {} if light or s is None else count_states(s, job.id), "best": trial_out(best) if best else None,
         "created_at": iso(job.created_at), "updated_at": iso(job.updated_at), "reason": job.reason,
         "seq": job.seq, "spec": job.spec, "layers": profile.get("layers"), "search_space": job.search_space,
         "totals": profile.get("totals"), "n_created": job.n_created,
