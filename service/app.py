@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Bayesian optimization of per-layer neural network compression.")
     app.state.ctx = ctx
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -78,6 +81,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if dashboard is not None:
         app.include_router(dashboard.router)
     return app
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with a 413, before they are parsed.
+
+    A declared ``Content-Length`` over the limit is refused at once. A body without one
+    (chunked) is read here, up to the limit, and refused as soon as it passes it; under the
+    limit it is handed on unchanged. (Uploads check the exact ``max_upload_bytes`` themselves;
+    this bounds every other body, JSON included, at that plus 1 MiB.)
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await self._too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body larger than the limit of {self.limit} bytes",
+                           "code": "too_large"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = None, auth: bool = True,

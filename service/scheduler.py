@@ -108,6 +108,15 @@ class Scheduler:
         self.errors = 0
 
     def start(self) -> None:
+        """Import the BO engine (torch, BoTorch), then start the loop.
+
+        The import happens here, during the app's startup and before it accepts requests: done
+        lazily in the loop's first fill it took 20 s and more on 2 cores, starved of the GIL
+        by request threads, while workers found the queue empty.
+        """
+        import service.optimizer  # noqa: F401 - the import is the point
+
+        _configure_torch()
         self._thread = threading.Thread(target=self._run, name="bocompress-scheduler", daemon=True)
         self._thread.start()
 

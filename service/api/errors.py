@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db.session import StorageError
@@ -81,6 +82,17 @@ def install(app: FastAPI) -> None:
         log.warning("storage busy", extra={"error": str(exc)})
         return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
                             headers={"Retry-After": "1"})
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(DataError)
+    async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+        # The database refused a value the request carried: an id beyond its integer range
+        # (SQLite: OverflowError; PostgreSQL: numeric_value_out_of_range), or text it cannot
+        # store (PostgreSQL: a NUL character). The caller's input, so a 4xx, never a 500.
+        log.info("database refused a request value", extra={"error": str(exc)[:300]})
+        return JSONResponse({"detail": "a value in the request is out of range or not storable "
+                                       "(an id too large, or a NUL character in text)", "code": "invalid"},
+                            status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

@@ -25,8 +25,10 @@ from service.db.trials import (
     compression_values,
     fail,
     heartbeat,
+    Claimed,
     lock_trial,
     reap_expired,
+    relax_durability,
     set_job_state,
 )
 
@@ -45,25 +47,29 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
     t0 = time.perf_counter()
     worker = f"{p.owner}/{body.worker}" if p.owner not in ("local", body.worker) else body.worker
 
-    def _lease(s: Session) -> dict[str, Any] | None:
+    def _lease(s: Session) -> tuple[Claimed, Trial | None] | None:
+        relax_durability(s)
         c = claim_next(s, worker=worker, kinds=body.kinds, dialect=ctx.dialect)
         if c is None:
             return None
-        out = {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(s, c.job, light=True),
-               "lease": _lease_info(c.trial, c.job)}
-        if c.trial.kind == "export":
-            src = s.get(Trial, int(c.trial.params["trial_id"]))
-            out["source"] = trial_out(src) if src is not None else None
-        return out
+        src = s.get(Trial, int(c.trial.params["trial_id"])) if c.trial.kind == "export" else None
+        return c, src
 
-    out = run_tx(ctx.factory, _lease)
-    if out is None and run_tx(ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:
-        out = run_tx(ctx.factory, _lease)
-    ctx.metrics.observe_lease(time.perf_counter() - t0, worker, out is not None)
-    if out is None:
+    got = run_tx(ctx.factory, _lease)
+    if got is None and run_tx(ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:
+        got = run_tx(ctx.factory, _lease)
+    ctx.metrics.observe_lease(time.perf_counter() - t0, worker, got is not None)
+    if got is None:
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
         return Response(status_code=204)
+    # Built after the commit (the rows are loaded; nothing here queries): the job row, locked
+    # by the lease's seq bump, is not held while Python encodes the answer.
+    c, src = got
+    out = {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(None, c.job, light=True),
+           "lease": _lease_info(c.trial, c.job)}
+    if c.trial.kind == "export":
+        out["source"] = trial_out(src) if src is not None else None
     return JSONResponse(out)
 
 
@@ -79,6 +85,7 @@ def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
     tok = _token(body.lease_token if body else None, x_lease_token)
 
     def _hb(s: Session) -> dict[str, Any]:
+        relax_durability(s)
         t = lock_trial(s, trial_id, ctx.dialect)
         heartbeat(s, t, tok)
         job = s.get(Job, t.job_id)

@@ -1,0 +1,48 @@
+"""Races: 64 concurrent leasers on TWO service replicas (``bocompress serve`` subprocesses) on one
+PostgreSQL database: no trial leased twice, and one proposal stream per job (trial numbers
+unique and consecutive, no two trials with identical params), though both replicas' schedulers
+try to fill the job's buffer.
+
+The suite runs 64 leasers x ``RACE_TOTAL`` leases (default 1,280, env ``BOCOMPRESS_RACE_TOTAL``)
+to stay within its time budget on 2 cores; ``bench/load.py`` runs the full 10,000 and reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+
+from bench.load import make_running_job, run_race
+from tests.conftest import drop_pg_database, make_pg_database
+from tests.reliability.procs import ServiceProcess, check_one_stream, prepare_database
+
+LEASERS = 64
+RACE_TOTAL = int(os.environ.get("BOCOMPRESS_RACE_TOTAL", "1280"))
+
+
+def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
+    db = make_pg_database("race")
+    replicas = []
+    try:
+        tok = prepare_database(db)
+        replicas = [ServiceProcess(db, log_path=tmp_path / f"replica{i}.log").start() for i in range(2)]
+        job_id = make_running_job(replicas[0].url, tok, RACE_TOTAL, 1024, 3600.0)
+        out = asyncio.run(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=150))
+        assert out["errors"] == {}, out["errors"]
+        ids = Counter(t for t, _ in out["leases"])
+        assert sum(ids.values()) == RACE_TOTAL, f"{sum(ids.values())} of {RACE_TOTAL} leases in time"
+        assert [t for t, n in ids.items() if n > 1] == [], "a trial was leased twice"
+        facts = check_one_stream(db, job_id)
+        assert facts["leased_twice"] == [], facts["leased_twice"][:10]
+        assert facts["n_trials"] == facts["n_created"] == RACE_TOTAL, facts
+        assert facts["numbers_consecutive"], "trial numbers are not 0..n-1: two proposal streams"
+        assert facts["duplicate_params"] == 0, "two trials with identical params"
+        assert facts["proposed_events"] == RACE_TOTAL
+        assert facts["states"] == {"running": RACE_TOTAL}, facts["states"]
+        print(f"{RACE_TOTAL} leases by {LEASERS} leasers over 2 replicas: {out['per_s']:.0f}/s")
+    finally:
+        for r in replicas:
+            r.stop()
+        drop_pg_database(db)
