@@ -22,6 +22,27 @@ LEASERS = 64
 RACE_TOTAL = int(os.environ.get("BOCOMPRESS_RACE_TOTAL", "1280"))
 
 
+def _run_in_fresh_loop(coro):  # type: ignore[no-untyped-def]
+    """asyncio.run in a thread of its own: safe even when this thread already runs an event loop
+    (the browser tests' sync Playwright leaves one on the main thread)."""
+    import threading
+
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["out"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["exc"] = exc
+
+    th = threading.Thread(target=target)
+    th.start()
+    th.join()
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
+
+
 def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
     db = make_pg_database("race")
     replicas = []
@@ -29,7 +50,7 @@ def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
         tok = prepare_database(db)
         replicas = [ServiceProcess(db, log_path=tmp_path / f"replica{i}.log").start() for i in range(2)]
         job_id = make_running_job(replicas[0].url, tok, RACE_TOTAL, 1024, 3600.0)
-        out = asyncio.run(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=150))
+        out = _run_in_fresh_loop(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=150))
         assert out["errors"] == {}, out["errors"]
         ids = Counter(t for t, _ in out["leases"])
         assert sum(ids.values()) == RACE_TOTAL, f"{sum(ids.values())} of {RACE_TOTAL} leases in time"
