@@ -14,7 +14,17 @@ Stages (``Problem.engine``):
     candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
   * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
   * generic: qLogNEI on the metric (negated when minimizing).
-- ``auto``: Sobol for the first ``n_initial`` trials, then the GP.
+- ``auto``: Sobol for the first ``n_initial`` trials, then the GP. The Sobol sequence goes on past
+  ``n_initial`` until at least half of the initial design has been observed (``min_gp_obs``):
+  with several workers, the first GP batch would otherwise come from a fit on two or three points.
+
+Choices measured on the benchmarks (``bench/bo_quality.py``, ``docs/benchmarks.md``):
+
+- compression GPs use a linear prior mean on log L (``mean="linear"``): L falls as every theta
+  grows, and a constant mean made the heavily compressed corner (smallest R, mean-reverted L) look
+  good to the acquisition, which then spent a parallel job's GP stage there;
+- the best candidates are re-scored at the point actually proposed (after the constrained repair
+  and the snapping to the ``k / size`` grid) before one is chosen (``rank_snapped``).
 
 Every call is reproducible: same inputs, same outputs (all randomness is seeded from the job's
 seed and the history's size). Budgets are capped and adapt to the size of the problem, so a
@@ -43,7 +53,7 @@ from botorch.optim import optimize_acqf
 from botorch.sampling.normal import SobolQMCNormalSampler
 from torch import Tensor
 
-from .gp import KERNELS, MIN_YVAR, fit_gp
+from .gp import KERNELS, MEANS, MIN_YVAR, fit_gp
 from .objectives import CostModel, composite
 from .sobol import sobol_points
 from .space import Space
@@ -76,7 +86,10 @@ class Problem:
         n_initial: How many trials the Sobol stage makes (``auto``).
         seed: The job's seed.
         engine: ``auto``, ``sobol`` or ``gp``.
-        options: Optional tuning: ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``.
+        options: Optional tuning: ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
+            ``mean`` (``constant`` | ``linear``; default linear for compression jobs, constant
+            for generic ones), ``min_gp_obs`` (observations before the GP stage; default
+            ``max(2, ceil(n_initial / 2))``), ``rank_snapped`` (default True).
     """
 
     params: list[dict]
@@ -184,6 +197,9 @@ class _Ctx:
     cost: CostModel | None
     kernel: str
     max_fit: int
+    mean: str = "constant"
+    min_gp_obs: int = 2
+    rank_snapped: bool = True
 
     @property
     def compression(self) -> bool:
@@ -251,6 +267,9 @@ def _compile(problem: Problem) -> _Ctx:
     kernel = str(opts.get("kernel", DEFAULT_KERNEL))
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; use one of {KERNELS}")
+    mean = str(opts.get("mean", "linear" if compression else "constant"))
+    if mean not in MEANS:
+        raise ValueError(f"unknown mean {mean!r}; use one of {MEANS}")
     return _Ctx(
         problem=problem,
         space=space,
@@ -261,6 +280,9 @@ def _compile(problem: Problem) -> _Ctx:
         cost=cost,
         kernel=kernel,
         max_fit=int(opts.get("max_fit_points", DEFAULT_MAX_FIT_POINTS)),
+        mean=mean,
+        min_gp_obs=int(opts.get("min_gp_obs", max(2, math.ceil(problem.n_initial / 2)))),
+        rank_snapped=bool(opts.get("rank_snapped", True)),
     )
 
 
@@ -327,7 +349,9 @@ def propose(
     seen: set[tuple[int, ...]] = {ctx.space.key(o.params) for o in obs}
     seen |= {ctx.space.key(p) for p in pending}
     distinct_obs = len({ctx.space.key(o.params) for o in obs})
-    gp_ready = problem.engine != "sobol" and distinct_obs >= 2
+    # Until enough of the initial design has come back (workers run several trials at once), the
+    # Sobol sequence goes on: a GP fitted on two or three points would spend the whole next batch.
+    gp_ready = problem.engine != "sobol" and distinct_obs >= (2 if problem.engine == "gp" else ctx.min_gp_obs)
 
     slots_sobol: list[int] = []
     slots_gp: list[int] = []
@@ -557,6 +581,30 @@ def _raw_candidates(ctx: _Ctx, X: Tensor, J: Tensor, n_raw: int, g: torch.Genera
     return ctx.repair(torch.cat([cloud, local]))
 
 
+def _rank_proposed(ctx: _Ctx, acqf: Any, ranked: Tensor, head: int = 64) -> Tensor:
+    """Re-rank the best candidates by the acquisition value of the point actually proposed.
+
+    A candidate is proposed after the repair (constrained jobs) and the snapping to the space's
+    grid, which can move it far (a rank of 6 of 32 is a coarse step): its acquisition value there,
+    not at the continuous optimum, is what decides. The first ``head`` rows are repaired, snapped
+    and re-scored; the rest keep their order behind them.
+
+    Args:
+        ctx: The compiled problem.
+        acqf: The acquisition function.
+        ranked: ``m x d`` candidates, best first by their continuous acquisition value.
+        head: How many to re-score.
+
+    Returns:
+        ``m x d`` unit coordinates: the re-scored head (snapped, best first), then the rest.
+    """
+    top = ctx.repair(ranked[:head].clamp(0.0, 1.0))
+    snapped = torch.tensor([ctx.space.snap(row) for row in top.tolist()], dtype=ranked.dtype)
+    vals = _eval_acqf(acqf, snapped)
+    order = torch.argsort(vals, descending=True, stable=True)
+    return torch.cat([snapped[order], ranked[head:]])
+
+
 def _eval_acqf(acqf: Any, U: Tensor, chunk: int = 128) -> Tensor:
     with torch.no_grad():
         return torch.cat([acqf(U[i : i + chunk].unsqueeze(-2)) for i in range(0, U.shape[0], chunk)])
@@ -582,7 +630,7 @@ def _gp_stage(
     kernel = ctx.kernel
     if kernel == "additive" and X.shape[0] * space.d > ADDITIVE_MAX_ND:
         kernel = "rbf"  # the additive kernel's n x n x d tensors get too large
-    model, new_gp_state = fit_gp(X, Y, Yvar, kernel, gp_state, b.fit_maxiter)
+    model, new_gp_state = fit_gp(X, Y, Yvar, kernel, gp_state, b.fit_maxiter, ctx.mean)
     pend = [space.snap(space.to_unit(p)) for p in pending[-MAX_PENDING:]] + list(chosen_sobol)
     g = torch.Generator().manual_seed(mix)
     bounds = torch.stack([torch.zeros(space.d), torch.ones(space.d)]).to(torch.float64)
@@ -602,6 +650,8 @@ def _gp_stage(
         cand = cand.reshape(-1, space.d)
         cand_val = cand_val.reshape(-1)
         ranked = torch.cat([cand[torch.argsort(cand_val, descending=True, stable=True)], raw[order]])
+        if ctx.rank_snapped and (ctx.kind == "constrained" or any(dm.kind != "float" for dm in space.dims)):
+            ranked = _rank_proposed(ctx, acqf, ranked)
         u = _accept(ctx, ranked, seen)
         if u is None:
             for _ in range(8):

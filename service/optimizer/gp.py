@@ -28,6 +28,7 @@ from botorch.models.transforms.outcome import Standardize
 from botorch.models.utils.gpytorch_modules import get_covar_module_with_dim_scaled_prior
 from gpytorch.constraints import GreaterThan, Positive
 from gpytorch.kernels import Kernel, ScaleKernel
+from gpytorch.means import LinearMean, Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.priors import GammaPrior, LogNormalPrior
 from torch import Tensor
@@ -102,8 +103,27 @@ def make_covar(kernel: str, d: int) -> Kernel | None:
     raise ValueError(f"unknown kernel {kernel!r}; use one of {KERNELS}")
 
 
-def _signature(kernel: str, d: int, fixed_noise: bool) -> str:
-    return f"{kernel}:{d}:{'fixed' if fixed_noise else 'inferred'}"
+MEANS = ("constant", "linear")
+
+
+def make_mean(mean: str, d: int) -> Mean | None:
+    """The prior mean module for ``mean`` (None: BoTorch's default constant mean).
+
+    ``linear`` is ``b + w . x``, learned with the kernel. For compression jobs the GP models log L,
+    which falls as every theta grows (each layer keeps more); a constant mean reverts to the
+    average log L away from the data, so the heavily compressed corner, where R is smallest, looks
+    as good as the average and the acquisition keeps proposing it. A linear trend extrapolates the
+    error upward there instead.
+    """
+    if mean == "constant":
+        return None
+    if mean == "linear":
+        return LinearMean(input_size=d)
+    raise ValueError(f"unknown mean {mean!r}; use one of {MEANS}")
+
+
+def _signature(kernel: str, d: int, fixed_noise: bool, mean: str = "constant") -> str:
+    return f"{kernel}:{d}:{'fixed' if fixed_noise else 'inferred'}:{mean}"
 
 
 def fit_gp(
@@ -113,6 +133,7 @@ def fit_gp(
     kernel: str,
     state: dict[str, Any] | None,
     maxiter: int,
+    mean: str = "constant",
 ) -> tuple[SingleTaskGP, dict[str, Any]]:
     """Fit a SingleTaskGP, warm-started from ``state``.
 
@@ -123,15 +144,17 @@ def fit_gp(
         kernel: ``rbf`` or ``additive``.
         state: The ``gp`` entry of the job's state from the last fit, or None.
         maxiter: The cap on L-BFGS iterations.
+        mean: ``constant`` or ``linear`` (see :func:`make_mean`).
 
     Returns:
         The fitted model (in eval mode) and the new ``gp`` state (JSON-serializable).
     """
     d = X.shape[-1]
     model = SingleTaskGP(
-        X, Y, train_Yvar=Yvar, covar_module=make_covar(kernel, d), outcome_transform=Standardize(m=1)
+        X, Y, train_Yvar=Yvar, covar_module=make_covar(kernel, d), mean_module=make_mean(mean, d),
+        outcome_transform=Standardize(m=1),
     )
-    sig = _signature(kernel, d, Yvar is not None)
+    sig = _signature(kernel, d, Yvar is not None, mean)
     warm = False
     if state and state.get("signature") == sig:
         saved = state.get("params", {})

@@ -213,7 +213,8 @@ def test_scale_1000_observations_64_dims() -> None:
         pts2, _ = propose(prob, obs, pending, n + 8, 2, state)
         warm = time.perf_counter() - t0
     assert len(pts) == 2 and len(pts2) == 2
-    assert elapsed < 30.0 and warm < 30.0, (elapsed, warm)
+    # Generous: the shared 2-core CI host may be busy (bench/bo_latency.py measures the real numbers).
+    assert elapsed < 60.0 and warm < 60.0, (elapsed, warm)
 
 
 class _default_budgets:
@@ -241,3 +242,51 @@ def test_bad_problems_raise_clear_errors() -> None:
         propose(Problem(ls.params, {"kind": "constrained"}, ls.profile, 2, 0), [], [], 0, 1)
     with pytest.raises(ValueError, match="n must be"):
         propose(_generic(MIXED), [], [], 0, -1)
+
+
+def test_compression_gp_models_log_l_with_a_linear_trend() -> None:
+    ls = make_landscape(d=4, seed=1)
+    prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 4, 0)
+    g = torch.Generator().manual_seed(0)
+    init, _ = propose(prob, [], [], 0, 6)
+    obs = [Observation(p, *ls.measure(p, g)) for p in init]
+    _, state = propose(prob, obs, [], 6, 1)
+    assert state["gp"]["signature"].endswith(":linear")
+    # Generic jobs keep the constant mean; an unknown mean is refused.
+    gen = _generic(MIXED, n_initial=4)
+    pts, _ = propose(gen, [], [], 0, 5)
+    _, gstate = propose(gen, [Observation(p, _mixed_value(p)) for p in pts], [], 5, 1)
+    assert gstate["gp"]["signature"].endswith(":constant")
+    with pytest.raises(ValueError, match="mean"):
+        propose(Problem(ls.params, prob.objective, ls.profile, 4, 0, options={"mean": "cubic"}), obs, [], 6, 1)
+
+
+def test_sobol_goes_on_until_half_the_initial_design_is_back() -> None:
+    """Parallel workers: with 3 of 8 initial trials observed, the next points stay on the Sobol sequence."""
+    ls = make_landscape(d=4, seed=1)
+    prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 8, 0)
+    g = torch.Generator().manual_seed(0)
+    init, _ = propose(prob, [], [], 0, 8)
+    obs = [Observation(p, *ls.measure(p, g)) for p in init[:3]]
+    nxt, state = propose(prob, obs, init[3:], 8, 2)
+    sp = Space(ls.params, compression=True)
+    assert nxt == [sp.from_unit(u) for u in sobol_points(4, 0, 8, 2).tolist()]
+    assert "gp" not in state
+    obs += [Observation(p, *ls.measure(p, g)) for p in init[3:4]]
+    _, state = propose(prob, obs, init[4:], 8, 1)
+    assert "gp" in state
+
+
+def test_scalarized_gp_stage_finds_a_better_j_than_its_sobol_stage() -> None:
+    """Sequential search on a 6-layer landscape: the composite GP improves on the initial design."""
+    ls = make_landscape(d=6, seed=3)
+    prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 8, 0)
+    g = torch.Generator().manual_seed(0)
+    obs: list[Observation] = []
+    js: list[float] = []
+    state = None
+    for i in range(16):
+        (p,), state = propose(prob, obs, [], i, 1, state)
+        obs.append(Observation(p, *ls.measure(p, g)))
+        js.append(ls.true_l(p) + costs.ratio(ls.profile, p, "params"))
+    assert min(js[8:]) < min(js[:8])
