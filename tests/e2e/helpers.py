@@ -46,9 +46,12 @@ def slow_digits_cnn() -> SlowDigitsCNN:
 
 @contextmanager
 def worker_process(url: str, token: str | None, log_path: Path, *extra: str,
-                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``python -m worker`` subprocess; stopped (SIGTERM, then SIGKILL) on exit."""
-    argv = [sys.executable, "-m", "worker", "--url", url, "--poll", "0.2", "--name", "e2e-worker", *extra]
+                   env: dict[str, str] | None = None, command: list[str] | None = None,
+                   name: str = "e2e-worker") -> Iterator[subprocess.Popen[bytes]]:
+    """A real worker subprocess (``python -m worker``, or ``command`` such as ``bocompress worker``);
+    stopped (SIGTERM, then SIGKILL) on exit."""
+    base = command or [sys.executable, "-m", "worker"]
+    argv = [*base, "--url", url, "--poll", "0.2", "--name", name, *extra]
     if token:
         argv += ["--token", token]
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}

@@ -10,21 +10,18 @@ stage found a better J than the Sobol stage.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from bocompress.client import Client
 from tests.conftest import LiveServer, start_server
-from tests.e2e.helpers import REPO_ROOT, log_tail, trials, wait_job
+from tests.e2e.helpers import log_tail, trials, wait_job, worker_process
 
 N_WORKERS = 4
 N_TRIALS = 24
@@ -42,25 +39,9 @@ def _worker_argv() -> list[str]:
     return [sys.executable, "-c", "from bocompress.cli import app; app()", "worker"]
 
 
-@contextmanager
-def _bocompress_worker(url: str, token: str, name: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``bocompress worker`` subprocess; SIGTERM (then SIGKILL) on exit."""
-    argv = [*_worker_argv(), "--url", url, "--token", token, "--name", name, "--poll", "0.2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("BOCOMPRESS_TOKEN", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+def _bocompress_worker(url: str, token: str, name: str, log_path: Path):  # type: ignore[no-untyped-def]
+    """A ``bocompress worker`` subprocess (the CLI, as users run it)."""
+    return worker_process(url, token, log_path, env={"OMP_NUM_THREADS": "1"}, command=_worker_argv(), name=name)
 
 
 @pytest.fixture
