@@ -109,7 +109,12 @@ def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
     bind = factory.kw.get("bind")
     ro = getattr(factory, "_bocompress_ro", None)
     if ro is None and bind is not None:
-        ro = bind.execution_options(bocompress_readonly=True)
+        # One snapshot for the whole read (PostgreSQL's READ COMMITTED would let a job's state and
+        # its trial counts come from different moments); SQLite's deferred WAL read is one already.
+        opts: dict = {"bocompress_readonly": True}
+        if bind.dialect.name == "postgresql":
+            opts["isolation_level"] = "REPEATABLE READ"
+        ro = bind.execution_options(**opts)
         factory._bocompress_ro = ro  # type: ignore[attr-defined]
     session = factory(bind=ro) if ro is not None else factory()
     try:
