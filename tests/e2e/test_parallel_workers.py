@@ -2,7 +2,7 @@
 
 A real service (uvicorn in the test process, SQLite), four real worker subprocesses started with
 the ``bocompress worker`` command, and one compression job on the zoo's trained digits CNN
-(Tucker-2 on the convolutions, SVD on the linear layers): 24 trials, the first 8 from the Sobol
+(Tucker-2 on the convolutions, SVD on the linear layers): 32 trials, the first 8 from the Sobol
 design, then the GP with pending trials as ``X_pending``, at most 4 in flight. Checks that the
 four workers really ran in parallel, that no two trials got the same theta, and that the GP
 stage found a better J than the Sobol stage.
@@ -24,7 +24,7 @@ from tests.conftest import LiveServer, start_server
 from tests.e2e.helpers import log_tail, trials, wait_job, worker_process
 
 N_WORKERS = 4
-N_TRIALS = 24
+N_TRIALS = 32
 N_INITIAL = 8
 
 
