@@ -12,7 +12,7 @@ from bocompress.schemas import ExportOut, ExportRequest
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep, WorkerDep
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS, visible_job
-from service.api.uploads import _read_limited
+from service.api.uploads import _read_limited, new_blob
 from service.db.models import Blob, Trial, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import NotFound, add_event, bump_seq, check_lease, lock_trial
@@ -126,9 +126,6 @@ async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: Worker
         tensors = inspect(data)
     except InvalidSafetensors as exc:
         raise bad_request("file", str(exc)) from None
-    import hashlib
-    import secrets
-
     def _store(s: Session) -> dict[str, Any]:
         t = lock_trial(s, task_id, ctx.dialect)
         if t.kind != "export":
@@ -137,9 +134,8 @@ async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: Worker
             raise APIError(409, f"export task {task_id} is {t.state}: upload refused", "lease_lost")
         check_lease(t, x_lease_token)
         job = visible_job(s, t.job_id, p)
-        blob = Blob(id=f"art_{secrets.token_hex(12)}", kind="artifact", owner=job.owner, arch=None, size=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(), tensors=tensors,
-                    meta={"task_id": task_id, "trial_id": t.params.get("trial_id")}, data=data, created_at=utcnow())
+        blob = new_blob("artifact", job.owner, data, tensors,
+                        meta={"task_id": task_id, "trial_id": t.params.get("trial_id")})
         s.add(blob)
         s.execute(update(Trial).where(Trial.id == task_id).values(extra={"artifact": {"blob_id": blob.id}}))
         return {"blob_id": blob.id, "size": blob.size, "sha256": blob.sha256}

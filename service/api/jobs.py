@@ -25,7 +25,7 @@ from bocompress.schemas import (
 )
 from service.api.deps import ClientDep, CtxDep, Context
 from service.api.errors import APIError, bad_request
-from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_row_out
+from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out
 from service.auth import Principal
 from service.db.models import Blob, Job, Trial, utcnow
 from service.db.session import read_session, run_tx
@@ -191,7 +191,7 @@ def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
             .order_by(Trial.seq).limit(limit + 1)
         ).all()
         job_seq = job.seq
-    items = [trial_row_out(r) for r in rows[:limit]]
+    items = [trial_out(r) for r in rows[:limit]]
     nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
     return JSONResponse({"items": items, "next_cursor": nxt}, headers={"X-Job-Seq": str(job_seq)})
 

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.api.errors import APIError
-from service.db.models import Job, Trial
+from service.db.models import Job
 from service.db.trials import best_trial, count_states
 
 
@@ -25,11 +25,6 @@ def trial_out(t: Any) -> dict[str, Any]:
         "worker": t.worker, "created_at": iso(t.created_at), "started_at": iso(t.started_at),
         "finished_at": iso(t.finished_at), "error": t.error,
     }
-
-
-def trial_row_out(r: Any) -> dict[str, Any]:
-    """From a lightweight row (a select of columns): rows have the same attributes as a Trial."""
-    return trial_out(r)
 
 
 def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:

@@ -47,10 +47,16 @@ async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes
     return b"".join(chunks)
 
 
+def new_blob(kind: str, owner: str, data: bytes, tensors: dict, arch: str | None = None,
+             meta: dict | None = None) -> Blob:
+    """A stored upload or artifact: a fresh id with its kind's prefix, size and sha256 of ``data``."""
+    prefix = {"model": "mdl", "dataset": "ds", "artifact": "art"}[kind]
+    return Blob(id=f"{prefix}_{secrets.token_hex(12)}", kind=kind, owner=owner, arch=arch, size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, meta=meta, data=data, created_at=utcnow())
+
+
 def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors: dict) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    prefix = {"model": "mdl", "dataset": "ds"}[kind]
-    blob = Blob(id=f"{prefix}_{secrets.token_hex(12)}", kind=kind, owner=p.owner, arch=arch, size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, data=data, created_at=utcnow())
+    blob = new_blob(kind, p.owner, data, tensors, arch=arch)
 
     def _add(s: Session) -> dict[str, Any]:
         s.add(blob)

@@ -449,7 +449,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 __all__ = [
-    "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "and_", "best_trial",
+    "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "best_trial",
     "bump_seq", "cancel_job", "claim_next", "complete", "compression_values", "count_states", "fail",
     "heartbeat", "insert_proposals", "relax_durability", "jobs_needing_proposals", "objective_of", "pareto_front", "reap_expired",
     "set_job_state", "transition",
