@@ -165,6 +165,7 @@ class ServiceProcess:
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    processes: int = 1
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -182,7 +183,8 @@ class ServiceProcess:
         if SERVICE_ROOT:  # serve another checkout of the service (a before/after comparison)
             env["PYTHONPATH"] = SERVICE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [*(wrap or []), *bocompress_cmd(), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--database-url", self.database_url, "--log-level", "warning"]
+               "--database-url", self.database_url, "--log-level", "warning",
+               *(["--processes", str(self.processes)] if self.processes > 1 else [])]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
         deadline = time.time() + timeout
@@ -209,10 +211,29 @@ class ServiceProcess:
             self.proc.wait(10)
 
 
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for k in kids:
+            out += [k, *_descendants(k)]
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process, its live descendants (the server processes of
+    ``--processes N``) and its reaped children so far (Linux ``/proc``)."""
+    total = 0.0
+    for i, p in enumerate([pid, *_descendants(pid)]):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15 if i == 0 else 13])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def server_pid(srv: "ServiceProcess") -> int:

@@ -152,6 +152,8 @@ def serve(
                               help="Require Bearer tokens (--no-auth: local use only)."),
     log_level: LogLevel = typer.Option(LogLevel.warning, envvar="BOCOMPRESS_LOG_LEVEL",
                                        help="Log level (JSON lines on stderr; quiet by default)."),
+    processes: int = typer.Option(1, min=1, max=64, envvar="BOCOMPRESS_PROCESSES",
+                                  help="Server processes on this port (replicas; more requests/s per host)."),
 ) -> None:
     """Run the service: REST API, dashboard and BO engine.
 
@@ -159,9 +161,10 @@ def serve(
     Example:
       bocompress serve --host 0.0.0.0 --port 8000 --database-url postgresql+psycopg://bo:bo@db/bo
       bocompress serve --no-auth          # local, SQLite in ./bocompress.db
+      bocompress serve --processes 4 --database-url postgresql://...   # 4 server processes
     """
     _lazy("service.app", "serve")(host=host, port=port, database_url=database_url, auth=auth,
-                                     log_level=log_level.value)
+                                     log_level=log_level.value, processes=processes)
 
 
 @app.command()

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from service.api import errors
 from service.api.deps import Context
 from service.config import Settings
 from service.db.migrate import SchemaOutdated, check_schema, ensure_schema
-from service.db.session import make_engine, make_sessionmaker
+from service.db.hot import JobInfoCache
+from service.db.session import make_engine, make_sessionmaker, relaxed_engine
 from service.metrics import Metrics
 
 log = logging.getLogger("bocompress.service")
@@ -34,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     check_schema(engine, settings.database_url)
     factory = make_sessionmaker(engine)
     metrics = Metrics(factory)
-    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics)
+    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics,
+                  hot_engine=relaxed_engine(engine), jobs=JobInfoCache())
     if settings.scheduler:
         from service.scheduler import Scheduler
 
@@ -52,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if ctx.scheduler is not None:
                 ctx.scheduler.stop()
+            if ctx.hot_engine is not engine:
+                ctx.hot_engine.dispose()
             engine.dispose()
 
     app = FastAPI(title="bocompress", version="1", lifespan=lifespan,
@@ -60,12 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     from service.api import exports, jobs, system, uploads, workers
 
@@ -81,6 +81,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if dashboard is not None:
         app.include_router(dashboard.router)
     return app
+
+
+class CountRequests:
+    """``bocompress_http_requests`` by method, route template and status: a plain ASGI middleware
+    (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request on the hot path)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def _send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(scope["method"], getattr(route, "path", "unmatched"), str(status)).inc()
 
 
 class BodyLimit:
@@ -134,9 +161,24 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def app_from_env() -> FastAPI:
+    """The app of one server process of ``bocompress serve --processes N`` (settings from ``BOCOMPRESS_*``)."""
+    from service.logs import configure
+
+    settings = Settings()
+    configure(settings.log_level)
+    return create_app(settings)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = None, auth: bool = True,
-          log_level: str = "warning") -> None:
-    """Run the service with uvicorn (``bocompress serve``)."""
+          log_level: str = "warning", processes: int = 1) -> None:
+    """Run the service with uvicorn (``bocompress serve``).
+
+    ``processes`` > 1 runs that many server processes on one port (uvicorn's workers): the
+    service keeps no state outside the database, so they are replicas like those on several
+    hosts, and one Python process (one GIL) no longer bounds the requests per second. The
+    schema is checked (and, on SQLite, migrated) once, here, before they start.
+    """
     import uvicorn
 
     from service.logs import configure
@@ -147,11 +189,27 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
         kwargs["database_url"] = database_url
     try:
         settings = Settings(**kwargs)  # type: ignore[arg-type]
-        app = create_app(settings)
+        if processes > 1:
+            if settings.migrate_on_start:
+                ensure_schema(settings.database_url)
+            engine = make_engine(settings.database_url)
+            try:
+                check_schema(engine, settings.database_url)
+            finally:
+                engine.dispose()
+        else:
+            app = create_app(settings)
     except SchemaOutdated as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug", log_config=None)
+    common = dict(host=host, port=port, log_level=log_level, access_log=log_level == "debug", log_config=None)
+    if processes > 1:
+        os.environ.update({"BOCOMPRESS_DATABASE_URL": settings.database_url, "BOCOMPRESS_AUTH": str(int(auth)),
+                           "BOCOMPRESS_HOST": host, "BOCOMPRESS_PORT": str(port), "BOCOMPRESS_LOG_LEVEL": log_level,
+                           "BOCOMPRESS_AUTO_MIGRATE": "0"})
+        uvicorn.run("service.app:app_from_env", factory=True, workers=processes, **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(app, **common)  # type: ignore[arg-type]

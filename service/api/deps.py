@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +27,10 @@ class Context:
     factory: sessionmaker[Session]
     metrics: Any
     scheduler: Any = None
+    #: The worker hot path's engine (PostgreSQL: relaxed commits for leases and heartbeats).
+    hot_engine: Engine | None = None
+    #: What running jobs never change, cached for the hot path (service.db.hot).
+    jobs: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -33,29 +38,40 @@ class Context:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def cached_principal(self, secret: str) -> tuple[bool, Principal | None]:
+        """(hit, principal) from the in-process cache: no I/O, safe on the event loop."""
+        hit = self._token_cache.get(secret)
+        if hit and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def principal_for(self, secret: str) -> Principal | None:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._token_cache.get(secret)
-            if hit and hit[0] > now:
-                return hit[1]
+        """The caller a token names (None: unknown or revoked); cached 2 s, so a revoke takes effect within 2 s."""
+        hit, p = self.cached_principal(secret)
+        if hit:
+            return p
         with read_session(self.factory) as s:
             p = lookup(s, secret)
         with self._lock:
             if len(self._token_cache) > 10_000:
                 self._token_cache.clear()
-            self._token_cache[secret] = (now + 2.0, p)
+            self._token_cache[secret] = (time.monotonic() + 2.0, p)
         return p
 
 
-def get_ctx(request: Request) -> Context:
+# The dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the
+# thread pool, one hop per dependency per request; these do no blocking I/O (a token's database
+# lookup, on a cache miss only, goes to the pool explicitly).
+
+
+async def get_ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
 CtxDep = Annotated[Context, Depends(get_ctx)]
 
 
-def get_principal(request: Request, ctx: CtxDep) -> Principal:
+async def get_principal(request: Request, ctx: CtxDep) -> Principal:
     if not ctx.settings.auth:
         return LOCAL_ADMIN
     header = request.headers.get("authorization", "")
@@ -70,7 +86,9 @@ def get_principal(request: Request, ctx: CtxDep) -> Principal:
     if not secret:
         raise APIError(401, "missing bearer token: send 'Authorization: Bearer <token>'", "unauthorized",
                        {"WWW-Authenticate": "Bearer"})
-    p = ctx.principal_for(secret)
+    hit, p = ctx.cached_principal(secret)
+    if not hit:
+        p = await run_in_threadpool(ctx.principal_for, secret)
     if p is None:
         raise APIError(401, "invalid or revoked token", "unauthorized", {"WWW-Authenticate": "Bearer"})
     return p
@@ -80,7 +98,7 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 def require(*roles: str):  # type: ignore[no-untyped-def]
-    def _dep(p: PrincipalDep) -> Principal:
+    async def _dep(p: PrincipalDep) -> Principal:
         if p.role not in roles:
             raise APIError(403, f"role '{p.role}' may not do this (needs {' or '.join(roles)})", "forbidden")
         return p

@@ -48,12 +48,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _may_see(owner: str, p: Principal) -> bool:
+    return p.is_admin or p.role == "worker" or owner == p.owner
+
+
 def visible_job(s: Session, job_id: int, p: Principal) -> Job:
     """The job, if the caller may see it (admins: all; clients: their own); else 404."""
     job = s.get(Job, job_id)
-    if job is None or (not p.is_admin and p.role != "worker" and job.owner != p.owner):
+    if job is None or not _may_see(job.owner, p):
         raise NotFound("job", job_id)
     return job
+
+
+def visible_job_seq(s: Session, job_id: int, p: Principal) -> int:
+    """:func:`visible_job` reading only the job's ``seq`` (polling: no JSON columns loaded)."""
+    row = s.execute(select(Job.owner, Job.seq).where(Job.id == job_id)).first()
+    if row is None or not _may_see(row.owner, p):
+        raise NotFound("job", job_id)
+    return int(row.seq)
 
 
 def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
@@ -182,7 +194,7 @@ def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
     after = decode_cursor(cursor)
     since = max(since, after or 0)
     with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, p)
+        job_seq = visible_job_seq(s, job_id, p)
         cols = [Trial.id, Trial.job_id, Trial.seq, Trial.number, Trial.state, Trial.params, Trial.values,
                 Trial.sem, Trial.attempt, Trial.worker, Trial.created_at, Trial.started_at, Trial.finished_at,
                 Trial.error]
@@ -190,7 +202,6 @@ def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
             select(*cols).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.seq > since)
             .order_by(Trial.seq).limit(limit + 1)
         ).all()
-        job_seq = job.seq
     items = [trial_out(r) for r in rows[:limit]]
     nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
     return JSONResponse({"items": items, "next_cursor": nxt}, headers={"X-Job-Seq": str(job_seq)})

@@ -14,7 +14,11 @@ from service.db.trials import best_trial, count_states
 
 
 def iso(dt: datetime | None) -> str | None:
-    return dt.isoformat() if dt is not None else None
+    """UTC as pydantic writes it (``...Z``), so hand-built and model-built answers agree."""
+    if dt is None:
+        return None
+    s = dt.isoformat()
+    return s[:-6] + "Z" if s.endswith("+00:00") else s
 
 
 def trial_out(t: Any) -> dict[str, Any]:
@@ -38,6 +42,18 @@ def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = F
         "created_at": iso(job.created_at), "updated_at": iso(job.updated_at), "reason": job.reason,
         "seq": job.seq, "spec": job.spec, "layers": profile.get("layers"), "search_space": job.search_space,
         "totals": profile.get("totals"), "n_created": job.n_created,
+    }
+
+
+def job_light(info: Any, dyn: Any) -> dict[str, Any]:
+    """The lease answer's job (``job_out(light=True)``) from the hot path's cached
+    :class:`~service.db.hot.JobInfo` and the columns its ``seq`` bump returned."""
+    profile = info.profile or {}
+    return {
+        "id": info.id, "name": info.name, "state": dyn.job_state, "owner": info.owner, "kind": info.kind,
+        "counts": {}, "best": None, "created_at": iso(info.created_at), "updated_at": iso(dyn.job_updated_at),
+        "reason": dyn.job_reason, "seq": dyn.job_seq, "spec": info.spec, "layers": profile.get("layers"),
+        "search_space": info.search_space, "totals": profile.get("totals"), "n_created": dyn.job_n_created,
     }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from bocompress import costs
@@ -15,29 +17,35 @@ from bocompress.schemas import CompleteRequest, FailRequest, HeartbeatRequest, L
 from service.api.deps import CtxDep, WorkerDep
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
-from service.api.serialize import iso, job_out, trial_out
+from service.api.serialize import iso, job_light, trial_out
+from service.db import hot
 from service.db.models import Job, Trial
-from service.db.session import run_tx
+from service.db.session import read_session, run_conn, run_tx
 from service.db.trials import (
     add_event,
-    claim_next,
+    after_trial_finished,
     complete,
     compression_values,
     fail,
     heartbeat,
-    Claimed,
     lock_trial,
     reap_expired,
-    relax_durability,
+    result_hash,
     set_job_state,
 )
 
 router = APIRouter(prefix="/api/v1", tags=["workers"])
+log = logging.getLogger("bocompress.trials")
 
 
-def _lease_info(t: Trial, job: Job) -> dict[str, Any]:
-    return {"token": t.lease_token, "expires_at": iso(t.lease_expires_at),
-            "lease_seconds": float(job.spec["budget"]["lease_seconds"]), "attempt": t.attempt}
+class _Fallback(Exception):
+    """The hot path met an unusual case: roll back and let the ORM path answer it exactly."""
+
+
+def _log_transition(event: str, row: Any, prev: str) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info("trial %s", event, extra={"job_id": row.job_id, "trial_id": row.id, "from_state": prev,
+                                            "to_state": row.state, "attempt": row.attempt, "worker": row.worker})
 
 
 @router.post("/workers/lease", response_model=LeaseResponse, responses={**ERRORS, 204: {"description": "no work"}})
@@ -46,30 +54,30 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
     body = body or LeaseRequest()
     t0 = time.perf_counter()
     worker = f"{p.owner}/{body.worker}" if p.owner not in ("local", body.worker) else body.worker
+    kinds = list(body.kinds)
 
-    def _lease(s: Session) -> tuple[Claimed, Trial | None] | None:
-        relax_durability(s)
-        c = claim_next(s, worker=worker, kinds=body.kinds, dialect=ctx.dialect)
-        if c is None:
-            return None
-        src = s.get(Trial, int(c.trial.params["trial_id"])) if c.trial.kind == "export" else None
-        return c, src
+    def _lease(conn: Connection) -> Any:
+        return hot.lease(conn, ctx.dialect, ctx.jobs, worker, kinds)
 
-    got = run_tx(ctx.factory, _lease)
+    got = run_conn(ctx.hot_engine, _lease)
     if got is None and run_tx(ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:
-        got = run_tx(ctx.factory, _lease)
+        got = run_conn(ctx.hot_engine, _lease)
     ctx.metrics.observe_lease(time.perf_counter() - t0, worker, got is not None)
     if got is None:
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
         return Response(status_code=204)
-    # Built after the commit (the rows are loaded; nothing here queries): the job row, locked
-    # by the lease's seq bump, is not held while Python encodes the answer.
-    c, src = got
-    out = {"task": c.trial.kind, "trial": trial_out(c.trial), "job": job_out(None, c.job, light=True),
-           "lease": _lease_info(c.trial, c.job)}
-    if c.trial.kind == "export":
-        out["source"] = trial_out(src) if src is not None else None
+    # Built after the commit: the job row, locked by the lease's seq bump, is not held while
+    # Python encodes the answer.
+    row, dyn, info = got
+    _log_transition("leased", row, "queued")
+    out = {"task": row.kind, "trial": trial_out(row), "job": job_light(info, dyn),
+           "lease": {"token": row.lease_token, "expires_at": iso(row.lease_expires_at),
+                     "lease_seconds": info.lease_seconds, "attempt": row.attempt}}
+    if row.kind == "export":
+        with read_session(ctx.factory) as s:
+            src = s.get(Trial, int(row.params["trial_id"]))
+            out["source"] = trial_out(src) if src is not None else None
     return JSONResponse(out)
 
 
@@ -83,14 +91,17 @@ def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
                     x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """Extend the lease; 409 when it was lost or the job was cancelled."""
     tok = _token(body.lease_token if body else None, x_lease_token)
+    got = run_conn(ctx.hot_engine, lambda c: hot.heartbeat(c, ctx.dialect, ctx.jobs, trial_id, tok))
+    if got is not None:
+        return JSONResponse({"lease": {**got, "expires_at": iso(got["expires_at"])}})
 
-    def _hb(s: Session) -> dict[str, Any]:
-        relax_durability(s)
+    def _hb(s: Session) -> dict[str, Any]:  # the unusual cases, with their exact errors
         t = lock_trial(s, trial_id, ctx.dialect)
         heartbeat(s, t, tok)
         job = s.get(Job, t.job_id)
         assert job is not None
-        return {"lease": _lease_info(t, job)}
+        return {"lease": {"token": t.lease_token, "expires_at": iso(t.lease_expires_at),
+                          "lease_seconds": float(job.spec["budget"]["lease_seconds"]), "attempt": t.attempt}}
 
     return run_tx(ctx.factory, _hb)
 
@@ -131,11 +142,56 @@ def _validate_profile(job: Job, body: CompleteRequest) -> tuple[dict[str, Any], 
     return prof, space
 
 
+def _evaluate_values(job: Any, params: dict[str, Any], values: dict[str, float]) -> dict[str, float]:
+    """An evaluation's stored values: checked against the job's metric; for compression jobs, R and
+    the objective computed here, exactly, from the layer table (a function of the report, so the
+    same report twice hashes the same and is stored once)."""
+    if job.kind == "compression":
+        if "distill_l2" not in values or values["distill_l2"] < 0:
+            raise bad_request("values.distill_l2", "required, a finite number >= 0")
+        return compression_values(job, params, values)
+    metric = job.spec["objective"].get("metric") or "objective"
+    if metric not in values:
+        raise bad_request("values", f"missing the job's metric {metric!r}")
+    return values
+
+
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=ERRORS)
 def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerDep,
                    x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """The worker's result; idempotent (the same result twice is stored once); 409 if the lease was lost."""
     tok = _token(body.lease_token, x_lease_token)
+
+    def _fast(conn: Connection) -> dict[str, Any] | None:
+        t = hot.lock_for_result(conn, ctx.dialect, trial_id)
+        if (t is None or t.kind != "evaluate" or t.state != "running"
+                or (tok is not None and t.lease_token is not None and tok != t.lease_token)):
+            return None
+        info = ctx.jobs.get(conn, t.job_id)
+        assert info is not None
+        values = _evaluate_values(info, t.params, dict(body.values))
+        sem = dict(body.sem)
+        done = hot.finish(conn, ctx.dialect, t, values, sem, result_hash(values, sem, None))
+        if done is None:
+            raise _Fallback
+        row, job_state, n_created = done
+        _log_transition("completed", row, "running")
+        if job_state == "running" and n_created >= info.max_trials and hot.open_trials(conn, row.job_id) == 0:
+            with Session(bind=conn) as s:
+                job = s.get(Job, row.job_id)
+                assert job is not None
+                after_trial_finished(s, job, row)
+        return trial_out(row)
+
+    try:
+        fast = run_conn(ctx.engine, _fast)
+    except _Fallback:
+        fast = None
+    if fast is not None:
+        ctx.metrics.trial_finished("completed")
+        if ctx.scheduler is not None:
+            ctx.scheduler.wake()
+        return JSONResponse(fast)
 
     def _complete(s: Session) -> dict[str, Any]:
         t = lock_trial(s, trial_id, ctx.dialect)
@@ -155,19 +211,7 @@ def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerD
         if t.kind == "export":
             complete(s, t, dict(body.values), dict(body.sem), tok, extra={"artifact": body.artifact})
             return trial_out(t)
-        values = dict(body.values)
-        if job.kind == "compression":
-            # R and the objective are computed here, exactly, from the layer table: a function of
-            # the report, so the same report twice hashes the same and is stored once.
-            if "distill_l2" not in values or values["distill_l2"] < 0:
-                raise bad_request("values.distill_l2", "required, a finite number >= 0")
-            values = compression_values(job, t.params, values)
-            complete(s, t, values, dict(body.sem), tok)
-        else:
-            metric = job.spec["objective"].get("metric") or "objective"
-            if metric not in values:
-                raise bad_request("values", f"missing the job's metric {metric!r}")
-            complete(s, t, values, dict(body.sem), tok)
+        complete(s, t, _evaluate_values(job, t.params, dict(body.values)), dict(body.sem), tok)
         return trial_out(t)
 
     out = run_tx(ctx.factory, _complete)

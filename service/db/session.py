@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,6 +69,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # the server closed the connection (a restart): the pool reconnects on retry
     if isinstance(exc, OperationalError):
         msg = str(exc).lower()
         if "locked" in msg or "busy" in msg:
@@ -80,17 +82,12 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts: int = 8) -> T:
-    """Run ``fn(session)`` in one transaction, retrying transient lock/deadlock errors.
-
-    The caller never sees "database is locked": a transient failure is rolled back and retried
-    with jittered backoff; only a persistent one surfaces, as :class:`StorageError`.
-    """
+def _retrying(begin: Callable[[], contextlib.AbstractContextManager[object]], fn: Callable[[object], T],
+              attempts: int) -> T:
     for i in range(attempts):
-        session = factory()
         try:
-            with session.begin():
-                return fn(session)
+            with begin() as handle:
+                return fn(handle)
         except (OperationalError, DBAPIError) as exc:
             if not _is_transient(exc) or i == attempts - 1:
                 if _is_transient(exc):
@@ -98,9 +95,45 @@ def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts:
                 raise
             log.debug("transient database error, retrying", extra={"attempt": i + 1, "error": str(exc.orig)})
             time.sleep(min(0.5, 0.01 * 2**i) * (0.5 + random.random()))
-        finally:
-            session.close()
     raise AssertionError("unreachable")
+
+
+def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts: int = 8) -> T:
+    """Run ``fn(session)`` in one transaction, retrying transient lock/deadlock errors.
+
+    The caller never sees "database is locked": a transient failure is rolled back and retried
+    with jittered backoff; only a persistent one surfaces, as :class:`StorageError`.
+    """
+
+    @contextlib.contextmanager
+    def begin() -> Iterator[Session]:
+        with factory() as session, session.begin():
+            yield session
+
+    return _retrying(begin, fn, attempts)  # type: ignore[arg-type]
+
+
+def run_conn(engine: Engine, fn: Callable[[Connection], T], attempts: int = 8) -> T:
+    """:func:`run_tx` for Core work on a bare connection (the worker hot path: no ORM session)."""
+    return _retrying(engine.begin, fn, attempts)  # type: ignore[arg-type]
+
+
+def relaxed_engine(engine: Engine) -> Engine:
+    """PostgreSQL: an engine whose transactions commit without waiting for their WAL flush.
+
+    For leases and heartbeats only. Losing one in a database crash only loses a lease: the
+    trial is handed out again and the old holder's result is refused (409), so no reported
+    result is lost; results (complete/fail/tell) use the normal engine and synchronous commits.
+    It matters because a lease bumps the job's ``seq`` and so holds the job row until commit:
+    on a disk with slow fsync, a synchronous commit under that lock bounds a job's lease rate.
+    On SQLite (no such setting; WAL with ``synchronous=NORMAL`` already) it is ``engine`` itself.
+    """
+    if engine.dialect.name != "postgresql":
+        return engine
+    # No pre-ping (a round trip per checkout): a connection the server closed fails its
+    # statement with connection_invalidated, which run_conn retries on a fresh one.
+    return create_engine(engine.url, pool_size=10, max_overflow=30, pool_timeout=60,
+                         connect_args={"options": "-c synchronous_commit=off"})
 
 
 @contextlib.contextmanager

@@ -192,20 +192,6 @@ def lock_trial(session: Session, trial_id: int, dialect: str) -> Trial:
     return trial
 
 
-def relax_durability(session: Session) -> None:
-    """PostgreSQL: let this transaction commit without waiting for its WAL flush.
-
-    Only for leases and heartbeats. Losing one in a database crash only loses a lease: the
-    trial is handed out again and the old holder's result is refused (409), so no reported
-    result is ever lost; results (complete/fail/tell) keep synchronous commits. It matters
-    because every lease bumps the job's ``seq`` and so holds the job row until commit: a
-    synchronous commit (an fsync, 6.5 ms on the benchmark machine) under that lock capped a
-    job at ~150 leases per second.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit = off"))
-
-
 def heartbeat(session: Session, trial: Trial, lease_token: str | None) -> Trial:
     job = session.get(Job, trial.job_id)
     assert job is not None
@@ -384,9 +370,18 @@ def jobs_needing_proposals(session: Session) -> list[tuple[int, int, int]]:
     out = []
     for jid, q, created, spec in rows:
         b = spec["budget"]
-        if created < int(b["max_trials"]) and int(q) < int(b["max_parallel"]):
+        left = int(b["max_trials"]) - int(created)
+        need = min(int(b["max_parallel"]) - int(q), left)
+        if need > 0 and need >= min(refill_step(int(b["max_parallel"])), left):
             out.append((int(jid), int(q), int(created)))
     return out
+
+
+def refill_step(max_parallel: int) -> int:
+    """How many free buffer slots a job waits for before a refill: 1 up to 15 parallel trials
+    (each result is in the next proposal), then an eighth of the buffer (a wide buffer is
+    refilled in batches, since every refill reads the job's history)."""
+    return max(1, max_parallel // 8)
 
 
 # --------------------------------------------------------------------------- compression values
@@ -451,6 +446,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 __all__ = [
     "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "best_trial",
     "bump_seq", "cancel_job", "claim_next", "complete", "compression_values", "count_states", "fail",
-    "heartbeat", "insert_proposals", "relax_durability", "jobs_needing_proposals", "objective_of", "pareto_front", "reap_expired",
+    "heartbeat", "insert_proposals", "jobs_needing_proposals", "refill_step", "objective_of", "pareto_front", "reap_expired",
     "set_job_state", "transition",
 ]

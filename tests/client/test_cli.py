@@ -92,7 +92,10 @@ def test_serve_and_worker_pass_their_options(monkeypatch) -> None:
     monkeypatch.setenv("BOCOMPRESS_DATABASE_URL", "sqlite:///tmp/x.db")
     assert runner.invoke(app, ["serve", "--no-auth", "--port", "9000", "--log-level", "debug"]).exit_code == 0
     assert calls["serve"] == {"host": "127.0.0.1", "port": 9000, "database_url": "sqlite:///tmp/x.db",
-                              "auth": False, "log_level": "debug"}
+                              "auth": False, "log_level": "debug", "processes": 1}
+    assert runner.invoke(app, ["serve", "--processes", "3"]).exit_code == 0
+    assert calls["serve"]["processes"] == 3
+    assert runner.invoke(app, ["serve", "--processes", "0"]).exit_code != 0
     result = runner.invoke(app, ["worker", "--url", "http://h:1", "--device", "cuda:1", "--name", "g1",
                                  "--max-trials", "3", "--poll", "0.5"])
     assert result.exit_code == 0, result.output

@@ -1,4 +1,5 @@
-"""Races: 64 concurrent leasers on TWO service replicas (``bocompress serve`` subprocesses) on one
+"""Races: 64 concurrent leasers on TWO service replicas (``bocompress serve`` subprocesses, the first
+with ``--processes 2``) on one
 PostgreSQL database: no trial leased twice, and one proposal stream per job (trial numbers
 unique and consecutive, no two trials with identical params), though both replicas' schedulers
 try to fill the job's buffer.
@@ -43,12 +44,22 @@ def _run_in_fresh_loop(coro):  # type: ignore[no-untyped-def]
     return box["out"]
 
 
+def _server_pids(srv: ServiceProcess) -> list[int]:
+    assert srv.proc is not None
+    kids = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
 def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
     db = make_pg_database("race")
     replicas = []
     try:
         tok = prepare_database(db)
-        replicas = [ServiceProcess(db, log_path=tmp_path / f"replica{i}.log").start() for i in range(2)]
+        # The first replica is itself two server processes (``serve --processes 2``): three
+        # schedulers and three request paths race on one database.
+        replicas = [ServiceProcess(db, log_path=tmp_path / f"replica{i}.log", processes=2 - i).start()
+                    for i in range(2)]
+        assert len(_server_pids(replicas[0])) == 2, "serve --processes 2 did not start two server processes"
         job_id = make_running_job(replicas[0].url, tok, RACE_TOTAL, 1024, 3600.0)
         out = _run_in_fresh_loop(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=150))
         assert out["errors"] == {}, out["errors"]
