@@ -67,32 +67,67 @@ def job_problem(job: Job) -> Any:
     )
 
 
-def observations(s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
-    """Completed finite results (what the GP sees) and the params of queued/running trials."""
+def _metric(job: Job) -> str:
+    return "distill_l2" if job.kind == "compression" else (job.spec["objective"].get("metric") or "objective")
+
+
+def _as_input(metric: str, state: str, params: dict, values: dict | None, sem: dict | None) -> Any:
+    """What the engine sees of one trial: an Observation, pending params, or None (not its business)."""
     import math
 
     from service.optimizer import Observation
 
+    if state in ("queued", "running"):
+        return dict(params)
+    if state != "completed":
+        return None
+    v = (values or {}).get(metric)
+    if v is None or not math.isfinite(float(v)):
+        return None  # failed and non-finite results never reach the GP
+    e = (sem or {}).get(metric)
+    return Observation(params=dict(params), value=float(v), sem=None if e is None else float(e))
+
+
+def _split(inputs: list[Any]) -> tuple[list[Any], list[dict[str, float]]]:
+    obs = [x for x in inputs if x is not None and not isinstance(x, dict)]
+    pending = [x for x in inputs if isinstance(x, dict)]
+    return obs, pending
+
+
+def observations(s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
+    """Completed finite results (what the GP sees) and the params of queued/running trials."""
     rows = s.execute(
-        select(Trial.state, Trial.params, Trial.values, Trial.sem, Trial.number)
+        select(Trial.state, Trial.params, Trial.values, Trial.sem)
         .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_(("queued", "running", "completed")))
         .order_by(Trial.number)
     ).all()
-    if job.kind == "compression":
-        metric = "distill_l2"
-    else:
-        metric = job.spec["objective"].get("metric") or "objective"
-    obs, pending = [], []
-    for state, params, values, sem, _ in rows:
-        if state == "completed":
-            v = (values or {}).get(metric)
-            if v is None or not math.isfinite(float(v)):
-                continue
-            e = (sem or {}).get(metric)
-            obs.append(Observation(params=dict(params), value=float(v), sem=None if e is None else float(e)))
-        else:
-            pending.append(dict(params))
-    return obs, pending
+    metric = _metric(job)
+    return _split([_as_input(metric, *r) for r in rows])
+
+
+class History:
+    """A job's trials as the engine sees them, kept per process and read incrementally.
+
+    Each fill reads only the trials whose ``seq`` passed the last one seen: every change of a
+    trial bumps its job's ``seq`` under the job's row lock, so any snapshot holds every change
+    up to the largest ``seq`` it shows. A 10,000-trial job's refill then reads a few rows, not
+    10,000 (measured: the full read was most of a refill's cost in ``bench/load.py``).
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.inputs: dict[int, Any] = {}
+
+    def read(self, s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
+        metric = _metric(job)
+        rows = s.execute(
+            select(Trial.number, Trial.seq, Trial.state, Trial.params, Trial.values, Trial.sem)
+            .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.seq > self.seq)
+        ).all()
+        for number, seq, state, params, values, sem in rows:
+            self.inputs[int(number)] = _as_input(metric, state, params, values, sem)
+            self.seq = max(self.seq, int(seq))
+        return _split([self.inputs[k] for k in sorted(self.inputs)])
 
 
 class Scheduler:
@@ -107,6 +142,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self._histories: dict[int, History] = {}
 
     def start(self) -> None:
         """Import the BO engine (torch, BoTorch), then start the loop.
@@ -179,6 +215,7 @@ class Scheduler:
             with read_session(self.factory) as s:
                 job = s.get(Job, job_id)
                 if job is None or job.state != "running":
+                    self._histories.pop(job_id, None)
                     return 0
                 b = job.spec["budget"]
                 queued = s.execute(
@@ -187,7 +224,12 @@ class Scheduler:
                 n = min(int(b["max_parallel"]) - len(queued), int(b["max_trials"]) - job.n_created)
                 if n <= 0:
                     return 0
-                obs, pending = observations(s, job)
+                hist = self._histories.get(job_id)
+                if hist is None:
+                    if len(self._histories) >= 256:
+                        self._histories.clear()
+                    hist = self._histories[job_id] = History()
+                obs, pending = hist.read(s, job)
                 problem = job_problem(job)
                 created, state = job.n_created, job.optimizer_state
             _configure_torch()

@@ -1,0 +1,52 @@
+"""The scheduler's incremental history (read by ``seq``) equals a full read of the job, through
+leases, results, failures and lease expiry, on both backends."""
+
+from __future__ import annotations
+
+import httpx
+
+from service.db.models import Job
+from service.db.session import read_session
+from service.scheduler import History, observations
+from tests.conftest import LiveServer
+from tests.service.helpers import compression_job, lease, profile_job
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    (oa, pa), (ob, pb) = a, b
+    return [(o.params, o.value, o.sem) for o in oa] == [(o.params, o.value, o.sem) for o in ob] and pa == pb
+
+
+def test_incremental_history_matches_full_read(server: LiveServer, admin: httpx.Client) -> None:
+    job = compression_job(admin, max_trials=30, max_parallel=6, max_attempts=2)
+    profile_job(admin, job["id"])
+    factory = server.app.state.ctx.factory
+    hist = History()
+
+    def check() -> None:
+        with read_session(factory) as s:
+            j = s.get(Job, job["id"])
+            assert _same(hist.read(s, j), observations(s, j))
+
+    check()
+    done = 0
+    for i in range(24):
+        got = lease(admin, kinds=["evaluate"])
+        if got is None:
+            continue
+        tid, tok = got["trial"]["id"], got["lease"]["token"]
+        if i % 5 == 3:  # a failure that is retried: back to queued
+            r = admin.post(f"/api/v1/trials/{tid}/fail", json={"error": "oom", "retry": True, "lease_token": tok})
+        elif i % 7 == 6:  # a failure for good: never reaches the GP
+            r = admin.post(f"/api/v1/trials/{tid}/fail", json={"error": "bad", "lease_token": tok})
+        else:
+            r = admin.post(f"/api/v1/trials/{tid}/complete",
+                           json={"values": {"distill_l2": 0.01 * (i + 1)}, "sem": {"distill_l2": 0.001},
+                                 "lease_token": tok})
+            done += 1
+        assert r.status_code == 200, r.text
+        check()
+    assert done > 10
+    with read_session(factory) as s:
+        obs, pending = hist.read(s, s.get(Job, job["id"]))
+    assert len(obs) == done and pending
