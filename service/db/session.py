@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -60,6 +61,10 @@ def make_engine(url: str) -> Engine:
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+        # One writer at a time in this process, queued on a lock rather than on SQLite's busy
+        # handler, whose sleeping and retrying threads compete with the lock's holder for the
+        # GIL it needs to finish. Other processes on the same file still queue on the busy timeout.
+        engine._bocompress_writer = threading.Lock()  # type: ignore[attr-defined]
         return engine
     return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
 
@@ -83,10 +88,11 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _retrying(begin: Callable[[], contextlib.AbstractContextManager[object]], fn: Callable[[object], T],
-              attempts: int) -> T:
+              attempts: int, engine: Engine | None) -> T:
+    writer = getattr(engine, "_bocompress_writer", None) or contextlib.nullcontext()
     for i in range(attempts):
         try:
-            with begin() as handle:
+            with writer, begin() as handle:
                 return fn(handle)
         except (OperationalError, DBAPIError) as exc:
             if not _is_transient(exc) or i == attempts - 1:
@@ -110,12 +116,12 @@ def run_tx(factory: sessionmaker[Session], fn: Callable[[Session], T], attempts:
         with factory() as session, session.begin():
             yield session
 
-    return _retrying(begin, fn, attempts)  # type: ignore[arg-type]
+    return _retrying(begin, fn, attempts, factory.kw.get("bind"))  # type: ignore[arg-type]
 
 
 def run_conn(engine: Engine, fn: Callable[[Connection], T], attempts: int = 8) -> T:
     """:func:`run_tx` for Core work on a bare connection (the worker hot path: no ORM session)."""
-    return _retrying(engine.begin, fn, attempts)  # type: ignore[arg-type]
+    return _retrying(engine.begin, fn, attempts, engine)  # type: ignore[arg-type]
 
 
 def relaxed_engine(engine: Engine) -> Engine:

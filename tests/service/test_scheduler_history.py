@@ -3,6 +3,8 @@ leases, results, failures and lease expiry, on both backends."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from service.db.models import Job
@@ -31,9 +33,10 @@ def test_incremental_history_matches_full_read(server: LiveServer, admin: httpx.
     check()
     done = 0
     for i in range(24):
-        got = lease(admin, kinds=["evaluate"])
-        if got is None:
-            continue
+        deadline = time.time() + 20
+        while (got := lease(admin, kinds=["evaluate"])) is None:  # the buffer refills in the background
+            assert time.time() < deadline, "no proposal within 20 s"
+            time.sleep(0.05)
         tid, tok = got["trial"]["id"], got["lease"]["token"]
         if i % 5 == 3:  # a failure that is retried: back to queued
             r = admin.post(f"/api/v1/trials/{tid}/fail", json={"error": "oom", "retry": True, "lease_token": tok})
