@@ -313,8 +313,8 @@ def cancel_job(session: Session, job: Job, dialect: str) -> Job:
 
 
 def insert_proposals(session: Session, job: Job, expected_created: int, proposals: list[dict[str, float]],
-                     kind: str = "evaluate") -> list[Trial]:
-    """Add proposals as queued trials, unless another generator got there first."""
+                     kind: str = "evaluate") -> list[Any]:
+    """Add proposals as queued trials, unless another generator got there first: their (id, params) rows."""
     k = len(proposals)
     res = session.execute(
         update(Job).where(Job.id == job.id, Job.n_created == expected_created, Job.state == "running")
@@ -328,7 +328,10 @@ def insert_proposals(session: Session, job: Job, expected_created: int, proposal
     ).scalar_one())
     rows = [dict(job_id=job.id, kind=kind, number=expected_created + i, seq=last - k + 1 + i, state="queued",
                  params=params, values={}, sem={}, attempt=1, created_at=now) for i, params in enumerate(proposals)]
-    out = list(session.scalars(insert(Trial).returning(Trial, sort_by_parameter_order=True), rows))
+    # Core inserts (no ORM objects: a wide buffer is refilled with hundreds of rows at once).
+    table = Trial.__table__
+    out = list(session.execute(insert(table).returning(table.c.id, table.c.params, sort_by_parameter_order=True),
+                               rows))
     session.execute(insert(Event), [dict(job_id=job.id, trial_id=t.id, kind="proposed", from_state=None,
                                          to_state="queued", detail=None, at=now) for t in out])
     return out
