@@ -62,6 +62,23 @@ def test_sobol_stage_is_reproducible_and_indexed_by_trial() -> None:
     # The i-th point is the i-th scrambled Sobol point, mapped to the space.
     sp = Space(MIXED, compression=False)
     assert a[3] == sp.from_unit(sobol_points(4, 7, 3, 1)[0].tolist())
+    # A generic job's trial 0 is the centre of the space (Ax's default); ``center=False`` restores
+    # Sobol point 0.
+    assert a[0] == sp.from_unit([0.5] * 4)
+    off = Problem(MIXED, {"metric": "y", "direction": "minimize"}, None, 8, 7, options={"center": False})
+    assert propose(off, [], [], 0, 1)[0][0] == sp.from_unit(sobol_points(4, 7, 0, 1)[0].tolist())
+
+
+def test_winsorize_clips_only_the_bad_tail() -> None:
+    from service.optimizer.engine import _winsorize_low
+
+    # Larger is better: the one very bad value is raised to the lower Tukey fence, the rest stay.
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, -500.0], dtype=torch.float64)
+    w = _winsorize_low(y)
+    assert torch.equal(w[:-1], y[:-1])
+    assert -500.0 < float(w[-1]) < 1.0
+    # Nothing to clip: unchanged.
+    assert torch.equal(_winsorize_low(y[:-1]), y[:-1])
 
 
 def test_gp_stage_is_reproducible_with_state() -> None:
