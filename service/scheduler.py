@@ -114,20 +114,29 @@ class History:
     10,000 (measured: the full read was most of a refill's cost in ``bench/load.py``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: Any = None) -> None:
         self.seq = 0
-        self.inputs: dict[int, Any] = {}
+        self.key = key
+        self.inputs: dict[int, tuple[Any, Any]] = {}
 
     def read(self, s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
+        """(observations, pending) in trial order, as :func:`observations` reads them."""
         metric = _metric(job)
         rows = s.execute(
             select(Trial.number, Trial.seq, Trial.state, Trial.params, Trial.values, Trial.sem)
             .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.seq > self.seq)
         ).all()
         for number, seq, state, params, values, sem in rows:
-            self.inputs[int(number)] = _as_input(metric, state, params, values, sem)
+            x = _as_input(metric, state, params, values, sem)
+            self.inputs[int(number)] = (x, self.key(params) if self.key is not None and x is not None else None)
             self.seq = max(self.seq, int(seq))
-        return _split([self.inputs[k] for k in sorted(self.inputs)])
+        return _split([self.inputs[k][0] for k in sorted(self.inputs)])
+
+    def keys(self) -> tuple[list[Any], list[Any]]:
+        """The engine's point keys of what :meth:`read` returned last, in the same order (``propose(keys=)``)."""
+        items = [self.inputs[k] for k in sorted(self.inputs)]
+        return ([k for x, k in items if x is not None and not isinstance(x, dict)],
+                [k for x, k in items if isinstance(x, dict)])
 
 
 def _child_init() -> None:
@@ -269,7 +278,7 @@ class Scheduler:
 
     def fill(self, job_id: int) -> int:
         """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
-        from service.optimizer import propose
+        from service.optimizer import point_key, propose
 
         secs = self.settings.generator_lease_seconds
         if not run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs)):
@@ -287,17 +296,18 @@ class Scheduler:
                 n = min(int(b["max_parallel"]) - len(queued), int(b["max_trials"]) - job.n_created)
                 if n <= 0:
                     return 0
+                problem = job_problem(job)
                 hist = self._histories.get(job_id)
                 if hist is None:
                     if len(self._histories) >= 256:
                         self._histories.clear()
-                    hist = self._histories[job_id] = History()
+                    hist = self._histories[job_id] = History(point_key(problem))
                 obs, pending = hist.read(s, job)
-                problem = job_problem(job)
+                keys = hist.keys()
                 created, state = job.n_created, job.optimizer_state
             _configure_torch()
             t0 = time.perf_counter()
-            args = (problem, obs, pending, created, n, state)
+            args = (problem, obs, pending, created, n, state, keys)
             points, new_state = self.engine.propose(*args) if self.engine is not None else propose(*args)
             engine = (new_state or {}).get("last_engine", problem.engine)
             self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))

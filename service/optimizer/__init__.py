@@ -10,6 +10,7 @@ from .engine import (
     Problem,
     composite_value,
     fast_mode,
+    point_key,
     propose,
     ratio,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Space",
     "composite_value",
     "fast_mode",
+    "point_key",
     "propose",
     "ratio",
 ]

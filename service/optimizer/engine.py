@@ -79,7 +79,7 @@ from torch import Tensor
 
 from .gp import KERNELS, MEANS, MIN_YVAR, fit_gp
 from .objectives import CostModel, composite
-from .sobol import sobol_points
+from .sobol import MAX_SOBOL_DIM, sobol_points
 from .space import Space
 
 ENGINES = ("auto", "sobol", "gp")
@@ -358,6 +358,11 @@ def composite_value(problem: Problem, params: Mapping[str, float], value: float)
     return composite(kind, float(obj.get("kappa", 1.0) or 1.0), float(value), ratio(problem, params), obj.get("budget"))
 
 
+def point_key(problem: Problem) -> Any:
+    """The function ``params -> key`` that ``propose`` uses to tell points apart (after snapping)."""
+    return Space(problem.params, compression=(problem.objective or {}).get("kind") is not None).key
+
+
 def propose(
     problem: Problem,
     observations: list[Observation],
@@ -365,6 +370,7 @@ def propose(
     n_existing: int,
     n: int,
     state: dict | None = None,
+    keys: tuple[list[tuple[int, ...]], list[tuple[int, ...]]] | None = None,
 ) -> tuple[list[dict[str, float]], dict]:
     """The next ``n`` points of a job.
 
@@ -377,6 +383,9 @@ def propose(
             Sobol point ``n_existing + j`` while in the initial design.
         n: How many points to propose.
         state: The job's warm-start cache from the last call (GP hyperparameters), or None.
+        keys: ``point_key`` of every observation and pending point (same order), when the
+            caller keeps them (the service does, per trial): spares recomputing them for the
+            whole history on every call.
 
     Returns:
         The points (a list of parameter dicts, distinct from each other and from every
@@ -392,10 +401,17 @@ def propose(
     new_state: dict[str, Any] = dict(state or {})
     if n == 0:
         return [], new_state
-    obs = [o for o in observations if math.isfinite(float(o.value))]
-    seen: set[tuple[int, ...]] = {ctx.space.key(o.params) for o in obs}
-    seen |= {ctx.space.key(p) for p in pending}
-    distinct_obs = len({ctx.space.key(o.params) for o in obs})
+    finite = [math.isfinite(float(o.value)) for o in observations]
+    obs = [o for o, ok in zip(observations, finite) if ok]
+    if keys is None:
+        obs_keys = [ctx.space.key(o.params) for o in obs]
+        pending_keys = [ctx.space.key(p) for p in pending]
+    else:
+        obs_keys = [k for k, ok in zip(keys[0], finite) if ok]
+        pending_keys = list(keys[1])
+    seen: set[tuple[int, ...]] = set(obs_keys)
+    distinct_obs = len(seen)
+    seen.update(pending_keys)
     # Until enough of the initial design has come back (workers run several trials at once), the
     # Sobol sequence goes on: a GP fitted on two or three points would spend the whole next batch.
     gp_ready = problem.engine != "sobol" and distinct_obs >= (2 if problem.engine == "gp" else ctx.min_gp_obs)
@@ -414,8 +430,12 @@ def propose(
         warnings.simplefilter("ignore", BotorchWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         torch.manual_seed(mix)
+        # One scrambled engine for the whole batch (the same points as one engine per slot: a
+        # wide buffer's refill of hundreds of Sobol points would otherwise scramble hundreds).
+        drawn = (sobol_points(ctx.space.d, problem.seed, n_existing, n)
+                 if slots_sobol and ctx.space.d <= MAX_SOBOL_DIM else None)
         for j in slots_sobol:
-            u = _sobol_slot(ctx, n_existing + j, seen, mix)
+            u = _sobol_slot(ctx, n_existing + j, seen, mix, None if drawn is None else drawn[j:j + 1])
             if u is not None:
                 chosen[j] = u
                 seen.add(ctx.space.unit_key(u))
@@ -457,14 +477,16 @@ def _accept(ctx: _Ctx, U: Tensor, seen: set[tuple[int, ...]]) -> list[float] | N
     return None
 
 
-def _sobol_slot(ctx: _Ctx, index: int, seen: set[tuple[int, ...]], mix: int) -> list[float] | None:
-    """Sobol point ``index`` mapped to the space; seeded uniform draws when it is taken."""
+def _sobol_slot(ctx: _Ctx, index: int, seen: set[tuple[int, ...]], mix: int,
+                point: Tensor | None = None) -> list[float] | None:
+    """Sobol point ``index`` (``point``, when the caller drew it already) mapped to the space;
+    seeded uniform draws when it is taken."""
     d = ctx.space.d
     if index == 0 and ctx.center:
         u = _accept(ctx, torch.full((1, d), 0.5, dtype=torch.float64), seen)
         if u is not None:
             return u
-    u = _accept(ctx, sobol_points(d, ctx.problem.seed, index, 1), seen)
+    u = _accept(ctx, sobol_points(d, ctx.problem.seed, index, 1) if point is None else point, seen)
     if u is not None:
         return u
     g = torch.Generator().manual_seed((mix + 31 * index) % (2**31 - 1))

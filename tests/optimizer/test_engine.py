@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bocompress import costs
-from service.optimizer import Observation, Problem, fast_mode, propose
+from service.optimizer import Observation, Problem, fast_mode, point_key, propose
 from service.optimizer.sobol import sobol_points
 from service.optimizer.space import Space
 from service.optimizer.synthetic import make_landscape
@@ -59,6 +59,11 @@ def test_sobol_stage_is_reproducible_and_indexed_by_trial() -> None:
     assert head + tail == a
     other, _ = propose(_generic(MIXED, n_initial=8, seed=8), [], [], 0, 5)
     assert other != a
+    # Keys the caller kept give the same points as keys the engine computes.
+    key = point_key(prob)
+    obs = [Observation(p, float(i)) for i, p in enumerate(a[:3])]
+    assert propose(prob, obs, a[3:], 5, 4) == propose(prob, obs, a[3:], 5, 4,
+                                                      keys=([key(o.params) for o in obs], [key(p) for p in a[3:]]))
     # The i-th point is the i-th scrambled Sobol point, mapped to the space.
     sp = Space(MIXED, compression=False)
     assert a[3] == sp.from_unit(sobol_points(4, 7, 3, 1)[0].tolist())

@@ -9,7 +9,8 @@ import httpx
 
 from service.db.models import Job
 from service.db.session import read_session
-from service.scheduler import History, observations
+from service.optimizer import point_key
+from service.scheduler import History, job_problem, observations
 from tests.conftest import LiveServer
 from tests.service.helpers import compression_job, lease, profile_job
 
@@ -23,12 +24,16 @@ def test_incremental_history_matches_full_read(server: LiveServer, admin: httpx.
     job = compression_job(admin, max_trials=30, max_parallel=6, max_attempts=2)
     profile_job(admin, job["id"])
     factory = server.app.state.ctx.factory
-    hist = History()
+    with read_session(factory) as s:
+        key = point_key(job_problem(s.get(Job, job["id"])))
+    hist = History(key)
 
     def check() -> None:
         with read_session(factory) as s:
             j = s.get(Job, job["id"])
-            assert _same(hist.read(s, j), observations(s, j))
+            full = observations(s, j)
+            assert _same(hist.read(s, j), full)
+            assert hist.keys() == ([key(o.params) for o in full[0]], [key(p) for p in full[1]])
 
     check()
     done = 0
