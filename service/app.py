@@ -10,6 +10,7 @@ from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from service.api import errors
@@ -48,6 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.auth:
             log.warning("auth is OFF: every caller is admin; allowed because the service is bound to loopback",
                         extra={"host": settings.host})
+        # Requests that touch the database run in the thread pool; a small pool does more per
+        # CPU-second than anyio's default of 40, whose threads mostly wait for each other's GIL.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
         if ctx.scheduler is not None:
             ctx.scheduler.start()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from bocompress.schemas import (
     IMPORT_PATH_RE,
@@ -195,12 +197,12 @@ def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
     since = max(since, after or 0)
     with read_session(ctx.factory) as s:
         job_seq = visible_job_seq(s, job_id, p)
-        cols = [Trial.id, Trial.job_id, Trial.seq, Trial.number, Trial.state, Trial.params, Trial.values,
-                Trial.sem, Trial.attempt, Trial.worker, Trial.created_at, Trial.started_at, Trial.finished_at,
-                Trial.error]
-        rows = s.execute(
-            select(*cols).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.seq > since)
-            .order_by(Trial.seq).limit(limit + 1)
+        t = Trial.__table__.c  # Core columns: no ORM row processing (a poll may carry thousands of rows)
+        cols = [t.id, t.job_id, t.seq, t.number, t.state, t.params, t["values"], t.sem, t.attempt, t.worker,
+                t.created_at, t.started_at, t.finished_at, t.error]
+        rows = s.connection().execute(
+            select(*cols).where(t.job_id == job_id, t.kind == "evaluate", t.seq > since)
+            .order_by(t.seq).limit(limit + 1)
         ).all()
     items = [trial_out(r) for r in rows[:limit]]
     nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
@@ -226,17 +228,21 @@ def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
-def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
+async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
     """Up to ``count`` trials to evaluate yourself; empty when the budget is spent.
 
     Proposals come from the job's buffer, filled in the background (never computed here);
-    this call waits up to ``ask_wait_seconds`` for the buffer to hold them.
+    this call waits up to ``ask_wait_seconds`` for the buffer to hold them. It waits on the event
+    loop, not in a thread: a few clients waiting for proposals never hold the thread pool.
     """
-    with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, p)
-        if job.kind != "generic":
-            raise APIError(409, f"job {job_id} is a compression job: its trials are evaluated by workers",
-                           "not_generic")
+    def _check() -> None:
+        with read_session(ctx.factory) as s:
+            job = visible_job(s, job_id, p)
+            if job.kind != "generic":
+                raise APIError(409, f"job {job_id} is a compression job: its trials are evaluated by workers",
+                               "not_generic")
+
+    await run_in_threadpool(_check)
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + ctx.settings.ask_wait_seconds
     delay = 0.005
@@ -251,7 +257,7 @@ def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
             exhausted = j.state != "running" or j.n_created >= int(j.spec["budget"]["max_trials"])
             return None, exhausted
 
-        t, exhausted = run_tx(ctx.factory, _claim)
+        t, exhausted = await run_in_threadpool(run_tx, ctx.factory, _claim)
         if t is not None:
             got.append(t)
             delay = 0.005
@@ -260,7 +266,7 @@ def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
             break
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
-        time.sleep(delay)
+        await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.1)
     return {"trials": got}
 
