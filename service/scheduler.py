@@ -33,7 +33,7 @@ from service.db.trials import (
 
 log = logging.getLogger("bocompress.scheduler")
 _torch_configured = False
-MIN_TICK_GAP = 0.05
+MIN_TICK_GAP = 0.1
 
 
 def _configure_torch() -> None:
@@ -258,13 +258,12 @@ class Scheduler:
 
     def tick(self) -> int:
         """Reap expired leases and refill every short buffer once. Returns proposals made."""
-        with read_session(self.factory) as s:
+        with read_session(self.factory) as s:  # one read for both questions
             expired = s.execute(select(Trial.id).where(Trial.state == "running",
                                                        Trial.lease_expires_at < utcnow()).limit(1)).first()
+            todo = jobs_needing_proposals(s)
         if expired is not None:
             run_tx(self.factory, lambda s: reap_expired(s))
-        with read_session(self.factory) as s:
-            todo = jobs_needing_proposals(s)
         made = 0
         for job_id, _, _ in todo:
             if self._stop.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response
@@ -174,9 +175,10 @@ def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerD
         done = hot.finish(conn, ctx.dialect, t, values, sem, result_hash(values, sem, None))
         if done is None:
             raise _Fallback
-        row, job_state, n_created = done
+        row = SimpleNamespace(**done.trial)
         _log_transition("completed", row, "running")
-        if job_state == "running" and n_created >= info.max_trials and hot.open_trials(conn, row.job_id) == 0:
+        if done.job_state == "running" and done.job_n_created >= info.max_trials \
+                and hot.open_trials(conn, row.job_id) == 0:
             with Session(bind=conn) as s:
                 job = s.get(Job, row.job_id)
                 assert job is not None

@@ -227,46 +227,60 @@ WITH s AS (
   UPDATE trials SET state = 'completed', seq = s.seq, "values" = :values, sem = :sem, result_hash = :hash,
          finished_at = :now, lease_expires_at = NULL
   FROM s WHERE trials.id = :id AND trials.state = 'running' AND trials.attempt = :attempt
-  RETURNING trials.*
+  RETURNING trials.id, trials.job_id
 ), e AS (
   INSERT INTO events (job_id, trial_id, kind, from_state, to_state, detail, at)
   SELECT u.job_id, u.id, 'completed', 'running', 'completed', NULL, :now FROM u
 )
-SELECT u.*, s.state AS job_state, s.n_created AS job_n_created FROM u, s
+SELECT s.seq, s.state, s.n_created FROM u, s
 """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("values", type_=TRIALS.c["values"].type),
-                bindparam("sem", type_=TRIALS.c.sem.type)).columns(*_TRIAL_COLS, job_state=String,
-                                                                    job_n_created=Integer)
+                bindparam("sem", type_=TRIALS.c.sem.type)).columns(seq=BigInteger, state=String, n_created=Integer)
+
+#: What a result needs of its trial: the checks, and the rest of the answer (``trial_out``).
+_RESULT_COLS = [TRIALS.c[k] for k in ("id", "job_id", "seq", "number", "kind", "state", "params", "attempt",
+                                      "worker", "lease_token", "created_at", "started_at", "error")]
 
 
 def lock_for_result(conn: Connection, dialect: str, trial_id: int) -> Row[Any] | None:
     """The trial's row, locked until commit (``FOR UPDATE`` on PostgreSQL; SQLite's write lock)."""
-    q = select(*_TRIAL_COLS).where(TRIALS.c.id == trial_id)
+    q = select(*_RESULT_COLS).where(TRIALS.c.id == trial_id)
     if dialect == "postgresql":
         q = q.with_for_update()
     return conn.execute(q).first()
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A stored result: the trial as it now is (for the answer) and its job's state and size."""
+
+    trial: dict[str, Any]
+    job_state: str
+    job_n_created: int
+
+
 def finish(conn: Connection, dialect: str, t: Row[Any], values: dict[str, Any], sem: dict[str, Any],
-           result_hash: str) -> tuple[Row[Any], str, int] | None:
-    """Store a running trial's result (the caller holds its lock): (row, job state, job n_created)."""
+           result_hash: str) -> Finished | None:
+    """Store a running trial's result (the caller holds its lock, from :func:`lock_for_result`)."""
     now = utcnow()
     if dialect == "postgresql":
-        row = conn.execute(_PG_FINISH, {"now": now, "job_id": t.job_id, "id": t.id, "attempt": t.attempt,
-                                        "values": values, "sem": sem, "hash": result_hash}).first()
-        return None if row is None else (row, row.job_state, int(row.job_n_created))
-    j = conn.execute(update(JOBS).where(JOBS.c.id == t.job_id).values(seq=JOBS.c.seq + 1, updated_at=now)
-                     .returning(JOBS.c.seq, JOBS.c.state, JOBS.c.n_created)).one()
-    row = conn.execute(
-        update(TRIALS).where(TRIALS.c.id == t.id, TRIALS.c.state == "running", TRIALS.c.attempt == t.attempt)
-        .values(state="completed", seq=j.seq, values=values, sem=sem, result_hash=result_hash, finished_at=now,
-                lease_expires_at=None)
-        .returning(*_TRIAL_COLS)
-    ).first()
-    if row is None:
-        return None
-    conn.execute(insert(EVENTS).values(job_id=t.job_id, trial_id=t.id, kind="completed", from_state="running",
-                                       to_state="completed", detail=None, at=now))
-    return row, j.state, int(j.n_created)
+        j = conn.execute(_PG_FINISH, {"now": now, "job_id": t.job_id, "id": t.id, "attempt": t.attempt,
+                                      "values": values, "sem": sem, "hash": result_hash}).first()
+        if j is None:
+            return None
+    else:
+        j = conn.execute(update(JOBS).where(JOBS.c.id == t.job_id).values(seq=JOBS.c.seq + 1, updated_at=now)
+                         .returning(JOBS.c.seq, JOBS.c.state, JOBS.c.n_created)).one()
+        done = conn.execute(
+            update(TRIALS).where(TRIALS.c.id == t.id, TRIALS.c.state == "running", TRIALS.c.attempt == t.attempt)
+            .values(state="completed", seq=j.seq, values=values, sem=sem, result_hash=result_hash, finished_at=now,
+                    lease_expires_at=None)
+        )
+        if done.rowcount != 1:
+            return None
+        conn.execute(insert(EVENTS).values(job_id=t.job_id, trial_id=t.id, kind="completed", from_state="running",
+                                           to_state="completed", detail=None, at=now))
+    trial = {**t._mapping, "state": "completed", "seq": int(j.seq), "values": values, "sem": sem, "finished_at": now}
+    return Finished(trial, j.state, int(j.n_created))
 
 
 def open_trials(conn: Connection, job_id: int) -> int:
@@ -276,4 +290,4 @@ def open_trials(conn: Connection, job_id: int) -> int:
     ).scalar_one())
 
 
-__all__ = ["JobInfo", "JobInfoCache", "finish", "heartbeat", "lease", "lock_for_result", "open_trials"]
+__all__ = ["Finished", "JobInfo", "JobInfoCache", "finish", "heartbeat", "lease", "lock_for_result", "open_trials"]
