@@ -307,7 +307,11 @@ class Scheduler:
             _configure_torch()
             t0 = time.perf_counter()
             args = (problem, obs, pending, created, n, state, keys)
-            points, new_state = self.engine.propose(*args) if self.engine is not None else propose(*args)
+            # Initial-design points are cheap (no GP) and need no history sent to the child:
+            # made here; everything that may reach the GP stage goes to the engine process.
+            sobol_only = problem.engine == "sobol" or (problem.engine == "auto" and created + n <= problem.n_initial)
+            use_child = self.engine is not None and not sobol_only
+            points, new_state = self.engine.propose(*args) if use_child else propose(*args)
             engine = (new_state or {}).get("last_engine", problem.engine)
             self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))
             if not points:
