@@ -4,8 +4,8 @@ PostgreSQL database: no trial leased twice, and one proposal stream per job (tri
 unique and consecutive, no two trials with identical params), though both replicas' schedulers
 try to fill the job's buffer.
 
-The suite runs 64 leasers x ``RACE_TOTAL`` leases (default 1,280, env ``BOCOMPRESS_RACE_TOTAL``)
-to stay within its time budget on 2 cores; ``bench/load.py`` runs the full 10,000 and reports it.
+The suite runs 64 leasers x ``RACE_TOTAL`` leases (default the issue's 10,000, about 40 s on 2 cores;
+env ``BOCOMPRESS_RACE_TOTAL``); ``bench/load.py`` runs the same race and reports its rate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.conftest import drop_pg_database, make_pg_database
 from tests.reliability.procs import ServiceProcess, check_one_stream, prepare_database
 
 LEASERS = 64
-RACE_TOTAL = int(os.environ.get("BOCOMPRESS_RACE_TOTAL", "1280"))
+RACE_TOTAL = int(os.environ.get("BOCOMPRESS_RACE_TOTAL", "10000"))
 
 
 def _run_in_fresh_loop(coro):  # type: ignore[no-untyped-def]
@@ -61,7 +61,7 @@ def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
                     for i in range(2)]
         assert len(_server_pids(replicas[0])) == 2, "serve --processes 2 did not start two server processes"
         job_id = make_running_job(replicas[0].url, tok, RACE_TOTAL, 1024, 3600.0)
-        out = _run_in_fresh_loop(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=150))
+        out = _run_in_fresh_loop(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=300))
         assert out["errors"] == {}, out["errors"]
         ids = Counter(t for t, _ in out["leases"])
         assert sum(ids.values()) == RACE_TOTAL, f"{sum(ids.values())} of {RACE_TOTAL} leases in time"
