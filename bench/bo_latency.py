@@ -52,19 +52,12 @@ def engine_case(n: int, d: int, calls: int) -> dict[str, Any]:
 
     import torch
 
-    from service.optimizer import Observation, Problem, propose
-    from service.optimizer.sobol import sobol_points
-    from service.optimizer.space import Space
-    from service.optimizer.synthetic import make_landscape
+    from service.optimizer import Problem, propose
+    from service.optimizer.synthetic import make_landscape, sobol_history
 
     torch.set_num_threads(1)
     ls = make_landscape(d=d, seed=0)
-    sp = Space(ls.params, compression=True)
-    g = torch.Generator().manual_seed(0)
-    obs = []
-    for u in sobol_points(d, 3, 0, n).tolist():
-        p = sp.from_unit(u)
-        obs.append(Observation(p, *ls.measure(p, g)))
+    obs = sobol_history(ls, n)
     prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 8, 0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tracemalloc.start()
@@ -111,30 +104,14 @@ def engine_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- part 2: leases
 
 
-def _profile(d: int, size: int) -> dict[str, Any]:
-    """An SVD layer table of ``d`` square Linear layers (as a worker would report it)."""
-    layers, params = [], []
-    for i in range(d):
-        name = f"fc{i}"
-        dense = float(size * size + size)
-        layers.append({"name": name, "type": "Linear", "method": "svd", "shape": [size, size], "params": [name],
-                       "costs": {"params": {"terms": [{"coef": float(2 * size), "factors": [{"param": name, "size": size}]},
-                                                      {"coef": float(size), "factors": []}], "cap": dense}},
-                       "dense": {"params": dense}})
-        params.append({"name": name, "low": 0.05, "high": 0.5, "size": size})
-    return {"layers": layers, "params": params, "totals": {"params": float(d * (size * size + size))}}
-
-
 def _synthetic_l(params: dict[str, float]) -> float:
     """A stand-in distillation error: additive over layers, decreasing in each theta."""
     return float(sum((1.0 - v) ** 3 for v in params.values()) / max(1, len(params)))
 
 
 def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
-    """16 threads lease+complete on one GP job of a real ``bocompress serve`` (SQLite); lease latencies."""
-    import httpx
-
-    from bench.load import RawClient, ServiceProcess
+    """16 simulated workers lease+complete on one GP job of a real ``bocompress serve`` (SQLite); lease latencies."""
+    from bench.load import RawClient, ServiceProcess, make_running_job
     from service.auth import create_token
     from service.db.migrate import upgrade
 
@@ -145,28 +122,9 @@ def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
     wtoken = create_token(db, "worker", "bench", "bench-worker")
     srv = ServiceProcess(db, log_path=Path(tmp) / "server.log").start()
     try:
-        size = 64
-        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
-            r = c.post("/api/v1/jobs", json={
-                "name": "latency", "compression": {"model": "digits-mlp", "data": "digits", "method": "svd"},
-                "objective": {"kind": "scalarized", "kappa": 1.0},
-                "budget": {"max_trials": trials, "max_parallel": workers},
-                "optimizer": {"n_initial": 8, "seed": 0}})
-            r.raise_for_status()
-            job_id = int(r.json()["id"])
-        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {wtoken}"}, timeout=60) as c:
-            deadline = time.time() + 30
-            while True:
-                r = c.post("/api/v1/workers/lease", json={"worker": "profiler", "kinds": ["profile"]})
-                if r.status_code == 200:
-                    break
-                if time.time() > deadline:
-                    raise RuntimeError(f"no profiling task: {r.status_code} {r.text[:200]}")
-                time.sleep(0.05)
-            got = r.json()
-            r = c.post(f"/api/v1/trials/{got['trial']['id']}/complete",
-                       json={"profile": _profile(d, size), "lease_token": got["lease"]["token"]})
-            r.raise_for_status()
+        # The schema's default lease (60 s) and attempts (3); 8 Sobol trials, then the GP.
+        job_id = make_running_job(srv.url, token, trials, workers, 60.0, d=d, size=64, name="latency",
+                                  optimizer={"n_initial": 8, "seed": 0}, worker_token=wtoken, high=0.5)
         lat: list[float] = []
         empty: list[float] = []
         done = [0]

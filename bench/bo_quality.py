@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time

@@ -272,8 +272,8 @@ def prepare_database(database_url: str) -> str:
     return create_token(database_url, "admin", "admin", "load-admin")
 
 
-def synthetic_profile(d: int, size: int) -> dict[str, Any]:
-    """A layer table for ``d`` square Linear layers of width ``size`` compressed by SVD."""
+def synthetic_profile(d: int, size: int, high: float = 1.0) -> dict[str, Any]:
+    """A layer table for ``d`` square Linear layers of width ``size`` compressed by SVD (theta up to ``high``)."""
     layers, params = [], []
     for i in range(d):
         name = f"fc{i}"
@@ -283,24 +283,31 @@ def synthetic_profile(d: int, size: int) -> dict[str, Any]:
                                                        "factors": [{"param": name, "size": size}]},
                                                       {"coef": float(size), "factors": []}], "cap": dense}},
                        "dense": {"params": dense}})
-        params.append({"name": name, "low": 0.05, "high": 1.0, "size": size})
+        params.append({"name": name, "low": 0.05, "high": high, "size": size})
     return {"layers": layers, "params": params, "totals": {"params": float(d * (size * size + size))}}
 
 
 def make_running_job(url: str, token: str, max_trials: int, max_parallel: int, lease_seconds: float,
-                     d: int = 8, size: int = 64, max_attempts: int = 3, name: str = "load") -> int:
-    """Create a Sobol compression job, play its profiling task, and return its id (state running)."""
+                     d: int = 8, size: int = 64, max_attempts: int = 3, name: str = "load",
+                     optimizer: dict[str, Any] | None = None, worker_token: str | None = None,
+                     high: float = 1.0) -> int:
+    """Create a compression job (Sobol only unless ``optimizer`` says otherwise), play its profiling
+    task with a synthetic layer table (as ``worker_token``, default ``token``), and return its id."""
     import httpx
 
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+    def client(tok: str) -> httpx.Client:
+        return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tok}"}, timeout=60)
+
+    with client(token) as c:
         r = c.post("/api/v1/jobs", json={
             "name": name, "compression": {"model": "digits-mlp", "data": "digits", "method": "svd"},
             "objective": {"kind": "scalarized", "kappa": 1.0},
             "budget": {"max_trials": max_trials, "max_parallel": max_parallel, "lease_seconds": lease_seconds,
                        "max_attempts": max_attempts},
-            "optimizer": {"n_initial": 10_000, "seed": 0, "engine": "sobol"}})
+            "optimizer": optimizer or {"n_initial": 10_000, "seed": 0, "engine": "sobol"}})
         r.raise_for_status()
         job_id = int(r.json()["id"])
+    with client(worker_token or token) as c:
         deadline = time.time() + 30
         while True:
             r = c.post("/api/v1/workers/lease", json={"worker": "profiler", "kinds": ["profile"]})
@@ -311,7 +318,7 @@ def make_running_job(url: str, token: str, max_trials: int, max_parallel: int, l
             time.sleep(0.05)
         got = r.json()
         r = c.post(f"/api/v1/trials/{got['trial']['id']}/complete",
-                   json={"profile": synthetic_profile(d, size), "lease_token": got["lease"]["token"]})
+                   json={"profile": synthetic_profile(d, size, high), "lease_token": got["lease"]["token"]})
         r.raise_for_status()
     return job_id
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from sqlalchemy.engine import Engine
 
 from service.api import errors
 from service.api.deps import Context
@@ -24,6 +25,23 @@ from service.metrics import Metrics
 log = logging.getLogger("bocompress.service")
 
 
+def checked_engine(settings: Settings) -> Engine:
+    """The database engine, once the schema is current (migrated first where the settings allow).
+
+    Raises:
+        SchemaOutdated: the database is not at the schema this code needs (and may not migrate itself).
+    """
+    if settings.migrate_on_start:
+        ensure_schema(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine, settings.database_url)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for ``settings``: engine, schema check, routers, and the scheduler (started on startup).
 
@@ -31,10 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         SchemaOutdated: the database is not at the schema this code needs (and may not migrate itself).
     """
     settings = settings or Settings()
-    if settings.migrate_on_start:
-        ensure_schema(settings.database_url)
-    engine = make_engine(settings.database_url)
-    check_schema(engine, settings.database_url)
+    engine = checked_engine(settings)
     factory = make_sessionmaker(engine)
     metrics = Metrics(factory)
     ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics,
@@ -194,13 +209,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
     try:
         settings = Settings(**kwargs)  # type: ignore[arg-type]
         if processes > 1:
-            if settings.migrate_on_start:
-                ensure_schema(settings.database_url)
-            engine = make_engine(settings.database_url)
-            try:
-                check_schema(engine, settings.database_url)
-            finally:
-                engine.dispose()
+            checked_engine(settings).dispose()
         else:
             app = create_app(settings)
     except SchemaOutdated as exc:

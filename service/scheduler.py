@@ -114,13 +114,14 @@ class History:
     10,000 (measured: the full read was most of a refill's cost in ``bench/load.py``).
     """
 
-    def __init__(self, key: Any = None) -> None:
+    def __init__(self, key: Any) -> None:
         self.seq = 0
         self.key = key
         self.inputs: dict[int, tuple[Any, Any]] = {}
 
-    def read(self, s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]]]:
-        """(observations, pending) in trial order, as :func:`observations` reads them."""
+    def read(self, s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]], tuple[list[Any], list[Any]]]:
+        """(observations, pending) in trial order, as :func:`observations` reads them, and their
+        point keys in the same order (``propose(keys=)``)."""
         metric = _metric(job)
         rows = s.execute(
             select(Trial.number, Trial.seq, Trial.state, Trial.params, Trial.values, Trial.sem)
@@ -128,15 +129,13 @@ class History:
         ).all()
         for number, seq, state, params, values, sem in rows:
             x = _as_input(metric, state, params, values, sem)
-            self.inputs[int(number)] = (x, self.key(params) if self.key is not None and x is not None else None)
+            self.inputs[int(number)] = (x, None if x is None else self.key(params))
             self.seq = max(self.seq, int(seq))
-        return _split([self.inputs[k][0] for k in sorted(self.inputs)])
-
-    def keys(self) -> tuple[list[Any], list[Any]]:
-        """The engine's point keys of what :meth:`read` returned last, in the same order (``propose(keys=)``)."""
         items = [self.inputs[k] for k in sorted(self.inputs)]
-        return ([k for x, k in items if x is not None and not isinstance(x, dict)],
+        obs, pending = _split([x for x, _ in items])
+        keys = ([k for x, k in items if x is not None and not isinstance(x, dict)],
                 [k for x, k in items if isinstance(x, dict)])
+        return obs, pending, keys
 
 
 def _child_init() -> None:
@@ -168,7 +167,6 @@ class EngineProcess:
         ctx.set_forkserver_preload(["service.optimizer"])
         self._new = lambda: ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init)
         self._pool = self._new()
-        self._lock = threading.Lock()
 
     def warm(self) -> None:
         """Start the child and wait until it has imported the engine."""
@@ -184,9 +182,8 @@ class EngineProcess:
                 return self._pool.submit(propose, *args).result()
             except BrokenProcessPool:
                 log.error("the engine process died; starting a new one")
-                with self._lock:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new()
                 if attempt == 1:
                     raise
         raise AssertionError("unreachable")
@@ -277,7 +274,7 @@ class Scheduler:
 
     def fill(self, job_id: int) -> int:
         """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
-        from service.optimizer import point_key, propose
+        from service.optimizer import initial_design_only, point_key, propose
 
         secs = self.settings.generator_lease_seconds
         if not run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs)):
@@ -301,16 +298,14 @@ class Scheduler:
                     if len(self._histories) >= 256:
                         self._histories.clear()
                     hist = self._histories[job_id] = History(point_key(problem))
-                obs, pending = hist.read(s, job)
-                keys = hist.keys()
+                obs, pending, keys = hist.read(s, job)
                 created, state = job.n_created, job.optimizer_state
             _configure_torch()
             t0 = time.perf_counter()
             args = (problem, obs, pending, created, n, state, keys)
             # Initial-design points are cheap (no GP) and need no history sent to the child:
             # made here; everything that may reach the GP stage goes to the engine process.
-            sobol_only = problem.engine == "sobol" or (problem.engine == "auto" and created + n <= problem.n_initial)
-            use_child = self.engine is not None and not sobol_only
+            use_child = self.engine is not None and not initial_design_only(problem, created, n)
             points, new_state = self.engine.propose(*args) if use_child else propose(*args)
             engine = (new_state or {}).get("last_engine", problem.engine)
             self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))

@@ -31,30 +31,32 @@ def trial_out(t: Any) -> dict[str, Any]:
     }
 
 
+def _job_view(static: Any, state: str, reason: str | None, updated_at: datetime, seq: int, n_created: int,
+              counts: dict[str, int], best: dict[str, Any] | None) -> dict[str, Any]:
+    """A job as the contract shows it, from its unchanging part (a Job or a cached JobInfo) and its state."""
+    profile = static.profile or {}
+    return {
+        "id": static.id, "name": static.name, "state": state, "owner": static.owner, "kind": static.kind,
+        "counts": counts, "best": best, "created_at": iso(static.created_at), "updated_at": iso(updated_at),
+        "reason": reason, "seq": seq, "spec": static.spec, "layers": profile.get("layers"),
+        "search_space": static.search_space, "totals": profile.get("totals"), "n_created": n_created,
+    }
+
+
 def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:
     """A job as the contract shows it; ``light`` skips counts and best (the lease path; no session needed)."""
     assert light or s is not None, "a full job view reads counts and best: it needs a session"
     best = best_trial(s, job) if with_best and not light and s is not None else None
-    profile = job.profile or {}
-    return {
-        "id": job.id, "name": job.name, "state": job.state, "owner": job.owner, "kind": job.kind,
-        "counts": {} if light or s is None else count_states(s, job.id), "best": trial_out(best) if best else None,
-        "created_at": iso(job.created_at), "updated_at": iso(job.updated_at), "reason": job.reason,
-        "seq": job.seq, "spec": job.spec, "layers": profile.get("layers"), "search_space": job.search_space,
-        "totals": profile.get("totals"), "n_created": job.n_created,
-    }
+    counts = {} if light or s is None else count_states(s, job.id)
+    return _job_view(job, job.state, job.reason, job.updated_at, job.seq, job.n_created, counts,
+                     trial_out(best) if best else None)
 
 
 def job_light(info: Any, dyn: Any) -> dict[str, Any]:
-    """The lease answer's job (``job_out(light=True)``) from the hot path's cached
-    :class:`~service.db.hot.JobInfo` and the columns its ``seq`` bump returned."""
-    profile = info.profile or {}
-    return {
-        "id": info.id, "name": info.name, "state": dyn.job_state, "owner": info.owner, "kind": info.kind,
-        "counts": {}, "best": None, "created_at": iso(info.created_at), "updated_at": iso(dyn.job_updated_at),
-        "reason": dyn.job_reason, "seq": dyn.job_seq, "spec": info.spec, "layers": profile.get("layers"),
-        "search_space": info.search_space, "totals": profile.get("totals"), "n_created": dyn.job_n_created,
-    }
+    """``job_out(light=True)`` from the hot path's cached :class:`~service.db.hot.JobInfo` and the
+    columns its ``seq`` bump returned."""
+    return _job_view(info, dyn.job_state, dyn.job_reason, dyn.job_updated_at, dyn.job_seq, dyn.job_n_created, {},
+                     None)
 
 
 def encode_cursor(value: int) -> str:

@@ -43,6 +43,11 @@ class _Fallback(Exception):
     """The hot path met an unusual case: roll back and let the ORM path answer it exactly."""
 
 
+def _lease_info(token: str | None, expires_at: Any, lease_seconds: float, attempt: int) -> dict[str, Any]:
+    """The ``lease`` object of lease and heartbeat answers."""
+    return {"token": token, "expires_at": iso(expires_at), "lease_seconds": lease_seconds, "attempt": attempt}
+
+
 def _log_transition(event: str, row: Any, prev: str) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info("trial %s", event, extra={"job_id": row.job_id, "trial_id": row.id, "from_state": prev,
@@ -73,8 +78,7 @@ def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()
     row, dyn, info = got
     _log_transition("leased", row, "queued")
     out = {"task": row.kind, "trial": trial_out(row), "job": job_light(info, dyn),
-           "lease": {"token": row.lease_token, "expires_at": iso(row.lease_expires_at),
-                     "lease_seconds": info.lease_seconds, "attempt": row.attempt}}
+           "lease": _lease_info(row.lease_token, row.lease_expires_at, info.lease_seconds, row.attempt)}
     if row.kind == "export":
         with read_session(ctx.factory) as s:
             src = s.get(Trial, int(row.params["trial_id"]))
@@ -94,15 +98,17 @@ def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
     tok = _token(body.lease_token if body else None, x_lease_token)
     got = run_conn(ctx.hot_engine, lambda c: hot.heartbeat(c, ctx.dialect, ctx.jobs, trial_id, tok))
     if got is not None:
-        return JSONResponse({"lease": {**got, "expires_at": iso(got["expires_at"])}})
+        row, info = got
+        return JSONResponse({"lease": _lease_info(row.lease_token, row.lease_expires_at, info.lease_seconds,
+                                                  row.attempt)})
 
     def _hb(s: Session) -> dict[str, Any]:  # the unusual cases, with their exact errors
         t = lock_trial(s, trial_id, ctx.dialect)
         heartbeat(s, t, tok)
         job = s.get(Job, t.job_id)
         assert job is not None
-        return {"lease": {"token": t.lease_token, "expires_at": iso(t.lease_expires_at),
-                          "lease_seconds": float(job.spec["budget"]["lease_seconds"]), "attempt": t.attempt}}
+        return {"lease": _lease_info(t.lease_token, t.lease_expires_at, float(job.spec["budget"]["lease_seconds"]),
+                                     t.attempt)}
 
     return run_tx(ctx.factory, _hb)
 

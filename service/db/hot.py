@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, insert, select, text, update
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Row
 
 from service.db.models import Event, Job, Trial, UTCDateTime, utcnow
 
@@ -188,8 +188,8 @@ RETURNING t.lease_expires_at, t.attempt, t.lease_token, t.job_id
 
 
 def heartbeat(conn: Connection, dialect: str, cache: JobInfoCache, trial_id: int,
-              token: str | None) -> dict[str, Any] | None:
-    """Extend a running trial's lease: the ``lease`` answer, or None (lost, cancelled, unknown: ask the ORM)."""
+              token: str | None) -> tuple[Row[Any], JobInfo] | None:
+    """Extend a running trial's lease: (its lease columns, its job), or None (lost, cancelled, unknown: ask the ORM)."""
     now = utcnow()
     if dialect == "postgresql":
         row = conn.execute(_PG_HEARTBEAT, {"id": trial_id, "now": now, "token": token}).first()
@@ -213,8 +213,7 @@ def heartbeat(conn: Connection, dialect: str, cache: JobInfoCache, trial_id: int
         ).first()
         if row is None:
             return None
-    return {"token": row.lease_token, "expires_at": row.lease_expires_at, "lease_seconds": info.lease_seconds,
-            "attempt": row.attempt}
+    return row, info
 
 
 # --------------------------------------------------------------------------- complete

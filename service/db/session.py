@@ -31,6 +31,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
+_PG_POOL: dict = {"pool_size": 10, "max_overflow": 30, "pool_timeout": 60}
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; for SQLite, every transaction takes the write lock up front.
 
@@ -66,7 +69,7 @@ def make_engine(url: str) -> Engine:
         # GIL it needs to finish. Other processes on the same file still queue on the busy timeout.
         engine._bocompress_writer = threading.Lock()  # type: ignore[attr-defined]
         return engine
-    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, pool_timeout=60)
+    return create_engine(url, pool_pre_ping=True, **_PG_POOL)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -138,8 +141,7 @@ def relaxed_engine(engine: Engine) -> Engine:
         return engine
     # No pre-ping (a round trip per checkout): a connection the server closed fails its
     # statement with connection_invalidated, which run_conn retries on a fresh one.
-    return create_engine(engine.url, pool_size=10, max_overflow=30, pool_timeout=60,
-                         connect_args={"options": "-c synchronous_commit=off"})
+    return create_engine(engine.url, connect_args={"options": "-c synchronous_commit=off"}, **_PG_POOL)
 
 
 @contextlib.contextmanager

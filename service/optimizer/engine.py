@@ -358,6 +358,16 @@ def composite_value(problem: Problem, params: Mapping[str, float], value: float)
     return composite(kind, float(obj.get("kappa", 1.0) or 1.0), float(value), ratio(problem, params), obj.get("budget"))
 
 
+def _in_initial_design(problem: Problem, index: int) -> bool:
+    return problem.engine == "sobol" or (problem.engine == "auto" and index < problem.n_initial)
+
+
+def initial_design_only(problem: Problem, n_existing: int, n: int) -> bool:
+    """Whether trials ``n_existing .. n_existing + n - 1`` are all initial-design (Sobol) points:
+    then ``propose`` fits no GP and needs the history only to avoid duplicates."""
+    return n == 0 or _in_initial_design(problem, n_existing + n - 1)
+
+
 def point_key(problem: Problem) -> Any:
     """The function ``params -> key`` that ``propose`` uses to tell points apart (after snapping)."""
     return Space(problem.params, compression=(problem.objective or {}).get("kind") is not None).key
@@ -419,9 +429,7 @@ def propose(
     slots_sobol: list[int] = []
     slots_gp: list[int] = []
     for j in range(n):
-        i = n_existing + j
-        in_init = problem.engine == "sobol" or (problem.engine == "auto" and i < problem.n_initial)
-        (slots_sobol if in_init or not gp_ready else slots_gp).append(j)
+        (slots_sobol if _in_initial_design(problem, n_existing + j) or not gp_ready else slots_gp).append(j)
 
     mix = (int(problem.seed) * 1_000_003 + int(n_existing) * 7919 + len(obs) * 104_729 + len(pending)) % (2**31 - 1)
     chosen: dict[int, list[float]] = {}

@@ -93,3 +93,17 @@ def make_landscape(d: int = 8, seed: int = 0, theta_min: float = 0.05, noise: fl
         c.append(u(0.0, 0.1) * 8.0 / d)
     profile = {"layers": layers, "params": params, "totals": {"params": total * 1.05}, "model_info": {}}
     return Landscape(profile=profile, params=params, a=a, p=p, c=c, b=0.5, noise=noise)
+
+
+def sobol_history(ls: Landscape, n: int, design_seed: int = 3, noise_seed: int = 0) -> list:
+    """``n`` observations of ``ls`` at the points of a scrambled Sobol design (seeded), measured
+    with seeded noise: a history to time or test the GP stage on."""
+    from .engine import Observation
+    from .sobol import sobol_points
+    from .space import Space
+
+    sp = Space(ls.params, compression=True)
+    g = torch.Generator().manual_seed(noise_seed)
+    d = len(ls.params)
+    points = [sp.from_unit(u) for u in sobol_points(d, design_seed, 0, n).tolist()]
+    return [Observation(p, *ls.measure(p, g)) for p in points]

@@ -14,7 +14,7 @@ from bocompress import costs
 from service.optimizer import Observation, Problem, fast_mode, point_key, propose
 from service.optimizer.sobol import sobol_points
 from service.optimizer.space import Space
-from service.optimizer.synthetic import make_landscape
+from service.optimizer.synthetic import make_landscape, sobol_history
 
 
 @pytest.fixture(autouse=True)
@@ -220,11 +220,7 @@ def test_scale_1000_observations_64_dims() -> None:
     d, n = 64, 1000
     ls = make_landscape(d=d, seed=0)
     sp = Space(ls.params, compression=True)
-    g = torch.Generator().manual_seed(0)
-    obs = []
-    for u in sobol_points(d, 3, 0, n).tolist():
-        p = sp.from_unit(u)
-        obs.append(Observation(p, *ls.measure(p, g)))
+    obs = sobol_history(ls, n)
     prob = Problem(ls.params, {"kind": "scalarized", "kappa": 1.0, "cost": "params"}, ls.profile, 8, 0)
     pending = [sp.from_unit(u) for u in sobol_points(d, 4, 0, 8).tolist()]
     with fast_mode(None), _default_budgets():

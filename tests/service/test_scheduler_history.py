@@ -32,8 +32,9 @@ def test_incremental_history_matches_full_read(server: LiveServer, admin: httpx.
         with read_session(factory) as s:
             j = s.get(Job, job["id"])
             full = observations(s, j)
-            assert _same(hist.read(s, j), full)
-            assert hist.keys() == ([key(o.params) for o in full[0]], [key(p) for p in full[1]])
+            obs, pending, keys = hist.read(s, j)
+            assert _same((obs, pending), full)
+            assert keys == ([key(o.params) for o in full[0]], [key(p) for p in full[1]])
 
     check()
     done = 0
@@ -56,5 +57,5 @@ def test_incremental_history_matches_full_read(server: LiveServer, admin: httpx.
         check()
     assert done > 10
     with read_session(factory) as s:
-        obs, pending = hist.read(s, s.get(Job, job["id"]))
+        obs, pending, _ = hist.read(s, s.get(Job, job["id"]))
     assert len(obs) == done and pending
