@@ -19,7 +19,7 @@ from service.api.deps import Context
 from service.config import Settings
 from service.db.migrate import SchemaOutdated, check_schema, ensure_schema
 from service.db.hot import JobInfoCache
-from service.db.session import make_engine, make_sessionmaker, relaxed_engine
+from service.db.session import make_engine, make_sessionmaker
 from service.metrics import Metrics
 
 log = logging.getLogger("bocompress.service")
@@ -52,8 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = checked_engine(settings)
     factory = make_sessionmaker(engine)
     metrics = Metrics(factory)
-    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics,
-                  hot_engine=relaxed_engine(engine), jobs=JobInfoCache())
+    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics, jobs=JobInfoCache())
+    if engine.dialect.name == "postgresql":
+        from service.db.hot_pg import PgHot
+
+        ctx.pg = PgHot(settings.database_url, ctx.jobs)
     if settings.scheduler:
         from service.scheduler import Scheduler
 
@@ -67,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Requests that touch the database run in the thread pool; a small pool does more per
         # CPU-second than anyio's default of 40, whose threads mostly wait for each other's GIL.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        if ctx.pg is not None:
+            await ctx.pg.open()
         if ctx.scheduler is not None:
             ctx.scheduler.start()
         try:
@@ -74,8 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if ctx.scheduler is not None:
                 ctx.scheduler.stop()
-            if ctx.hot_engine is not engine:
-                ctx.hot_engine.dispose()
+            if ctx.pg is not None:
+                await ctx.pg.close()
             engine.dispose()
 
     app = FastAPI(title="bocompress", version="1", lifespan=lifespan,

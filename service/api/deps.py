@@ -27,8 +27,8 @@ class Context:
     factory: sessionmaker[Session]
     metrics: Any
     scheduler: Any = None
-    #: The worker hot path's engine (PostgreSQL: relaxed commits for leases and heartbeats).
-    hot_engine: Engine | None = None
+    #: PostgreSQL: the worker hot path on the event loop (service.db.hot_pg.PgHot); None on SQLite.
+    pg: Any = None
     #: What running jobs never change, cached for the hot path (service.db.hot).
     jobs: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)

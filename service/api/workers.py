@@ -10,21 +10,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from bocompress import costs
 from bocompress.schemas import CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, LeaseResponse, TrialOut
-from service.api.deps import CtxDep, WorkerDep
+from service.api.deps import Context, CtxDep, WorkerDep
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
-from service.api.serialize import iso, job_light, trial_out
+from service.api.serialize import iso, job_light, job_out, trial_out
 from service.db import hot
+from service.db.hot import Finished
 from service.db.models import Job, Trial
 from service.db.session import read_session, run_conn, run_tx
 from service.db.trials import (
     add_event,
-    after_trial_finished,
+    claim_next,
+    close_job_if_done,
     complete,
     compression_values,
     fail,
@@ -54,35 +57,67 @@ def _log_transition(event: str, row: Any, prev: str) -> None:
                                             "to_state": row.state, "attempt": row.attempt, "worker": row.worker})
 
 
+def _lease_answer(trial: Any, job_view: dict[str, Any], lease_seconds: float) -> dict[str, Any]:
+    return {"task": trial.kind, "trial": trial_out(trial), "job": job_view,
+            "lease": _lease_info(trial.lease_token, trial.lease_expires_at, lease_seconds, trial.attempt)}
+
+
+def _lease_sync(ctx: Context, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
+    """A lease off the event loop: SQLite's hot path, else the ORM's :func:`claim_next`."""
+    if ctx.dialect == "sqlite":
+        got = run_conn(ctx.engine, lambda c: hot.lease(c, ctx.jobs, worker, kinds))
+        if got is None:
+            return None
+        row, dyn, info = got
+        return row, _lease_answer(row, job_light(info, dyn), info.lease_seconds)
+
+    def _claim(s: Session) -> tuple[Any, dict[str, Any]] | None:
+        c = claim_next(s, worker, kinds, dialect=ctx.dialect)
+        if c is None:
+            return None
+        return c.trial, _lease_answer(c.trial, job_out(None, c.job, light=True),
+                                      float(c.job.spec["budget"]["lease_seconds"]))
+
+    return run_tx(ctx.factory, _claim) if kinds else None
+
+
 @router.post("/workers/lease", response_model=LeaseResponse, responses={**ERRORS, 204: {"description": "no work"}})
-def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()] = None) -> Any:
+async def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, Body()] = None) -> Any:
     """A trial (or a profiling/export task) with its job spec and lease, or 204 when none is queued."""
     body = body or LeaseRequest()
     t0 = time.perf_counter()
     worker = f"{p.owner}/{body.worker}" if p.owner not in ("local", body.worker) else body.worker
     kinds = list(body.kinds)
+    pg = ctx.pg.here() if ctx.pg is not None else None
 
-    def _lease(conn: Connection) -> Any:
-        return hot.lease(conn, ctx.dialect, ctx.jobs, worker, kinds)
+    async def _lease() -> tuple[Any, dict[str, Any]] | None:
+        if pg is None:
+            return await run_in_threadpool(_lease_sync, ctx, worker, kinds)
+        got = await pg.lease(worker, kinds)
+        if got is None:
+            return None
+        row, dyn, info = got
+        # Built after the commit: the job row, locked by the lease's seq bump, is not held while
+        # Python encodes the answer.
+        return row, _lease_answer(row, job_light(info, dyn), info.lease_seconds)
 
-    got = run_conn(ctx.hot_engine, _lease)
-    if got is None and run_tx(ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:
-        got = run_conn(ctx.hot_engine, _lease)
+    got = await _lease()
+    if got is None and await run_in_threadpool(run_tx, ctx.factory, lambda s: reap_expired(s, limit=50)) > 0:
+        got = await _lease()
     ctx.metrics.observe_lease(time.perf_counter() - t0, worker, got is not None)
     if got is None:
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
         return Response(status_code=204)
-    # Built after the commit: the job row, locked by the lease's seq bump, is not held while
-    # Python encodes the answer.
-    row, dyn, info = got
+    row, out = got
     _log_transition("leased", row, "queued")
-    out = {"task": row.kind, "trial": trial_out(row), "job": job_light(info, dyn),
-           "lease": _lease_info(row.lease_token, row.lease_expires_at, info.lease_seconds, row.attempt)}
     if row.kind == "export":
-        with read_session(ctx.factory) as s:
-            src = s.get(Trial, int(row.params["trial_id"]))
-            out["source"] = trial_out(src) if src is not None else None
+        def _source() -> dict[str, Any] | None:
+            with read_session(ctx.factory) as s:
+                src = s.get(Trial, int(row.params["trial_id"]))
+                return trial_out(src) if src is not None else None
+
+        out["source"] = await run_in_threadpool(_source)
     return JSONResponse(out)
 
 
@@ -91,12 +126,18 @@ def _token(body_token: str | None, header_token: str | None) -> str | None:
 
 
 @router.post("/trials/{trial_id}/heartbeat", responses=ERRORS)
-def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
-                    body: Annotated[HeartbeatRequest | None, Body()] = None,
-                    x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
+async def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
+                          body: Annotated[HeartbeatRequest | None, Body()] = None,
+                          x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """Extend the lease; 409 when it was lost or the job was cancelled."""
     tok = _token(body.lease_token if body else None, x_lease_token)
-    got = run_conn(ctx.hot_engine, lambda c: hot.heartbeat(c, ctx.dialect, ctx.jobs, trial_id, tok))
+    pg = ctx.pg.here() if ctx.pg is not None else None
+    if pg is not None:
+        got = await pg.heartbeat(trial_id, tok)
+    elif ctx.dialect == "sqlite":
+        got = await run_in_threadpool(run_conn, ctx.engine, lambda c: hot.heartbeat(c, ctx.jobs, trial_id, tok))
+    else:
+        got = None
     if got is not None:
         row, info = got
         return JSONResponse({"lease": _lease_info(row.lease_token, row.lease_expires_at, info.lease_seconds,
@@ -110,7 +151,7 @@ def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
         return {"lease": _lease_info(t.lease_token, t.lease_expires_at, float(job.spec["budget"]["lease_seconds"]),
                                      t.attempt)}
 
-    return run_tx(ctx.factory, _hb)
+    return await run_in_threadpool(run_tx, ctx.factory, _hb)
 
 
 def _validate_profile(job: Job, body: CompleteRequest) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -163,43 +204,65 @@ def _evaluate_values(job: Any, params: dict[str, Any], values: dict[str, float])
     return values
 
 
+def _hot_result_ok(t: Any, tok: str | None) -> bool:
+    """Whether the hot path may store this result (an evaluation, running, the caller's lease)."""
+    return (t is not None and t.kind == "evaluate" and t.state == "running"
+            and (tok is None or t.lease_token is None or tok == t.lease_token))
+
+
+def _hot_values(info: Any, t: Any, body: CompleteRequest) -> tuple[dict[str, float], dict[str, float], str]:
+    values = _evaluate_values(info, t.params, dict(body.values))
+    sem = dict(body.sem)
+    return values, sem, result_hash(values, sem, None)
+
+
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=ERRORS)
-def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerDep,
-                   x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
+async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerDep,
+                         x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """The worker's result; idempotent (the same result twice is stored once); 409 if the lease was lost."""
     tok = _token(body.lease_token, x_lease_token)
 
-    def _fast(conn: Connection) -> dict[str, Any] | None:
-        t = hot.lock_for_result(conn, ctx.dialect, trial_id)
-        if (t is None or t.kind != "evaluate" or t.state != "running"
-                or (tok is not None and t.lease_token is not None and tok != t.lease_token)):
+    def _fast_sqlite(conn: Connection) -> tuple[Finished, bool] | None:
+        t = hot.result_row(conn, trial_id)
+        if not _hot_result_ok(t, tok):
             return None
         info = ctx.jobs.get(conn, t.job_id)
-        assert info is not None
-        values = _evaluate_values(info, t.params, dict(body.values))
-        sem = dict(body.sem)
-        done = hot.finish(conn, ctx.dialect, t, values, sem, result_hash(values, sem, None))
+        done = hot.finish(conn, t, *_hot_values(info, t, body))
         if done is None:
-            raise _Fallback
+            raise _Fallback  # roll back: the ORM path answers
+        last = done.job_state == "running" and done.job_n_created >= info.max_trials
+        return done, last and hot.open_trials(conn, t.job_id) == 0
+
+    async def _fast() -> tuple[Finished, bool] | None:
+        pg = ctx.pg.here() if ctx.pg is not None else None
+        if pg is None:
+            if ctx.dialect != "sqlite":
+                return None
+            try:
+                return await run_in_threadpool(run_conn, ctx.engine, _fast_sqlite)
+            except _Fallback:
+                return None
+        t = await pg.result_row(trial_id)
+        if not _hot_result_ok(t, tok):
+            return None
+        info = await pg.job(t.job_id)
+        done = await pg.finish(t, *_hot_values(info, t, body))
+        if done is None:
+            return None
+        last = done.job_state == "running" and done.job_n_created >= info.max_trials
+        return done, last and await pg.open_trials(t.job_id) == 0
+
+    fast = await _fast()
+    if fast is not None:
+        done, last = fast
         row = SimpleNamespace(**done.trial)
         _log_transition("completed", row, "running")
-        if done.job_state == "running" and done.job_n_created >= info.max_trials \
-                and hot.open_trials(conn, row.job_id) == 0:
-            with Session(bind=conn) as s:
-                job = s.get(Job, row.job_id)
-                assert job is not None
-                after_trial_finished(s, job, row)
-        return trial_out(row)
-
-    try:
-        fast = run_conn(ctx.engine, _fast)
-    except _Fallback:
-        fast = None
-    if fast is not None:
+        if last:  # the job's budget is spent and nothing is open: close it (locked, so once)
+            await run_in_threadpool(run_tx, ctx.factory, lambda s: close_job_if_done(s, row.job_id, ctx.dialect))
         ctx.metrics.trial_finished("completed")
         if ctx.scheduler is not None:
             ctx.scheduler.wake()
-        return JSONResponse(fast)
+        return JSONResponse(trial_out(row))
 
     def _complete(s: Session) -> dict[str, Any]:
         t = lock_trial(s, trial_id, ctx.dialect)
@@ -222,7 +285,7 @@ def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerD
         complete(s, t, _evaluate_values(job, t.params, dict(body.values)), dict(body.sem), tok)
         return trial_out(t)
 
-    out = run_tx(ctx.factory, _complete)
+    out = await run_in_threadpool(run_tx, ctx.factory, _complete)
     ctx.metrics.trial_finished("completed")
     if ctx.scheduler is not None:
         ctx.scheduler.wake()

@@ -127,23 +127,6 @@ def run_conn(engine: Engine, fn: Callable[[Connection], T], attempts: int = 8) -
     return _retrying(engine.begin, fn, attempts, engine)  # type: ignore[arg-type]
 
 
-def relaxed_engine(engine: Engine) -> Engine:
-    """PostgreSQL: an engine whose transactions commit without waiting for their WAL flush.
-
-    For leases and heartbeats only. Losing one in a database crash only loses a lease: the
-    trial is handed out again and the old holder's result is refused (409), so no reported
-    result is lost; results (complete/fail/tell) use the normal engine and synchronous commits.
-    It matters because a lease bumps the job's ``seq`` and so holds the job row until commit:
-    on a disk with slow fsync, a synchronous commit under that lock bounds a job's lease rate.
-    On SQLite (no such setting; WAL with ``synchronous=NORMAL`` already) it is ``engine`` itself.
-    """
-    if engine.dialect.name != "postgresql":
-        return engine
-    # No pre-ping (a round trip per checkout): a connection the server closed fails its
-    # statement with connection_invalidated, which run_conn retries on a fresh one.
-    return create_engine(engine.url, connect_args={"options": "-c synchronous_commit=off"}, **_PG_POOL)
-
-
 @contextlib.contextmanager
 def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A read-only transaction; on SQLite a deferred one, so a slow read never blocks writers."""

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
@@ -300,6 +301,14 @@ def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
         set_job_state(session, job, "completed", ("running",))
 
 
+def close_job_if_done(session: Session, job_id: int, dialect: str) -> None:
+    """:func:`after_trial_finished` for an evaluation stored outside this transaction (the hot
+    path): with the job row locked, so two last results close the job once."""
+    q = select(Job).where(Job.id == job_id)
+    job = session.execute(q.with_for_update() if dialect == "postgresql" else q).scalar_one()
+    after_trial_finished(session, job, SimpleNamespace(kind="evaluate"))  # type: ignore[arg-type]
+
+
 def cancel_job(session: Session, job: Job, dialect: str) -> Job:
     q = select(Trial).where(Trial.job_id == job.id, Trial.state.in_(OPEN_TRIAL_STATES)).order_by(Trial.id)
     if dialect == "postgresql":
@@ -447,7 +456,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 __all__ = [
-    "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "best_trial",
+    "Claimed", "NotFound", "TransitionError", "add_event", "after_trial_finished", "best_trial", "close_job_if_done",
     "bump_seq", "cancel_job", "claim_next", "complete", "compression_values", "count_states", "fail",
     "heartbeat", "insert_proposals", "jobs_needing_proposals", "refill_step", "objective_of", "pareto_front", "reap_expired",
     "set_job_state", "transition",
