@@ -345,7 +345,7 @@ def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
         names = [p["name"] for p in job.search_space]
         k = n - job.n_created
         if k > 0:
-            insert_proposals(s, job, job.n_created, [{nm: round(rng.uniform(0.05, 1.0), 4) for nm in names}
+            insert_proposals(s, job.id, job.n_created, [{nm: round(rng.uniform(0.05, 1.0), 4) for nm in names}
                                                      for _ in range(k)])
         now = utcnow()
         rows = s.execute(select_trials(job_id)).all()

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Job, Trial, utcnow
@@ -286,10 +286,9 @@ class Scheduler:
                     self._histories.pop(job_id, None)
                     return 0
                 b = job.spec["budget"]
-                queued = s.execute(
-                    select(Trial.id).where(Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == "queued")
-                ).all()
-                n = min(int(b["max_parallel"]) - len(queued), int(b["max_trials"]) - job.n_created)
+                queued = s.execute(select(func.count()).select_from(Trial).where(
+                    Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == "queued")).scalar_one()
+                n = min(int(b["max_parallel"]) - queued, int(b["max_trials"]) - job.n_created)
                 if n <= 0:
                     return 0
                 problem = job_problem(job)
@@ -324,11 +323,7 @@ class Scheduler:
                 return 0
 
             def _insert(s: Session) -> int:
-                job = s.get(Job, job_id)
-                assert job is not None
-                insert_proposals(s, job, created, points)
-                job.optimizer_state = new_state
-                return len(points)
+                return len(insert_proposals(s, job_id, created, points, optimizer_state=new_state))
 
             try:
                 k = run_tx(self.factory, _insert)

@@ -184,10 +184,10 @@ def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.get("/jobs/{job_id}/trials", response_model=Page, responses=ERRORS)
-def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
-                since: Annotated[int, Query(ge=0, le=2**62)] = 0,
-                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-                cursor: Annotated[str | None, Query(max_length=200)] = None) -> Any:
+async def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
+                      since: Annotated[int, Query(ge=0, le=2**62)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+                      cursor: Annotated[str | None, Query(max_length=200)] = None) -> Any:
     """Trials changed after ``since`` (a ``seq``), oldest change first.
 
     ``next_cursor`` is set when more changes remain; the ``X-Job-Seq`` header is the job's
@@ -195,22 +195,38 @@ def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
     """
     after = decode_cursor(cursor)
     since = max(since, after or 0)
+    pg = ctx.pg.here() if ctx.pg is not None else None
+    if pg is not None:  # the dashboard's poll, on the event loop; the items' JSON built by PostgreSQL
+        # The job's seq is read first: every change up to it has committed (a seq bump holds the
+        # job row until its transaction ends), so the page that follows misses none of them.
+        job = await pg.job_seq(job_id)
+        if job is None or not _may_see(job.owner, p):
+            raise NotFound("job", job_id)
+        job_seq = int(job.seq)
+        rows = await pg.trial_page(job_id, since, limit + 1)
+        items = "[" + ",".join(r[1] for r in rows[:limit]) + "]"
+    else:
+        job_seq, rows, items = await run_in_threadpool(_trial_page, ctx, p, job_id, since, limit)
+    nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    body = '{"items":' + items + ',"next_cursor":' + json.dumps(nxt) + "}"
+    return Response(body.encode(), media_type="application/json", headers={"X-Job-Seq": str(job_seq)})
+
+
+def _trial_page(ctx: Context, p: Principal, job_id: int, since: int, limit: int) -> tuple[int, list[Any], str]:
+    """:func:`list_trials` in one read transaction: (the job's seq, up to limit + 1 rows, the items' JSON)."""
     t = Trial.__table__.c  # Core columns: no ORM row processing (a poll may carry thousands of rows)
     where = (t.job_id == job_id, t.kind == "evaluate", t.seq > since)
     with read_session(ctx.factory) as s:
         job_seq = visible_job_seq(s, job_id, p)
         conn = s.connection()
-        if ctx.dialect == "postgresql":  # the items' JSON built by the database
+        if ctx.dialect == "postgresql":
             rows = conn.execute(select(t.seq, trial_json_sql(t)).where(*where).order_by(t.seq).limit(limit + 1)).all()
-            items = "[" + ",".join(r[1] for r in rows[:limit]) + "]"
-        else:
-            cols = [t.id, t.job_id, t.seq, t.number, t.state, t.params, t["values"], t.sem, t.attempt, t.worker,
-                    t.created_at, t.started_at, t.finished_at, t.error]
-            rows = conn.execute(select(*cols).where(*where).order_by(t.seq).limit(limit + 1)).all()
-            items = json.dumps([trial_out(r) for r in rows[:limit]], ensure_ascii=False, separators=(",", ":"))
-    nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
-    body = '{"items":' + items + ',"next_cursor":' + json.dumps(nxt) + "}"
-    return Response(body.encode(), media_type="application/json", headers={"X-Job-Seq": str(job_seq)})
+            return job_seq, rows, "[" + ",".join(r[1] for r in rows[:limit]) + "]"
+        cols = [t.id, t.job_id, t.seq, t.number, t.state, t.params, t["values"], t.sem, t.attempt, t.worker,
+                t.created_at, t.started_at, t.finished_at, t.error]
+        rows = conn.execute(select(*cols).where(*where).order_by(t.seq).limit(limit + 1)).all()
+        return job_seq, rows, json.dumps([trial_out(r) for r in rows[:limit]], ensure_ascii=False,
+                                         separators=(",", ":"))
 
 
 @router.get("/jobs/{job_id}/pareto", response_model=Page, responses=ERRORS)

@@ -97,9 +97,35 @@ SELECT count(*) FROM trials WHERE job_id = %(job)s AND kind = 'evaluate' AND sta
 
 _JOB_INFO = f"SELECT {', '.join(JOB_INFO_COLS)} FROM jobs WHERE id = %(id)s"
 
+_JOB_SEQ = "SELECT owner, seq FROM jobs WHERE id = %(id)s"
+
+
+def _compiled(stmt: Any) -> tuple[str, dict[str, Any]]:
+    """A SQLAlchemy statement as psycopg SQL and its fixed parameters."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    c = stmt.compile(dialect=dialect())
+    return str(c), dict(c.params)
+
+
+def _trial_page() -> tuple[str, dict[str, Any]]:
+    from sqlalchemy import bindparam, select
+
+    from service.api.serialize import trial_json_sql
+    from service.db.models import Trial
+
+    t = Trial.__table__.c
+    return _compiled(select(t.seq, trial_json_sql(t))
+                     .where(t.job_id == bindparam("job"), t.kind == "evaluate", t.seq > bindparam("since"))
+                     .order_by(t.seq).limit(bindparam("n")))
+
+
+_TRIAL_PAGE, _TRIAL_PAGE_PARAMS = _trial_page()
+
 #: Errors after which the statement is retried on a fresh connection: the connection broke (a
-#: database restart), or PostgreSQL chose it as a deadlock or serialization victim.
-_TRANSIENT = (psycopg.OperationalError, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+#: database restart), or PostgreSQL chose it as a deadlock or serialization victim (both
+#: ``OperationalError`` subclasses in psycopg).
+_TRANSIENT = (psycopg.OperationalError,)
 
 
 def conninfo(url: str) -> str:
@@ -172,6 +198,9 @@ class _Bound:
                 if i == attempts - 1:
                     raise StorageError(f"database unavailable after {attempts} attempts: {exc}") from exc
                 log.debug("transient database error, retrying", extra={"attempt": i + 1, "error": str(exc)})
+                if exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P")):
+                    # the connection broke (the database restarted?): so may every idle one have
+                    await pool.check()
                 await asyncio.sleep(min(0.5, 0.01 * 2**i) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
@@ -225,6 +254,18 @@ class _Bound:
         trial = {**t._asdict(), "state": "completed", "seq": int(j.seq), "values": values, "sem": sem,
                  "finished_at": now}
         return Finished(trial, j.state, int(j.n_created))
+
+    async def job_seq(self, job_id: int) -> Any:
+        """The job's (owner, seq), or None."""
+        return await self._one(self.durable, _JOB_SEQ, {"id": job_id})
+
+    async def trial_page(self, job_id: int, since: int, n: int) -> list[Any]:
+        """Up to ``n`` of the job's evaluations changed after ``since``, oldest change first: (seq, JSON text)."""
+        async def go(conn: psycopg.AsyncConnection) -> list[Any]:
+            cur = await conn.execute(_TRIAL_PAGE, {**_TRIAL_PAGE_PARAMS, "job": job_id, "since": since, "n": n})
+            return await cur.fetchall()
+
+        return await self._run(self.durable, go)
 
     async def open_trials(self, job_id: int) -> int:
         row = await self._one(self.durable, _OPEN_TRIALS, {"job": job_id})

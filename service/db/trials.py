@@ -19,11 +19,11 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import JSON, Integer, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from bocompress import costs
-from service.db.models import Event, Job, Trial, utcnow
+from service.db.models import Event, Job, Trial, UTCDateTime, utcnow
 
 log = logging.getLogger("bocompress.trials")
 
@@ -321,27 +321,61 @@ def cancel_job(session: Session, job: Job, dialect: str) -> Job:
     return job
 
 
-def insert_proposals(session: Session, job: Job, expected_created: int, proposals: list[dict[str, float]],
-                     kind: str = "evaluate") -> list[Any]:
-    """Add proposals as queued trials, unless another generator got there first: their (id, params) rows."""
+_PG_INSERT_PROPOSALS = text("""
+WITH j AS (
+  UPDATE jobs SET n_created = n_created + :k, seq = seq + :k, updated_at = :now,
+         optimizer_state = COALESCE(CAST(:state AS json), optimizer_state)
+  WHERE id = :job AND n_created = :expected AND state = 'running'
+  RETURNING seq
+), p AS (
+  SELECT x.ord - 1 AS i, x.value AS params FROM json_array_elements(CAST(:points AS json)) WITH ORDINALITY AS x(value, ord)
+), t AS (
+  INSERT INTO trials (job_id, kind, number, seq, state, params, "values", sem, attempt, created_at)
+  SELECT :job, :kind, :expected + p.i, j.seq - :k + 1 + p.i, 'queued', p.params, '{}', '{}', 1, :now FROM j, p
+  RETURNING id, params, number
+), e AS (
+  INSERT INTO events (job_id, trial_id, kind, from_state, to_state, detail, at)
+  SELECT :job, t.id, 'proposed', NULL, 'queued', NULL, :now FROM t
+)
+SELECT t.id, t.params FROM t ORDER BY t.number
+""").bindparams(bindparam("now", type_=UTCDateTime)).columns(id=Integer, params=JSON)
+
+
+def insert_proposals(session: Session, job_id: int, expected_created: int, proposals: list[dict[str, float]],
+                     kind: str = "evaluate", optimizer_state: dict[str, Any] | None = None) -> list[Any]:
+    """Add proposals as queued trials, unless another generator got there first: their (id, params) rows.
+
+    Guarded on ``n_created == expected_created``; bumps the job's ``seq`` once per trial and
+    stores ``optimizer_state`` (the engine's state after proposing them) where given. On
+    PostgreSQL it is one statement, so the job row (which every lease and result also bumps) is
+    locked only while it runs, not across a round trip per table.
+    """
     k = len(proposals)
-    res = session.execute(
-        update(Job).where(Job.id == job.id, Job.n_created == expected_created, Job.state == "running")
-        .values(n_created=Job.n_created + k)
-    )
-    if res.rowcount != 1:
-        raise TransitionError(f"job {job.id}: proposals were made by another generator", code="raced")
+    if k == 0:
+        return []
     now = utcnow()
-    last = int(session.execute(
-        update(Job).where(Job.id == job.id).values(seq=Job.seq + k, updated_at=now).returning(Job.seq)
-    ).scalar_one())
-    rows = [dict(job_id=job.id, kind=kind, number=expected_created + i, seq=last - k + 1 + i, state="queued",
+    state = {} if optimizer_state is None else {"optimizer_state": optimizer_state}
+    if session.get_bind().dialect.name == "postgresql":
+        out = list(session.execute(_PG_INSERT_PROPOSALS, {
+            "k": k, "now": now, "job": job_id, "expected": expected_created, "kind": kind,
+            "points": json.dumps(proposals), "state": None if optimizer_state is None else json.dumps(optimizer_state)}))
+        if not out:
+            raise TransitionError(f"job {job_id}: proposals were made by another generator", code="raced")
+        return out
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.n_created == expected_created, Job.state == "running")
+        .values(n_created=Job.n_created + k, seq=Job.seq + k, updated_at=now, **state).returning(Job.seq)
+    ).first()
+    if res is None:
+        raise TransitionError(f"job {job_id}: proposals were made by another generator", code="raced")
+    last = int(res.seq)
+    rows = [dict(job_id=job_id, kind=kind, number=expected_created + i, seq=last - k + 1 + i, state="queued",
                  params=params, values={}, sem={}, attempt=1, created_at=now) for i, params in enumerate(proposals)]
     # Core inserts (no ORM objects: a wide buffer is refilled with hundreds of rows at once).
     table = Trial.__table__
     out = list(session.execute(insert(table).returning(table.c.id, table.c.params, sort_by_parameter_order=True),
                                rows))
-    session.execute(insert(Event), [dict(job_id=job.id, trial_id=t.id, kind="proposed", from_state=None,
+    session.execute(insert(Event), [dict(job_id=job_id, trial_id=t.id, kind="proposed", from_state=None,
                                          to_state="queued", detail=None, at=now) for t in out])
     return out
 

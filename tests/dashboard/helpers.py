@@ -120,7 +120,7 @@ def insert_history(database_url: str, job_id: int, n: int, seed: int = 0) -> Non
             job = s.get(Job, job_id)
             names = [p["name"] for p in job.search_space]
             props = [{k: rng.uniform(0.05, 1.0) for k in names} for _ in range(n)]
-            rows = insert_proposals(s, job, job.n_created, props)
+            rows = insert_proposals(s, job.id, job.n_created, props)
             now = utcnow()
             updates = []
             for t in rows:
