@@ -406,11 +406,21 @@ class CycleStats:
 
 
 async def worker_cycles(url: str, token: str, name: str, stop_at: float, stats: CycleStats,
-                        stop: asyncio.Event) -> None:
-    """One simulated worker: lease -> heartbeat -> complete until ``stop_at`` or ``stop``."""
+                        stop: asyncio.Event, interval: float | None = None) -> None:
+    """One simulated worker: lease -> heartbeat -> complete until ``stop_at`` or ``stop``.
+
+    ``interval``: start a cycle at most every ``interval`` seconds (a paced worker; None: flat out).
+    """
     c = RawClient(url, token)
+    next_at = time.perf_counter() + random.random() * (interval or 0.0)  # paced workers start spread out
     try:
         while time.perf_counter() < stop_at and not stop.is_set():
+            if interval is not None:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                # behind schedule (a slow cycle): start now, no burst to catch up
+                next_at = max(next_at + interval, time.perf_counter())
             t0 = time.perf_counter()
             st, _, body = await c.request("POST", "/api/v1/workers/lease", {"worker": name, "kinds": ["evaluate"]})
             stats.lat["lease"].append(time.perf_counter() - t0)
@@ -465,15 +475,20 @@ async def poller(url: str, token: str, job_id: int, stop: asyncio.Event, lat: li
 
 
 async def run_cycles(urls: list[str], token: str, job_id: int, workers: int, seconds: float,
-                     pollers: int = 2, poll_period: float = 0.2, until_completed: int | None = None) -> dict[str, Any]:
-    """Run ``workers`` cycle loops (spread over ``urls``) for ``seconds`` plus dashboard pollers."""
+                     pollers: int = 2, poll_period: float = 0.2, until_completed: int | None = None,
+                     rate: float | None = None) -> dict[str, Any]:
+    """Run ``workers`` cycle loops (spread over ``urls``) for ``seconds`` plus dashboard pollers.
+
+    ``rate``: pace the workers to that many cycles per second in all (None: each runs flat out).
+    """
     stats = CycleStats()
+    interval = None if rate is None else workers / rate
     stop = asyncio.Event()
     poll_lat: list[float] = []
     sizes: list[int] = []
     t0 = time.perf_counter()
     stop_at = t0 + seconds
-    tasks = [asyncio.create_task(worker_cycles(urls[i % len(urls)], token, f"w{i}", stop_at, stats, stop))
+    tasks = [asyncio.create_task(worker_cycles(urls[i % len(urls)], token, f"w{i}", stop_at, stats, stop, interval))
              for i in range(workers)]
     polls = [asyncio.create_task(poller(urls[i % len(urls)], token, job_id, stop, poll_lat, poll_period, sizes))
              for i in range(pollers)]
@@ -485,7 +500,8 @@ async def run_cycles(urls: list[str], token: str, job_id: int, workers: int, sec
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
     await asyncio.gather(*polls)
-    return {"workers": workers, "seconds": elapsed, "cycles": stats.cycles, "cycles_per_s": stats.cycles / elapsed,
+    return {"workers": workers, "rate": rate, "seconds": elapsed, "cycles": stats.cycles,
+            "cycles_per_s": stats.cycles / elapsed,
             "empty_leases": stats.empty, "errors": dict(stats.errors),
             **{k: summary(v) for k, v in stats.lat.items()}, "poll_under_load": summary(poll_lat),
             "poll_bytes_p50": statistics.median(sizes) if sizes else 0}
@@ -626,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the cycle phase per configuration (median)")
     ap.add_argument("--processes", type=int, default=2, help="server processes per service (serve --processes)")
     ap.add_argument("--threads", type=int, default=2, help="BOCOMPRESS_THREADS of each server process")
+    ap.add_argument("--rate", type=float, default=300.0,
+                    help="cycles/s in all of the paced phase (the goal's rate), run on the defaults")
     ap.add_argument("--no-compare-default", dest="compare_default", action="store_false",
                     help="skip the cycle phase with the default settings (1 process, 8 threads)")
     args = ap.parse_args(argv)
@@ -674,12 +692,23 @@ def main(argv: list[str] | None = None) -> int:
                                    load_after=os.getloadavg()[0], processes=procs, threads=threads)
                         runs[(procs, threads)].append(cyc)
                         print(json.dumps({"cycles": cyc}, indent=1, default=str), flush=True)
-                        if last:
-                            hist = make_running_job(srv.url, tok, args.history, 1, 600.0, name="history")
-                            seed_history(db, hist, args.history)
-                            poll = asyncio.run(run_idle_polling(srv.url, tok, hist))
                     finally:
                         srv.stop(signal.SIGINT if args.profile_out and last else signal.SIGTERM)
+            # The goal's pair, measured together: workers paced at the goal rate while dashboards
+            # poll, on the defaults; then polls of an idle 10,000-trial job on the same server.
+            db = fresh_db("paced")
+            tok = prepare_database(db)
+            srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log")).start()
+            try:
+                job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
+                paced = asyncio.run(run_cycles([srv.url], tok, job_id, args.workers, args.seconds,
+                                               until_completed=args.trials, rate=args.rate))
+                print(json.dumps({"paced": paced}, indent=1, default=str), flush=True)
+                hist = make_running_job(srv.url, tok, args.history, 1, 600.0, name="history")
+                seed_history(db, hist, args.history)
+                poll = asyncio.run(run_idle_polling(srv.url, tok, hist))
+            finally:
+                srv.stop()
             for c in configs:
                 rs = runs[c]
                 med = sorted(rs, key=lambda x: x["cycles_per_s"])[len(rs) // 2]
@@ -687,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                     {**med, "rounds": [round(x["cycles_per_s"]) for x in rs],
                      "cpu_ms_median": statistics.median(x["server_cpu_ms_per_cycle"] for x in rs)})
             results["cycles"] = cyc
+            results["paced"] = paced
             results["polling"] = poll
             print(json.dumps({"polling": poll}, indent=1, default=str), flush=True)
         if args.only in (None, "race"):
@@ -719,9 +749,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(r: dict[str, Any]) -> str:
     """The markdown of the load section from one run's results."""
-    c, p, race = r["cycles"], r["polling"], r["race"]
+    c, pc, p, race = r["cycles"], r["paced"], r["polling"], r["race"]
     rows = "\n".join(
-        f"| worker cycles, `serve --processes {x['processes']}`, `BOCOMPRESS_THREADS={x['threads']}`"
+        f"| worker cycles flat out, `serve --processes {x['processes']}`, `BOCOMPRESS_THREADS={x['threads']}`"
         f"{' (the defaults)' if (x['processes'], x['threads']) == (1, DEFAULT_THREADS) else ''} | "
         f"**{x['cycles_per_s']:.0f} cycles/s** median of {len(x.get('rounds', [1]))} rounds "
         f"({', '.join(str(v) for v in x.get('rounds', [round(x['cycles_per_s'])]))}; errors: {x['errors'] or 'none'}); "
@@ -729,20 +759,30 @@ def render(r: dict[str, Any]) -> str:
         for x in r.get("cycles_by_config", [c]))
     return f"""## Load
 
-`python bench/load.py` on {r['cores']} cores (load average {c['load_before']:.1f} when the last cycle phase
+`python bench/load.py` on {r['cores']} cores (load average {c['load_before']:.1f} when the last flat-out phase
 started), PostgreSQL 15 on the same machine, the load generator too. {c['workers']} simulated workers
 loop lease → heartbeat → complete on one {r.get('trials', 10_000):,}-trial compression job (Sobol engine, buffer
 512); load comes from one asyncio process with a keep-alive connection per simulated worker, and a
 worker that gets 204 waits 0.2 s (the demo worker's poll). Two dashboard pollers read `?since=` every
-0.2 s meanwhile. The configurations run interleaved, each round on a fresh database; latencies and\nthe rest of the table are from the last round of the last configuration.
+0.2 s meanwhile.
+
+- *Flat out*: every worker starts its next cycle as soon as the last one ends, so the service is
+  saturated and every request queues behind the others: this measures capacity. The configurations
+  run interleaved, each round on a fresh database; the latencies are from the last round of the last
+  configuration.
+- *Paced*: the same {pc['workers']} workers start their cycles on a schedule that offers {pc['rate']:.0f} cycles/s in all
+  (the goal's rate), against the defaults: the latencies a dashboard and the workers see at that rate.
 
 | measurement | result |
 |---|---|
 {rows}
-| lease p50 / p95 / p99 (ms) | {fmt_lat(c['lease'])} |
-| heartbeat p50 / p95 / p99 (ms) | {fmt_lat(c['heartbeat'])} |
-| complete p50 / p95 / p99 (ms) | {fmt_lat(c['complete'])} |
-| dashboard poll `?since=` while those workers run, p50 / p95 / p99 (ms) | {fmt_lat(c['poll_under_load'])} |
+| flat out: lease / heartbeat / complete p99 (ms) | {c['lease']['p99']:.0f} / {c['heartbeat']['p99']:.0f} / {c['complete']['p99']:.0f} |
+| flat out: dashboard poll `?since=`, p50 / p95 / p99 (ms) | {fmt_lat(c['poll_under_load'])} |
+| paced at {pc['rate']:.0f} cycles/s offered, defaults: cycles achieved | **{pc['cycles_per_s']:.0f} cycles/s** (errors: {pc['errors'] or 'none'}) |
+| paced: lease p50 / p95 / p99 (ms) | {fmt_lat(pc['lease'])} |
+| paced: heartbeat p50 / p95 / p99 (ms) | {fmt_lat(pc['heartbeat'])} |
+| paced: complete p50 / p95 / p99 (ms) | {fmt_lat(pc['complete'])} |
+| paced: dashboard poll `?since=` while those workers run, p50 / p95 / p99 (ms) | **{fmt_lat(pc['poll_under_load'])}** |
 | dashboard poll `?since=` of the {p['trials']}-trial job, idle, p50 / p95 / p99 (ms) | **{fmt_lat(p['poll_idle'])}** |
 | full history `?since=0` ({p['trials']} trials, {p['full_bytes'] / 1e6:.1f} MB), p50 (ms) | {p['full_fetch']['p50']:.0f} |
 | race: {race['leased']} leases by {r.get('race_leasers', 64)} leasers over 2 replicas (lease only) | {race['per_s']:.0f} leases/s; double leases: {race['double_leases']}; duplicate params: {race['duplicate_params']}; trial numbers consecutive: {race['numbers_consecutive']} |
