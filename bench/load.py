@@ -629,7 +629,8 @@ def fmt_lat(d: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--database-url", help="an existing, empty PostgreSQL database (default: a fresh one)")
-    ap.add_argument("--only", choices=("cycles", "race"), help="run one part only")
+    ap.add_argument("--only", choices=("cycles", "paced", "race"),
+                    help="run one part only (cycles: flat out and paced; paced: the paced phase only)")
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--trials", type=int, default=10_000, help="cycle-phase job size (max cycles)")
     ap.add_argument("--history", type=int, default=10_000, help="trials of the job the idle polling reads")
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         return url
 
     try:
-        if args.only in (None, "cycles"):
+        if args.only in (None, "cycles", "paced"):
             wrap = None
             if args.profile_out:
                 fmt = {".json": "speedscope", ".txt": "raw"}.get(Path(args.profile_out).suffix, "flamegraph")
@@ -673,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[tuple[int, int], list[dict[str, Any]]] = {c: [] for c in configs}
             # Configurations interleaved, ``repeat`` rounds, each on a fresh database: the medians
             # are compared under the same background load (a shared 2-core machine is noisy).
-            for rnd in range(args.repeat):
+            for rnd in range(args.repeat if args.only != "paced" else 0):
                 for procs, threads in configs:
                     db = fresh_db("cycles")
                     tok = prepare_database(db)
@@ -698,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             # poll, on the defaults; then polls of an idle 10,000-trial job on the same server.
             db = fresh_db("paced")
             tok = prepare_database(db)
-            srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log")).start()
+            srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log")).start(
+                wrap=wrap if args.only == "paced" else None)
             try:
                 job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
                 paced = asyncio.run(run_cycles([srv.url], tok, job_id, args.workers, args.seconds,
@@ -708,14 +710,14 @@ def main(argv: list[str] | None = None) -> int:
                 seed_history(db, hist, args.history)
                 poll = asyncio.run(run_idle_polling(srv.url, tok, hist))
             finally:
-                srv.stop()
-            for c in configs:
+                srv.stop(signal.SIGINT if args.profile_out and args.only == "paced" else signal.SIGTERM)
+            for c in configs if args.only != "paced" else []:
                 rs = runs[c]
                 med = sorted(rs, key=lambda x: x["cycles_per_s"])[len(rs) // 2]
                 results["cycles_by_config"].append(
                     {**med, "rounds": [round(x["cycles_per_s"]) for x in rs],
                      "cpu_ms_median": statistics.median(x["server_cpu_ms_per_cycle"] for x in rs)})
-            results["cycles"] = cyc
+            results["cycles"] = results["cycles_by_config"][-1] if results["cycles_by_config"] else None
             results["paced"] = paced
             results["polling"] = poll
             print(json.dumps({"polling": poll}, indent=1, default=str), flush=True)
@@ -768,8 +770,8 @@ worker that gets 204 waits 0.2 s (the demo worker's poll). Two dashboard pollers
 
 - *Flat out*: every worker starts its next cycle as soon as the last one ends, so the service is
   saturated and every request queues behind the others: this measures capacity. The configurations
-  run interleaved, each round on a fresh database; the latencies are from the last round of the last
-  configuration.
+  run interleaved, each round on a fresh database; the flat-out latencies are from the median round
+  of the last configuration.
 - *Paced*: the same {pc['workers']} workers start their cycles on a schedule that offers {pc['rate']:.0f} cycles/s in all
   (the goal's rate), against the defaults: the latencies a dashboard and the workers see at that rate.
 

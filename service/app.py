@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -74,6 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ctx.pg.open()
         if ctx.scheduler is not None:
             ctx.scheduler.start()
+        # Everything imported and built so far (torch, BoTorch, the app) lives as long as the
+        # process: out of the collector's sight, a full collection walks only what requests make.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
