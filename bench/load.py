@@ -212,7 +212,8 @@ class ServiceProcess:
             self.proc.wait(10)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's live descendants (Linux ``/proc``)."""
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -220,7 +221,7 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
         for k in kids:
-            out += [k, *_descendants(k)]
+            out += [k, *descendants(k)]
     return out
 
 
@@ -228,7 +229,7 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process, its live descendants (the server processes of
     ``--processes N``) and its reaped children so far (Linux ``/proc``)."""
     total = 0.0
-    for i, p in enumerate([pid, *_descendants(pid)]):
+    for i, p in enumerate([pid, *descendants(pid)]):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

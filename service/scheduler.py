@@ -138,10 +138,28 @@ class History:
         return obs, pending, keys
 
 
-def _child_init() -> None:
+def _child_init(service_pid: int) -> None:
     import service.optimizer  # noqa: F401 - imported once, before the first proposal
 
     _configure_torch()
+    threading.Thread(target=_exit_with, args=(service_pid,), name="bocompress-engine-watch", daemon=True).start()
+
+
+def _exit_with(pid: int, period: float = 1.0) -> None:
+    """End this engine process once the service process ``pid`` is gone.
+
+    A service killed outright (SIGKILL, the OOM killer) cannot shut its engine down, and nothing
+    else would: the engine's parent is the fork server, which itself waits for the engine (the
+    engine holds the fork server's "service alive" pipe). So the engine watches the service.
+    """
+    while True:
+        time.sleep(period)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # pragma: no cover - a pid reused by another user's process
+            os._exit(0)
 
 
 def _child_ready() -> bool:
@@ -156,7 +174,8 @@ class EngineProcess:
     The child comes from a fork server that has imported the engine once (``forkserver`` with
     ``service.optimizer`` preloaded), so a new child, after a crash or in the next app of one
     Python process, starts in milliseconds rather than re-importing torch. A crashed child is
-    replaced and the proposal retried once.
+    replaced and the proposal retried once; a child whose service was killed ends itself (and
+    so lets the fork server end).
     """
 
     def __init__(self) -> None:
@@ -165,7 +184,8 @@ class EngineProcess:
 
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["service.optimizer"])
-        self._new = lambda: ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init)
+        self._new = lambda: ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init,
+                                                initargs=(os.getpid(),))
         self._pool = self._new()
 
     def warm(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from bench.load import ServiceProcess, check_one_stream, prepare_database  # noqa: F401 - re-exported
+from bench.load import ServiceProcess, check_one_stream, descendants, prepare_database  # noqa: F401 - re-exported
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -147,3 +147,20 @@ def check_exactly_once(trials: list[dict[str, Any]], events: list[dict[str, Any]
     done = {t["id"] for t in trials if t["state"] == "completed"}
     assert acked <= done, f"acknowledged results missing: {sorted(acked - done)}"
     return dict(Counter(t["state"] for t in trials))
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait until none of ``pids`` runs (zombies count as gone); returns those still running."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -15,11 +15,13 @@ from tests.reliability.procs import (
     ServiceProcess,
     admin_client,
     check_exactly_once,
+    descendants,
     mint,
     prepare_database,
     read_results,
     spawn_standin,
     trial_history,
+    wait_gone,
     wait_job,
 )
 from tests.service.helpers import compression_job, profile_job
@@ -49,7 +51,12 @@ def test_restart_service_mid_job(database_url: str, tmp_path: Path) -> None:
                 before = wait_job(admin, jid, lambda j, k=k: _completed(j) >= 6 * (k + 1), 90,
                                   f"{6 * (k + 1)} completed trials")
                 snapshot, _ = trial_history(database_url, jid)
+                assert srv.proc is not None
+                kids = descendants(srv.proc.pid)  # the engine process and its fork server
+                assert kids, "the service runs its engine in a child process"
                 srv.stop(sig)
+                # nothing of the service outlives it, even killed outright
+                assert wait_gone(kids) == [], f"left running after {sig.name}: {kids}"
                 created_before.append(before["n_created"] if "n_created" in before else len(snapshot))
                 time.sleep(1.0)  # workers hit a closed port meanwhile, and retry
                 srv.start()
