@@ -4,7 +4,9 @@ Three measurements against real ``bocompress serve`` subprocesses on PostgreSQL:
 
 - ``cycles``: N simulated workers each loop lease -> heartbeat -> complete (synthetic L, no
   model code) on one compression job; reports completed cycles per second and the p50/p95/p99
-  latency of each request kind.
+  latency of each request kind. Flat out (each worker starts its next cycle at once: the
+  service's capacity), then *paced* (the workers offer ``--rate`` cycles/s in all, the goal's 300:
+  the latencies workers and dashboards see at that rate).
 - ``polling``: dashboard-style ``GET /api/v1/jobs/{id}/trials?since=<seq>`` against a job with
   10,000 trials (the job the cycle phase filled), both while workers keep changing it and idle;
   plus the time of one full-history fetch (``since=0``).
@@ -18,6 +20,7 @@ needs. Run::
 
     python bench/load.py                      # all three, writes the "Load" section of docs/benchmarks.md
     python bench/load.py --only race --race-total 10000
+    python bench/load.py --only paced --no-write             # the paced phase and idle polls only
     python bench/load.py --profile-out /tmp/prof.svg   # py-spy the (first) server during the cycles
     BOCOMPRESS_BENCH_SERVICE_ROOT=/tmp/base python bench/load.py --no-write   # serve another checkout
 """

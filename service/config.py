@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     scheduler_interval: float = Field(default=0.5, gt=0.0, le=60.0)
     generator_lease_seconds: float = Field(default=120.0, gt=1.0)
     threads: int = Field(default=8, ge=1, le=256,
-                         description="threads that run database work, per server process (at most this many at once)")
+                         description="threads that run database work, per server process (at most this many at once); "
+                                     "on PostgreSQL the worker loop and the trial polls run on the event loop instead")
     engine_process: bool = Field(default=True, description="compute proposals in a child process (off: in a thread)")
     ask_wait_seconds: float = Field(default=20.0, ge=0.0, le=300.0)
     replica: str = Field(default="", description="name of this replica (default host:pid)")
