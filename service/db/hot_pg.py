@@ -7,9 +7,10 @@ thread hop, the GIL hand-offs around it and SQLAlchemy's statement machinery cos
 the statement itself; without them one service process answers about twice the requests.
 
 Each statement is safe alone (it carries its own guards), so no transaction spans round trips,
-and the job row that a ``seq`` bump locks is held only while that statement runs. Two pools:
+and the job row that a ``seq`` bump locks is held only while that statement runs. Three pools:
 *relaxed* (``synchronous_commit=off``) for leases and heartbeats, whose loss in a database crash
-only re-queues a trial, and *durable* for results and reads.
+only re-queues a trial; *durable* for results; and a small one of its own for the dashboards'
+trial polls, so that a poll never queues for a connection behind the workers' statements.
 
 Anything unusual returns ``None`` and the caller answers through the ORM path in a thread,
 exactly as before; connection failures and deadlocks are retried like :func:`run_conn` does.
@@ -146,16 +147,15 @@ class PgHot:
     Args:
         url: the database URL.
         jobs: the per-process :class:`JobInfoCache` (shared with the sync paths).
-        size: connections per pool at most (a statement holds one for a round trip only).
+        size: connections per worker-loop pool at most (a statement holds one for a round trip only).
+        read_size: connections of the polls' pool at most.
     """
 
-    def __init__(self, url: str, jobs: JobInfoCache, size: int = 8) -> None:
+    def __init__(self, url: str, jobs: JobInfoCache, size: int = 8, read_size: int = 2) -> None:
         self.jobs = jobs
         self.conninfo = conninfo(url)
-        self.size = size
-        self._pools: dict[asyncio.AbstractEventLoop, tuple[AsyncConnectionPool, AsyncConnectionPool]] = {}
-        self.relaxed: AsyncConnectionPool
-        self.durable: AsyncConnectionPool
+        self.size, self.read_size = size, read_size
+        self._pools: dict[asyncio.AbstractEventLoop, tuple[AsyncConnectionPool, ...]] = {}
 
     async def open(self) -> None:
         """Start this loop's pools (without waiting: a database still starting is retried per statement)."""
@@ -164,9 +164,11 @@ class PgHot:
                                       kwargs={**common, "options": "-c timezone=UTC -c synchronous_commit=off"})
         durable = AsyncConnectionPool(self.conninfo, min_size=1, max_size=self.size, open=False, name="hot-durable",
                                       kwargs={**common, "options": "-c timezone=UTC"})
-        await relaxed.open(wait=False)
-        await durable.open(wait=False)
-        self._pools[asyncio.get_running_loop()] = (relaxed, durable)
+        reads = AsyncConnectionPool(self.conninfo, min_size=1, max_size=self.read_size, open=False, name="polls",
+                                    kwargs={**common, "options": "-c timezone=UTC"})
+        for pool in (relaxed, durable, reads):
+            await pool.open(wait=False)
+        self._pools[asyncio.get_running_loop()] = (relaxed, durable, reads)
 
     async def close(self) -> None:
         pools = self._pools.pop(asyncio.get_running_loop(), ())
@@ -185,8 +187,9 @@ class PgHot:
 class _Bound:
     """:class:`PgHot`'s statements on one loop's pools."""
 
-    def __init__(self, jobs: JobInfoCache, relaxed: AsyncConnectionPool, durable: AsyncConnectionPool) -> None:
-        self.jobs, self.relaxed, self.durable = jobs, relaxed, durable
+    def __init__(self, jobs: JobInfoCache, relaxed: AsyncConnectionPool, durable: AsyncConnectionPool,
+                 reads: AsyncConnectionPool) -> None:
+        self.jobs, self.relaxed, self.durable, self.reads = jobs, relaxed, durable, reads
 
     async def _run(self, pool: AsyncConnectionPool, fn: Callable[[psycopg.AsyncConnection], Awaitable[T]],
                    attempts: int = 8) -> T:
@@ -257,7 +260,7 @@ class _Bound:
 
     async def job_seq(self, job_id: int) -> Any:
         """The job's (owner, seq), or None."""
-        return await self._one(self.durable, _JOB_SEQ, {"id": job_id})
+        return await self._one(self.reads, _JOB_SEQ, {"id": job_id})
 
     async def trial_page(self, job_id: int, since: int, n: int) -> list[Any]:
         """Up to ``n`` of the job's evaluations changed after ``since``, oldest change first: (seq, JSON text)."""
@@ -265,7 +268,7 @@ class _Bound:
             cur = await conn.execute(_TRIAL_PAGE, {**_TRIAL_PAGE_PARAMS, "job": job_id, "since": since, "n": n})
             return await cur.fetchall()
 
-        return await self._run(self.durable, go)
+        return await self._run(self.reads, go)
 
     async def open_trials(self, job_id: int) -> int:
         row = await self._one(self.durable, _OPEN_TRIALS, {"job": job_id})
