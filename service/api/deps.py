@@ -38,6 +38,11 @@ class Context:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def hot_pg(self) -> Any:
+        """The PostgreSQL hot path bound to the running event loop, or None (SQLite, or a loop
+        without its pools, such as a test client's): then the thread-pool paths answer."""
+        return self.pg.here() if self.pg is not None else None
+
     def cached_principal(self, secret: str) -> tuple[bool, Principal | None]:
         """(hit, principal) from the in-process cache: no I/O, safe on the event loop."""
         hit = self._token_cache.get(secret)

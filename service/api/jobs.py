@@ -195,7 +195,7 @@ async def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response
     """
     after = decode_cursor(cursor)
     since = max(since, after or 0)
-    pg = ctx.pg.here() if ctx.pg is not None else None
+    pg = ctx.hot_pg()
     if pg is not None:  # the dashboard's poll, on the event loop; the items' JSON built by PostgreSQL
         # The job's seq is read first: every change up to it has committed (a seq bump holds the
         # job row until its transaction ends), so the page that follows misses none of them.

@@ -88,7 +88,7 @@ async def lease(ctx: CtxDep, p: WorkerDep, body: Annotated[LeaseRequest | None, 
     t0 = time.perf_counter()
     worker = f"{p.owner}/{body.worker}" if p.owner not in ("local", body.worker) else body.worker
     kinds = list(body.kinds)
-    pg = ctx.pg.here() if ctx.pg is not None else None
+    pg = ctx.hot_pg()
 
     async def _lease() -> tuple[Any, dict[str, Any]] | None:
         if pg is None:
@@ -131,7 +131,7 @@ async def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """Extend the lease; 409 when it was lost or the job was cancelled."""
     tok = _token(body.lease_token if body else None, x_lease_token)
-    pg = ctx.pg.here() if ctx.pg is not None else None
+    pg = ctx.hot_pg()
     if pg is not None:
         got = await pg.heartbeat(trial_id, tok)
     elif ctx.dialect == "sqlite":
@@ -234,7 +234,7 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         return done, last and hot.open_trials(conn, t.job_id) == 0
 
     async def _fast() -> tuple[Finished, bool] | None:
-        pg = ctx.pg.here() if ctx.pg is not None else None
+        pg = ctx.hot_pg()
         if pg is None:
             if ctx.dialect != "sqlite":
                 return None
