@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Json
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from service.db.hot import CLAIM_WHERE, JOB_INFO_COLS, RESULT_COLS, Finished, JobInfo, JobInfoCache
 from service.db.models import utcnow
@@ -127,6 +127,8 @@ _TRIAL_PAGE, _TRIAL_PAGE_PARAMS = _trial_page()
 #: database restart), or PostgreSQL chose it as a deadlock or serialization victim (both
 #: ``OperationalError`` subclasses in psycopg).
 _TRANSIENT = (psycopg.OperationalError,)
+#: Seconds a statement waits for a pooled connection before the request gets a 503.
+POOL_TIMEOUT = 10.0
 
 
 def conninfo(url: str) -> str:
@@ -138,7 +140,7 @@ def conninfo(url: str) -> str:
 
 
 class PgHot:
-    """The hot statements over two async pools (see the module docstring).
+    """The hot statements over three async pools (see the module docstring).
 
     The pools belong to the event loop that called :meth:`open` (the server's, in the app's
     lifespan): asyncio connections cannot move between loops. :meth:`here` is None on any other
@@ -161,11 +163,12 @@ class PgHot:
         """Start this loop's pools (without waiting: a database still starting is retried per statement)."""
         common = {"autocommit": True, "row_factory": namedtuple_row, "prepare_threshold": 2}
         relaxed = AsyncConnectionPool(self.conninfo, min_size=1, max_size=self.size, open=False, name="hot-relaxed",
+                                      timeout=POOL_TIMEOUT,
                                       kwargs={**common, "options": "-c timezone=UTC -c synchronous_commit=off"})
         durable = AsyncConnectionPool(self.conninfo, min_size=1, max_size=self.size, open=False, name="hot-durable",
-                                      kwargs={**common, "options": "-c timezone=UTC"})
+                                      timeout=POOL_TIMEOUT, kwargs={**common, "options": "-c timezone=UTC"})
         reads = AsyncConnectionPool(self.conninfo, min_size=1, max_size=self.read_size, open=False, name="polls",
-                                    kwargs={**common, "options": "-c timezone=UTC"})
+                                    timeout=POOL_TIMEOUT, kwargs={**common, "options": "-c timezone=UTC"})
         for pool in (relaxed, durable, reads):
             await pool.open(wait=False)
         self._pools[asyncio.get_running_loop()] = (relaxed, durable, reads)
@@ -197,6 +200,8 @@ class _Bound:
             try:
                 async with pool.connection() as conn:
                     return await fn(conn)
+            except PoolTimeout as exc:  # no connection for POOL_TIMEOUT s: the database is down or swamped
+                raise StorageError(f"no database connection within {POOL_TIMEOUT:.0f} s") from exc
             except _TRANSIENT as exc:
                 if i == attempts - 1:
                     raise StorageError(f"database unavailable after {attempts} attempts: {exc}") from exc
