@@ -386,6 +386,11 @@ def synthetic_l(params: dict[str, float]) -> float:
     return float(sum((1.0 - v) ** 2 for v in params.values()) / max(1, len(params)))
 
 
+def median_by(rounds: list[dict[str, Any]], key: Any) -> dict[str, Any]:
+    """The round whose ``key`` is the median (the upper one of an even count)."""
+    return sorted(rounds, key=key)[len(rounds) // 2]
+
+
 def pct(xs: list[float], q: float) -> float:
     """The q-th percentile (0..100) of ``xs`` in milliseconds (xs in seconds)."""
     if not xs:
@@ -678,60 +683,63 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_default and configs[0] != (1, DEFAULT_THREADS):
                 configs.insert(0, (1, DEFAULT_THREADS))
             results["cycles_by_config"] = []
+
+            def one_round(tag: str, procs: int, threads: int, rate: float | None, profile: bool,
+                          then: Any = None) -> dict[str, Any]:
+                """One cycle phase on a fresh database and server; ``then(srv, db, token)`` after it."""
+                db = fresh_db(tag)
+                tok = prepare_database(db)
+                srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log"), processes=procs,
+                                     env={"BOCOMPRESS_THREADS": str(threads)}).start(wrap=wrap if profile else None)
+                try:
+                    job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
+                    pid = server_pid(srv)
+                    cpu0, load0 = cpu_seconds(pid), os.getloadavg()[0]
+                    cyc = asyncio.run(run_cycles([srv.url], tok, job_id, args.workers, args.seconds,
+                                                 until_completed=args.trials, rate=rate))
+                    cpu = cpu_seconds(pid) - cpu0
+                    cyc.update(server_cpu_s=cpu, server_cpu_ms_per_cycle=1000 * cpu / max(1, cyc["cycles"]),
+                               cycles_per_server_cpu_s=cyc["cycles"] / max(cpu, 1e-9), load_before=load0,
+                               load_after=os.getloadavg()[0], processes=procs, threads=threads)
+                    print(json.dumps({tag: cyc}, indent=1, default=str), flush=True)
+                    if then is not None:
+                        then(srv, db, tok)
+                    return cyc
+                finally:
+                    srv.stop(signal.SIGINT if profile else signal.SIGTERM)
+
             runs: dict[tuple[int, int], list[dict[str, Any]]] = {c: [] for c in configs}
             # Configurations interleaved, ``repeat`` rounds, each on a fresh database: the medians
             # are compared under the same background load (a shared 2-core machine is noisy).
             for rnd in range(args.repeat if args.only != "paced" else 0):
                 for procs, threads in configs:
-                    db = fresh_db("cycles")
-                    tok = prepare_database(db)
                     last = (procs, threads) == configs[-1] and rnd == args.repeat - 1
-                    srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log"), processes=procs,
-                                         env={"BOCOMPRESS_THREADS": str(threads)}).start(wrap=wrap if last else None)
-                    try:
-                        job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
-                        pid = server_pid(srv)
-                        cpu0, load0 = cpu_seconds(pid), os.getloadavg()[0]
-                        cyc = asyncio.run(run_cycles([srv.url], tok, job_id, args.workers, args.seconds,
-                                                     until_completed=args.trials))
-                        cpu = cpu_seconds(pid) - cpu0
-                        cyc.update(server_cpu_s=cpu, server_cpu_ms_per_cycle=1000 * cpu / max(1, cyc["cycles"]),
-                                   cycles_per_server_cpu_s=cyc["cycles"] / max(cpu, 1e-9), load_before=load0,
-                                   load_after=os.getloadavg()[0], processes=procs, threads=threads)
-                        runs[(procs, threads)].append(cyc)
-                        print(json.dumps({"cycles": cyc}, indent=1, default=str), flush=True)
-                    finally:
-                        srv.stop(signal.SIGINT if args.profile_out and last else signal.SIGTERM)
+                    runs[(procs, threads)].append(
+                        one_round("cycles", procs, threads, None, profile=wrap is not None and last))
             # The goal's pair, measured together: workers paced at the goal rate while dashboards
             # poll, on the defaults; then polls of an idle 10,000-trial job on the same server.
             # ``repeat`` rounds, each on a fresh database and server: a p99 of a few hundred polls
             # rests on its top three, so the round with the median poll p99 is the one reported.
-            paced_rounds = []
-            for rnd in range(args.repeat):
-                last = rnd == args.repeat - 1
-                db = fresh_db("paced")
-                tok = prepare_database(db)
-                srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log")).start(
-                    wrap=wrap if args.only == "paced" and last else None)
-                try:
-                    job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
-                    paced_rounds.append(asyncio.run(run_cycles([srv.url], tok, job_id, args.workers, args.seconds,
-                                                               until_completed=args.trials, rate=args.rate)))
-                    print(json.dumps({"paced": paced_rounds[-1]}, indent=1, default=str), flush=True)
-                    if last:
-                        hist = make_running_job(srv.url, tok, args.history, 1, 600.0, name="history")
-                        seed_history(db, hist, args.history)
-                        poll = asyncio.run(run_idle_polling(srv.url, tok, hist))
-                finally:
-                    srv.stop(signal.SIGINT if args.profile_out and args.only == "paced" and last else signal.SIGTERM)
-            paced = sorted(paced_rounds, key=lambda x: x["poll_under_load"]["p99"])[len(paced_rounds) // 2]
+            idle: dict[str, Any] = {}
+
+            def idle_polls(srv: ServiceProcess, db: str, tok: str) -> None:
+                hist = make_running_job(srv.url, tok, args.history, 1, 600.0, name="history")
+                seed_history(db, hist, args.history)
+                idle.update(asyncio.run(run_idle_polling(srv.url, tok, hist)))
+
+            paced_rounds = [
+                one_round("paced", 1, DEFAULT_THREADS, args.rate,
+                          profile=wrap is not None and args.only == "paced" and rnd == args.repeat - 1,
+                          then=idle_polls if rnd == args.repeat - 1 else None)
+                for rnd in range(args.repeat)]
+            poll = idle
+            paced = median_by(paced_rounds, lambda x: x["poll_under_load"]["p99"])
             paced["poll_p99_rounds"] = [round(x["poll_under_load"]["p99"], 1) for x in paced_rounds]
             paced["cycles_rounds"] = [round(x["cycles_per_s"]) for x in paced_rounds]
             for c in configs if args.only != "paced" else []:
                 rs = runs[c]
-                med = sorted(rs, key=lambda x: x["cycles_per_s"])[len(rs) // 2]
                 results["cycles_by_config"].append(
-                    {**med, "rounds": [round(x["cycles_per_s"]) for x in rs],
+                    {**median_by(rs, lambda x: x["cycles_per_s"]), "rounds": [round(x["cycles_per_s"]) for x in rs],
                      "cpu_ms_median": statistics.median(x["server_cpu_ms_per_cycle"] for x in rs)})
             results["cycles"] = results["cycles_by_config"][-1] if results["cycles_by_config"] else None
             results["paced"] = paced

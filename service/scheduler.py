@@ -156,9 +156,7 @@ def _exit_with(pid: int, period: float = 1.0) -> None:
         time.sleep(period)
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # pragma: no cover - a pid reused by another user's process
+        except (ProcessLookupError, PermissionError):  # gone (or its pid reused by another user's process)
             os._exit(0)
 
 

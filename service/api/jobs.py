@@ -27,7 +27,7 @@ from bocompress.schemas import (
 )
 from service.api.deps import ClientDep, CtxDep, Context
 from service.api.errors import APIError, bad_request
-from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_json_sql, trial_out
+from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_page_sql
 from service.auth import Principal
 from service.db.models import Blob, Job, Trial, utcnow
 from service.db.session import read_session, run_tx
@@ -196,37 +196,40 @@ async def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response
     after = decode_cursor(cursor)
     since = max(since, after or 0)
     pg = ctx.hot_pg()
-    if pg is not None:  # the dashboard's poll, on the event loop; the items' JSON built by PostgreSQL
+    if pg is not None:  # the dashboard's poll, on the event loop
         # The job's seq is read first: every change up to it has committed (a seq bump holds the
         # job row until its transaction ends), so the page that follows misses none of them.
         job = await pg.job_seq(job_id)
         if job is None or not _may_see(job.owner, p):
             raise NotFound("job", job_id)
-        job_seq = int(job.seq)
-        rows = await pg.trial_page(job_id, since, limit + 1)
+        job_seq, rows = int(job.seq), await pg.trial_page(job_id, since, limit + 1)
+    else:
+        job_seq, rows = await run_in_threadpool(_trial_page, ctx, p, job_id, since, limit)
+    if ctx.dialect == "postgresql":  # the items' JSON, built by the database
         items = "[" + ",".join(r[1] for r in rows[:limit]) + "]"
     else:
-        job_seq, rows, items = await run_in_threadpool(_trial_page, ctx, p, job_id, since, limit)
+        items = json.dumps([trial_out(r) for r in rows[:limit]], ensure_ascii=False, separators=(",", ":"))
     nxt = encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
     body = '{"items":' + items + ',"next_cursor":' + json.dumps(nxt) + "}"
     return Response(body.encode(), media_type="application/json", headers={"X-Job-Seq": str(job_seq)})
 
 
-def _trial_page(ctx: Context, p: Principal, job_id: int, since: int, limit: int) -> tuple[int, list[Any], str]:
-    """:func:`list_trials` in one read transaction: (the job's seq, up to limit + 1 rows, the items' JSON)."""
-    t = Trial.__table__.c  # Core columns: no ORM row processing (a poll may carry thousands of rows)
-    where = (t.job_id == job_id, t.kind == "evaluate", t.seq > since)
+def _trial_page(ctx: Context, p: Principal, job_id: int, since: int, limit: int) -> tuple[int, list[Any]]:
+    """:func:`list_trials` in one read transaction: (the job's seq, up to limit + 1 rows).
+
+    On PostgreSQL the rows are ``(seq, JSON)`` (:func:`trial_page_sql`); on SQLite, the columns
+    :func:`trial_out` reads.
+    """
     with read_session(ctx.factory) as s:
         job_seq = visible_job_seq(s, job_id, p)
         conn = s.connection()
         if ctx.dialect == "postgresql":
-            rows = conn.execute(select(t.seq, trial_json_sql(t)).where(*where).order_by(t.seq).limit(limit + 1)).all()
-            return job_seq, rows, "[" + ",".join(r[1] for r in rows[:limit]) + "]"
+            return job_seq, conn.execute(trial_page_sql(), {"job": job_id, "since": since, "n": limit + 1}).all()
+        t = Trial.__table__.c  # Core columns: no ORM row processing (a poll may carry thousands of rows)
         cols = [t.id, t.job_id, t.seq, t.number, t.state, t.params, t["values"], t.sem, t.attempt, t.worker,
                 t.created_at, t.started_at, t.finished_at, t.error]
-        rows = conn.execute(select(*cols).where(*where).order_by(t.seq).limit(limit + 1)).all()
-        return job_seq, rows, json.dumps([trial_out(r) for r in rows[:limit]], ensure_ascii=False,
-                                         separators=(",", ":"))
+        return job_seq, conn.execute(select(*cols).where(t.job_id == job_id, t.kind == "evaluate", t.seq > since)
+                                     .order_by(t.seq).limit(limit + 1)).all()
 
 
 @router.get("/jobs/{job_id}/pareto", response_model=Page, responses=ERRORS)

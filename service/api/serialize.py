@@ -58,6 +58,19 @@ def trial_json_sql(t: Any) -> ColumnElement[str]:
     ), Text)
 
 
+def trial_page_sql() -> Any:
+    """The poll's page on PostgreSQL: ``(seq, trial JSON)`` of a job's evaluations changed after
+    ``since``, oldest change first, at most ``n`` (bind parameters ``job``, ``since``, ``n``)."""
+    from sqlalchemy import bindparam, select
+
+    from service.db.models import Trial
+
+    t = Trial.__table__.c
+    return (select(t.seq, trial_json_sql(t))
+            .where(t.job_id == bindparam("job"), t.kind == "evaluate", t.seq > bindparam("since"))
+            .order_by(t.seq).limit(bindparam("n")))
+
+
 def _job_view(static: Any, state: str, reason: str | None, updated_at: datetime, seq: int, n_created: int,
               counts: dict[str, int], best: dict[str, Any] | None) -> dict[str, Any]:
     """A job as the contract shows it, from its unchanging part (a Job or a cached JobInfo) and its state."""

@@ -230,8 +230,7 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         done = hot.finish(conn, t, *_hot_values(info, t, body))
         if done is None:
             raise _Fallback  # roll back: the ORM path answers
-        last = done.job_state == "running" and done.job_n_created >= info.max_trials
-        return done, last and hot.open_trials(conn, t.job_id) == 0
+        return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
 
     async def _fast() -> tuple[Finished, bool] | None:
         pg = ctx.hot_pg()
@@ -249,8 +248,7 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         done = await pg.finish(t, *_hot_values(info, t, body))
         if done is None:
             return None
-        last = done.job_state == "running" and done.job_n_created >= info.max_trials
-        return done, last and await pg.open_trials(t.job_id) == 0
+        return done, done.spends_budget(info.max_trials) and await pg.open_trials(t.job_id) == 0
 
     fast = await _fast()
     if fast is not None:

@@ -192,6 +192,10 @@ class Finished:
     job_state: str
     job_n_created: int
 
+    def spends_budget(self, max_trials: int) -> bool:
+        """Whether the job is running with its budget all created (it may be done once nothing is open)."""
+        return self.job_state == "running" and self.job_n_created >= max_trials
+
 
 def finish(conn: Connection, t: Row[Any], values: dict[str, Any], sem: dict[str, Any],
            result_hash: str) -> Finished | None:

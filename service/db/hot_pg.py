@@ -30,6 +30,7 @@ from psycopg.rows import namedtuple_row
 from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from service.api.serialize import trial_page_sql
 from service.db.hot import CLAIM_WHERE, JOB_INFO_COLS, RESULT_COLS, Finished, JobInfo, JobInfoCache
 from service.db.models import utcnow
 from service.db.session import StorageError
@@ -109,19 +110,7 @@ def _compiled(stmt: Any) -> tuple[str, dict[str, Any]]:
     return str(c), dict(c.params)
 
 
-def _trial_page() -> tuple[str, dict[str, Any]]:
-    from sqlalchemy import bindparam, select
-
-    from service.api.serialize import trial_json_sql
-    from service.db.models import Trial
-
-    t = Trial.__table__.c
-    return _compiled(select(t.seq, trial_json_sql(t))
-                     .where(t.job_id == bindparam("job"), t.kind == "evaluate", t.seq > bindparam("since"))
-                     .order_by(t.seq).limit(bindparam("n")))
-
-
-_TRIAL_PAGE, _TRIAL_PAGE_PARAMS = _trial_page()
+_TRIAL_PAGE, _TRIAL_PAGE_PARAMS = _compiled(trial_page_sql())
 
 #: Errors after which the statement is retried on a fresh connection: the connection broke (a
 #: database restart), or PostgreSQL chose it as a deadlock or serialization victim (both

@@ -16,7 +16,6 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import JSON, Integer, and_, bindparam, func, insert, or_, select, text, update
@@ -288,10 +287,13 @@ def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
             set_job_state(session, job, "failed", ("profiling",),
                           reason=f"profiling failed: {trial.error or trial.state}")
         return
-    if trial.kind != "evaluate" or job.state != "running":
-        return
-    max_trials = int(job.spec["budget"]["max_trials"])
-    if job.n_created < max_trials:
+    if trial.kind == "evaluate":
+        _close_if_done(session, job)
+
+
+def _close_if_done(session: Session, job: Job) -> None:
+    """Complete a running job whose budget is spent and whose evaluations are all finished."""
+    if job.state != "running" or job.n_created < int(job.spec["budget"]["max_trials"]):
         return
     open_n = session.execute(
         select(func.count()).select_from(Trial)
@@ -302,11 +304,10 @@ def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
 
 
 def close_job_if_done(session: Session, job_id: int, dialect: str) -> None:
-    """:func:`after_trial_finished` for an evaluation stored outside this transaction (the hot
-    path): with the job row locked, so two last results close the job once."""
+    """Close the job after an evaluation stored outside this transaction (the hot path): with the
+    job row locked, so two last results close the job once."""
     q = select(Job).where(Job.id == job_id)
-    job = session.execute(q.with_for_update() if dialect == "postgresql" else q).scalar_one()
-    after_trial_finished(session, job, SimpleNamespace(kind="evaluate"))  # type: ignore[arg-type]
+    _close_if_done(session, session.execute(q.with_for_update() if dialect == "postgresql" else q).scalar_one())
 
 
 def cancel_job(session: Session, job: Job, dialect: str) -> Job:
