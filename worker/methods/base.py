@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bocompress.costs import kept
 from bocompress.schemas import ProfileReport
+from worker import batch as B
 
 __all__ = [
     "CompressionError",
@@ -207,10 +208,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
-def _batch_size(inputs: Tensor) -> int:
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise CompressionError(f"inputs must be a non-empty batch, got shape {tuple(inputs.shape)}")
-    return int(inputs.shape[0])
+def _batch_size(inputs: B.Batch) -> int:
+    try:
+        n = B.n_samples(inputs)
+    except B.BatchError as exc:
+        raise CompressionError(f"inputs must be a non-empty batch: {exc}") from exc
+    if n == 0:
+        raise CompressionError("inputs must be a non-empty batch, got 0 samples")
+    return n
 
 
 def measure_flops(module: nn.Module, inputs: Tensor) -> float:
@@ -226,7 +231,7 @@ def measure_flops(module: nn.Module, inputs: Tensor) -> float:
     b = _batch_size(inputs)
     counter = FlopCounterMode(display=False)
     with eval_mode(module), torch.no_grad(), counter:
-        module(inputs)
+        B.call(module, inputs)
     return float(counter.get_total_flops()) / b
 
 
@@ -291,7 +296,7 @@ def trace_layers(model: nn.Module, example_input: Tensor, names: Sequence[str]) 
     counter = FlopCounterMode(display=False)
     try:
         with eval_mode(model), torch.no_grad(), counter:
-            model(example_input)
+            B.call(model, example_input)
     finally:
         for h in handles:
             h.remove()

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
+from worker import batch as B
 from worker.methods.base import (
     TYPE_CLASSES,
     CompressionError,
@@ -160,10 +161,16 @@ class ChannelAnalysis:
     output_layers: list[str]
 
 
-def _one_sample(example_input: Tensor) -> Tensor:
-    if not isinstance(example_input, Tensor) or example_input.dim() == 0:
-        raise CompressionError("example_input must be a tensor with a leading batch dimension")
-    return example_input[:1]
+def _one_sample(example_input: B.Batch) -> B.Batch:
+    try:
+        B.n_samples(example_input)
+    except B.BatchError as exc:
+        raise CompressionError(f"example_input must have a leading batch dimension: {exc}") from exc
+    return B.head(example_input, 1)
+
+
+def _shape(x: B.Batch) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else {k: tuple(v.shape) for k, v in x.items()}
 
 
 def _dim_size(module: nn.Module, dim: str) -> int | None:
@@ -242,9 +249,9 @@ def analyze_channel_groups(model: nn.Module, example_input: Tensor) -> ChannelAn
         with torch.no_grad():
             flop_counter = FlopCounterMode(display=False)
             with flop_counter:
-                out = work(x)
+                out = B.call(work, x)
     except Exception as exc:  # the model's own error, reported with context
-        raise CompressionError(f"the model failed on example_input of shape {tuple(x.shape)}: {exc}") from exc
+        raise CompressionError(f"the model failed on example_input of shape {_shape(x)}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -681,7 +688,7 @@ class ChannelCompressorBase(Compressor):
         mods = {n: module.get_submodule(n) for n in names}
         if kind == "channels":
             return float(sum(_dim_size(m, "out") or 0 for m in mods.values()))
-        batch = int(inputs.shape[0])
+        batch = B.n_samples(inputs)
         volume = [0]
 
         def hook(m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
@@ -690,7 +697,7 @@ class ChannelCompressorBase(Compressor):
         handles = [m.register_forward_hook(hook) for m in mods.values()]
         try:
             with eval_mode(module), torch.no_grad():
-                module(inputs)
+                B.call(module, inputs)
         finally:
             for h in handles:
                 h.remove()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bocompress.costs import kept
+from worker import batch as B
 from worker.methods.base import CompressionError, eval_mode, theta_value
 from worker.methods.channel_l1 import (
     _BN,
@@ -543,7 +544,7 @@ class ChannelLassoCompressor(ChannelCompressorBase):
             handles.append(mod.register_forward_hook(hook))
         try:
             with eval_mode(self.model), torch.no_grad():
-                self.model(x)
+                B.call(self.model, x)
         except Exception as exc:
             raise CompressionError(f"channel_lasso: the model failed on the calibration inputs: {exc}") from exc
         finally:
@@ -628,7 +629,7 @@ class ChannelLassoCompressor(ChannelCompressorBase):
         handles.append(model.get_submodule(todo[-1]).register_forward_hook(stop))
         try:
             with eval_mode(model), torch.no_grad():
-                model(self.calib_inputs)
+                B.call(model, self.calib_inputs)
         except _Stop:
             pass
         finally:
