@@ -11,17 +11,21 @@ Models come from three places, and only these:
 * an uploaded model ``mdl_...``: its safetensors bytes are downloaded and read with
   ``safetensors.torch.load`` (never ``torch.load``/pickle) into the architecture the upload names
   (a zoo name, or an import path the worker allows);
-* an import path ``package.module:factory`` (as the job's model or as an upload's ``arch``), only
-  when it starts with one of the worker's allowed prefixes (``BOCOMPRESS_WORKER_ALLOW_IMPORT``,
-  comma-separated; none by default).
+* an import path ``package.module:factory`` (as the job's model or as an upload's ``arch``), or a
+  model spec naming a factory and its JSON arguments (an upload's ``arch``, see
+  :mod:`bocompress.modelspec`), only when it starts with one of the worker's allowed prefixes
+  (``bocompress worker --allow-import``, ``BOCOMPRESS_WORKER_ALLOW_IMPORT``, comma-separated; none
+  by default).
 
 Calibration data: ``digits``/``digits-train``/``synthetic`` from the zoo, or an uploaded
-``ds_...`` safetensors file with ``inputs`` (``N x ...``) and optional ``labels`` (``N``).
+``ds_...`` safetensors file with ``inputs`` (``N x ...``, float or integer) or several named
+inputs (``input_ids``, ``attention_mask``..., passed as keyword arguments), and optional
+``labels`` (``N``). The distilled output is ``compression.output`` (default: the tensor, the
+first element of a tuple, or ``logits`` of a dict / ``ModelOutput``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import threading
@@ -33,7 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bocompress.modelspec import ModelSpec, ModelSpecError, build_model, import_allowed, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE
+from worker import batch as B
 
 __all__ = [
     "ALLOW_IMPORT_ENV",
@@ -78,51 +84,18 @@ def allowed_prefixes_from_env(environ: Mapping[str, str] | None = None) -> list[
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
-def import_allowed(path: str, prefixes: Sequence[str]) -> bool:
-    """Whether the import path ``package.module:factory`` starts with one of ``prefixes``.
-
-    A prefix names a package or module (``mypkg`` allows ``mypkg:f`` and ``mypkg.models:f`` but
-    not ``mypkg2.models:f``); a prefix ending in ``.`` or ``:`` is matched as a plain string prefix.
-    """
-    module = path.split(":", 1)[0]
-    for prefix in prefixes:
-        if prefix.endswith((".", ":")):
-            if path.startswith(prefix):
-                return True
-        elif module == prefix or module.startswith(prefix + "."):
-            return True
-    return False
-
-
-def _import_factory(path: str, prefixes: Sequence[str]) -> Callable[[], nn.Module]:
-    if not IMPORT_PATH_RE.match(path):
-        raise TaskError(f"{path!r} is not an import path 'package.module:factory'")
-    if not import_allowed(path, prefixes):
-        allowed = ", ".join(prefixes) if prefixes else "none"
-        raise TaskError(
-            f"import path {path!r} is not allowed on this worker (allowed prefixes: {allowed}); "
-            f"set {ALLOW_IMPORT_ENV} on the workers to allow it"
-        )
-    module_name, attr = path.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"cannot import {module_name!r} for model {path!r}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise TaskError(f"{module_name!r} has no callable {attr!r} (model {path!r})")
-    return factory
-
-
-def _build_from_factory(path: str, prefixes: Sequence[str], state_dict: Mapping[str, Tensor] | None) -> nn.Module:
+def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
+                        state_dict: Mapping[str, Tensor] | None) -> nn.Module:
+    """Build ``arch`` (an import path or a :class:`ModelSpec`) and load ``state_dict`` strictly."""
     from worker.zoo import check_state_dict
 
-    factory = _import_factory(path, prefixes)
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise TaskError(f"{path!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    name = arch.factory if isinstance(arch, ModelSpec) else arch
+    try:
+        model = build_model(arch, prefixes, f"start the workers with --allow-import (or {ALLOW_IMPORT_ENV})")
+    except ModelSpecError as exc:
+        raise TaskError(str(exc)) from exc
     if state_dict is not None:
-        model.load_state_dict(check_state_dict(path, model, state_dict), strict=True)
+        model.load_state_dict(check_state_dict(name, model, state_dict), strict=True)
     return model.eval()
 
 
@@ -138,7 +111,7 @@ def _safetensors_load(data: bytes, what: str) -> dict[str, Tensor]:
         raise TaskError(f"{what} is not a valid safetensors file: {exc}") from exc
 
 
-def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tuple[nn.Module, str]:
+def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tuple[nn.Module, str | ModelSpec]:
     """The job's original model, in eval mode on the cpu, and its architecture name.
 
     Args:
@@ -147,7 +120,8 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
         allowed_prefixes: import-path prefixes this worker may import.
 
     Returns:
-        ``(model, arch)``: ``arch`` is the zoo name or import path the model was built from.
+        ``(model, arch)``: ``arch`` is the zoo name, import path or :class:`ModelSpec` the model
+        was built from.
 
     Raises:
         TaskError: unknown reference, an import path not allowed, an unreadable file.
@@ -166,11 +140,16 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
             data = client.download_model(ref)
         except NotFoundError as exc:
             raise TaskError(f"model {ref!r} was not found on the service") from exc
-        arch = meta.get("arch")
+        arch: str | ModelSpec | None = meta.get("arch")
+        if meta.get("arch_spec"):
+            try:
+                arch = parse_arch(dict(meta["arch_spec"]))
+            except ModelSpecError as exc:
+                raise TaskError(f"uploaded model {ref!r}: {exc}") from exc
         if not arch:
             raise TaskError(f"uploaded model {ref!r} names no architecture")
         state_dict = _safetensors_load(data, f"uploaded model {ref!r}")
-        if arch in ARCHS:
+        if isinstance(arch, str) and arch in ARCHS:
             return load_model(arch, state_dict), arch
         return _build_from_factory(arch, allowed_prefixes, state_dict), arch
     if IMPORT_PATH_RE.match(ref):
@@ -181,8 +160,39 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
     )
 
 
-def load_job_data(client: Any, ref: str, n: int, arch: str, model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The job's calibration inputs (``n x input shape``, float32, cpu) and labels (``n``) or None.
+def _input_tensor(t: Tensor) -> Tensor:
+    """A model input as models take it: floats as float32, integers (token ids, masks) as int64."""
+    if t.is_floating_point():
+        return t.float()
+    if t.dtype == torch.bool:
+        return t
+    return t.long()
+
+
+def dataset_inputs(tensors: Mapping[str, Tensor], what: str) -> B.Batch:
+    """The model inputs of an uploaded dataset: ``inputs`` alone (one positional tensor), or every
+    tensor but ``labels`` as keyword arguments (``input_ids``, ``attention_mask``...)."""
+    names = [k for k in tensors if k != "labels"]
+    if not names:
+        raise TaskError(f"{what} holds no input tensor (found {sorted(tensors)})")
+    if "inputs" in tensors:
+        if len(names) > 1:
+            raise TaskError(f"{what}: 'inputs' is the one positional input; found other inputs too: "
+                            f"{sorted(set(names) - {'inputs'})}")
+        return _input_tensor(tensors["inputs"])
+    try:
+        x = {k: _input_tensor(tensors[k]) for k in sorted(names)}
+        B.n_samples(x)
+    except B.BatchError as exc:
+        raise TaskError(f"{what}: {exc}") from exc
+    return x
+
+
+def load_job_data(client: Any, ref: str, n: int, arch: Any, model: nn.Module) -> tuple[B.Batch, Tensor | None]:
+    """The job's calibration inputs (``n x input shape``, cpu) and labels (``n``) or None.
+
+    Inputs are a tensor, or for a dataset with named inputs a dict of tensors passed to the model
+    as keyword arguments; floating-point inputs are float32 and integer ones (token ids) int64.
 
     Args:
         client: a :class:`bocompress.Client` (to download an uploaded dataset).
@@ -198,7 +208,7 @@ def load_job_data(client: Any, ref: str, n: int, arch: str, model: nn.Module) ->
     from worker.zoo import ARCHS, DATASETS, load_data
 
     if ref in DATASETS:
-        if ref == "synthetic" and arch not in ARCHS:
+        if ref == "synthetic" and not (isinstance(arch, str) and arch in ARCHS):
             shape = getattr(model, "input_shape", None)
             if shape is None:
                 raise TaskError(
@@ -207,7 +217,7 @@ def load_job_data(client: Any, ref: str, n: int, arch: str, model: nn.Module) ->
                 )
             gen = torch.Generator().manual_seed(DATA_SEED)
             return torch.randn((n, *tuple(int(s) for s in shape)), generator=gen), None
-        return load_data(ref, n, seed=DATA_SEED, arch=arch if arch in ARCHS else None)
+        return load_data(ref, n, seed=DATA_SEED, arch=arch if isinstance(arch, str) and arch in ARCHS else None)
     if _DATASET_ID_RE.match(ref):
         from bocompress.errors import NotFoundError
 
@@ -216,20 +226,19 @@ def load_job_data(client: Any, ref: str, n: int, arch: str, model: nn.Module) ->
         except NotFoundError as exc:
             raise TaskError(f"dataset {ref!r} was not found on the service") from exc
         tensors = _safetensors_load(data, f"uploaded dataset {ref!r}")
-        if "inputs" not in tensors:
-            raise TaskError(f"uploaded dataset {ref!r} has no tensor 'inputs' (found {sorted(tensors)})")
-        inputs = tensors["inputs"].float()
+        inputs = dataset_inputs(tensors, f"uploaded dataset {ref!r}")
+        total = B.n_samples(inputs)
         labels = tensors.get("labels")
         if labels is not None:
             labels = labels.long()
-            if labels.shape != inputs.shape[:1]:
-                raise TaskError(f"dataset {ref!r}: labels {list(labels.shape)} do not match inputs {list(inputs.shape)}")
-        if len(inputs) > n:
+            if tuple(labels.shape) != (total,):
+                raise TaskError(f"dataset {ref!r}: labels {list(labels.shape)} do not match the {total} input samples")
+        if total > n:
             gen = torch.Generator().manual_seed(DATA_SEED)
-            idx = torch.randperm(len(inputs), generator=gen)[:n].sort().values
-            inputs = inputs[idx]
+            idx = torch.randperm(total, generator=gen)[:n].sort().values
+            inputs = B.take(inputs, idx)
             labels = labels[idx] if labels is not None else None
-        return inputs.contiguous(), labels
+        return B.contiguous(inputs), labels
     raise TaskError(f"dataset {ref!r} is neither a built-in set ({', '.join(DATASETS)}) nor an uploaded id (ds_...)")
 
 
@@ -242,21 +251,24 @@ class JobContext:
 
     Attributes:
         job_id: the job's id.
-        arch: the architecture the model was built from (zoo name or import path).
+        arch: the architecture the model was built from (zoo name, import path or ModelSpec).
         model: the original network f*, eval mode, on ``device``.
-        inputs: calibration inputs ``N x input shape`` on ``device``.
+        inputs: calibration inputs ``N x input shape`` (a tensor or a dict of named tensors) on
+            ``device``.
         labels: ``N`` labels on ``device``, or None.
         teacher: the original's outputs ``N x output shape`` (float32) on ``device``.
         compressor: the job's :class:`~worker.methods.base.Compressor` (factorizations cached).
         cost_kind: the objective's cost (``params``, ``flops``...).
         device: where the model and data live.
         build_seconds: how long building the context took.
+        output: which part of the model's output is distilled (the spec's ``compression.output``).
+        linearized: names of HuggingFace ``Conv1D`` layers turned into ``nn.Linear`` at load.
     """
 
     job_id: int
-    arch: str
+    arch: Any
     model: nn.Module
-    inputs: Tensor
+    inputs: B.Batch
     labels: Tensor | None
     teacher: Tensor
     compressor: Any
@@ -264,6 +276,8 @@ class JobContext:
     device: torch.device
     build_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    output: str | int | None = None
+    linearized: list[str] = field(default_factory=list)
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -291,25 +305,36 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     if not comp:
         raise TaskError(f"job {job.get('id')} is not a compression job (no 'compression' in its spec)")
     dev = torch.device(device)
+    from worker.layers import linearize_conv1d
+
     model, arch = load_job_model(client, str(comp["model"]), allowed_prefixes)
     n = int(comp.get("n_calibration", 256))
     inputs, labels = load_job_data(client, str(comp["data"]), n, arch, model)
+    output = comp.get("output")
+    linearized = linearize_conv1d(model)
     model = model.to(dev).eval()
-    inputs = inputs.to(dev)
+    inputs = B.to_device(inputs, dev)
     labels = labels.to(dev) if labels is not None else None
-    teacher = teacher_outputs(model, inputs, EVAL_BATCH_SIZE, dev)
+    patterns = list(comp.get("layers") or ["*"])
+    try:
+        teacher = teacher_outputs(model, inputs, EVAL_BATCH_SIZE, dev, output=output)
+    except B.BatchError as exc:
+        raise TaskError(f"the model's output: {exc}") from exc
+    if teacher.dim() < 1 or not teacher.is_floating_point():
+        raise TaskError(f"the distilled output must be a floating-point tensor, got {teacher.dtype} "
+                        f"{list(teacher.shape)}; choose another with compression.output")
     compressor = build_compressor(
         model,
         comp["method"],
-        list(comp.get("layers") or ["*"]),
+        patterns,
         float(comp.get("theta_min", 0.05)),
-        inputs[:TRACE_SAMPLES],
+        B.head(inputs, TRACE_SAMPLES),
     )
     cost_kind = str((spec.get("objective") or {}).get("cost") or "params")
     return JobContext(
         job_id=int(job["id"]), arch=arch, model=model, inputs=inputs, labels=labels, teacher=teacher,
         compressor=compressor, cost_kind=cost_kind, device=dev, build_seconds=time.perf_counter() - t0,
-        info={"n_calibration": int(len(inputs))},
+        info={"n_calibration": B.n_samples(inputs)}, output=output, linearized=linearized,
     )
 
 

@@ -519,6 +519,9 @@ class LayerwiseCompressor(Compressor):
         self.plans: dict[str, LayerPlan] = {}
         self.skipped: dict[str, str] = {}
         for name, mod in candidates:
+            if self.traces[name].calls == 0:  # e.g. nn.MultiheadAttention's out_proj: its weight is read directly
+                self.skipped[name] = "its forward never runs (its parent reads its weight directly); it cannot be replaced"
+                continue
             with torch.no_grad():
                 plan = self.plan_layer(name, mod, self.traces[name])
             if isinstance(plan, str):
@@ -539,7 +542,7 @@ class LayerwiseCompressor(Compressor):
                 "method": method_map if isinstance(method_map, str) else dict(method_map),
                 "n_layers": len(self.plans),
                 "skipped": dict(self.skipped),
-                "batch_traced": int(example_input.shape[0]),
+                "batch_traced": _batch_size(example_input),
                 "flops_per": "sample",
             },
         }

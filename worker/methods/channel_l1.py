@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
 from worker import batch as B
+from worker.layers import attention_layers
 from worker.methods.base import (
     TYPE_CLASSES,
     CompressionError,
@@ -267,6 +268,7 @@ def analyze_channel_groups(model: nn.Module, example_input: Tensor) -> ChannelAn
     except Exception as exc:
         raise CompressionError(f"Torch-Pruning could not trace the model: {exc}") from exc
 
+    in_attention = attention_layers(work)
     rank = {n: i for i, (n, _) in enumerate(work.named_modules())}
     groups: list[ChannelGroup] = []
     dim_sizes: dict[tuple[str, str], int] = {}
@@ -286,7 +288,7 @@ def analyze_channel_groups(model: nn.Module, example_input: Tensor) -> ChannelAn
                 dim = "in" if dep.handler.__name__ == "prune_in_channels" else "out"
             else:
                 dim = "out"
-            problem = _member_problem(target, name)
+            problem = _member_problem(target, name) or in_attention.get(name, "")
             if problem:
                 problems.append(problem)
             counts: dict[int, int] = {}
