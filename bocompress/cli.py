@@ -175,6 +175,11 @@ def worker(
     name: Optional[str] = typer.Option(None, help="Worker name shown on its trials [default: host:pid]."),
     max_trials: Optional[int] = typer.Option(None, min=1, help="Exit after this many tasks [default: run forever]."),
     poll: float = typer.Option(1.0, min=0.05, help="Seconds between lease requests when idle."),
+    allow_import: Optional[str] = typer.Option(
+        None, "--allow-import",
+        help="Comma-separated import prefixes user models may be built from, e.g. timm,transformers,mypkg "
+             "[default: env BOCOMPRESS_WORKER_ALLOW_IMPORT; none].",
+    ),
 ) -> None:
     """Run a worker: lease trials from the service, compress, measure, report.
 
@@ -182,12 +187,21 @@ def worker(
     Example:
       bocompress worker --url http://gpu-box:8000 --token $TOKEN --device cuda:0
       BOCOMPRESS_URL=http://127.0.0.1:8000 bocompress worker --device cpu --max-trials 10
+      bocompress worker --allow-import timm,transformers,mypkg
     """
     if not _DEVICE_RE.match(device):
         raise typer.BadParameter(f"{device!r} is not cpu, cuda or cuda:N", param_hint="'--device'")
+    prefixes = None
+    if allow_import is not None:
+        prefixes = [p.strip() for p in allow_import.split(",") if p.strip()]
+        bad = [p for p in prefixes if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*[:.]?$", p)]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]!r} is not a module prefix such as 'mypkg' or 'timm'",
+                                     param_hint="'--allow-import'")
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     run_worker = _lazy("worker.loop", "run_worker")
-    run_worker(url=url, token=token, device=device, name=name, max_trials=max_trials, poll=poll)
+    run_worker(url=url, token=token, device=device, name=name, max_trials=max_trials, poll=poll,
+               allowed_prefixes=prefixes)
 
 
 @app.command()

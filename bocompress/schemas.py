@@ -93,6 +93,21 @@ class CompressionSpec(_Strict):
     layers: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
     theta_min: float = Field(default=0.05, gt=0.0, lt=1.0)
     n_calibration: int = Field(default=256, ge=8, le=100_000)
+    output: str | int | None = Field(
+        default=None, description="the part of the model's output to distill: a key of a dict/ModelOutput "
+        "(default 'logits') or an index of a tuple (default 0)",
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _output_ok(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("output: a key (string) or a tuple index (integer)")
+        if isinstance(v, str) and not (1 <= len(v) <= 200 and v.isidentifier()):
+            raise ValueError("output: a key must be an identifier such as 'logits'")
+        if isinstance(v, int) and not -64 <= v < 64:
+            raise ValueError("output: a tuple index must be in -64..63")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -380,6 +395,7 @@ class UploadOut(BaseModel):
     id: str
     kind: Literal["model", "dataset"]
     arch: str | None = None
+    arch_spec: dict[str, Any] | None = Field(default=None, description="the model spec, when 'arch' was one")
     size: int
     sha256: str
     created_at: datetime

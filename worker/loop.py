@@ -8,8 +8,10 @@ One worker runs one task at a time:
    nothing is reported.
 3. Report ``complete`` (the layer table for a profiling task; L, the measured ratio and task metrics
    for a trial) or ``fail`` (``retry=False`` for errors that would recur on any worker: no layer
-   matched, weights that do not fit, an import path not allowed, a cost mismatch; ``retry=True``
-   for anything unexpected).
+   matched, weights that do not fit, an import path not allowed, a cost mismatch, and any type,
+   shape, value or lookup error of the model's code, see :func:`deterministic`; ``retry=True``
+   for memory, device and I/O errors). The stored error is the message on its first line, then
+   the last frames of the traceback (:func:`error_text`).
 
 SIGTERM/SIGINT set a stop event: the current task is finished if it ends within ``grace`` seconds,
 else handed back with ``fail(retry=True)`` (a second signal hands it back at once), and the loop
@@ -130,6 +132,54 @@ def _last_line(exc: BaseException) -> str:
     lines = [ln for ln in traceback.format_exception_only(type(exc), exc) if ln.strip()]
     text = lines[-1].strip() if lines else type(exc).__name__
     return text[:2000]
+
+
+#: Frames of the traceback kept in a stored error (the innermost ones), and its longest length.
+ERROR_FRAMES = 6
+MAX_ERROR_CHARS = 6000
+
+
+def error_text(exc: BaseException, message: str | None = None, frames: int = ERROR_FRAMES) -> str:
+    """What a failed task stores: the message on the first line, then the last frames of the traceback.
+
+    The first line is what a user reads first (and what a job that failed as a whole reports as
+    its reason); the frames say where it happened. At most :data:`MAX_ERROR_CHARS` characters.
+    """
+    head = (message or _last_line(exc)).strip()[:2000] or type(exc).__name__
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    chain = exc.__cause__ or exc.__context__
+    if chain is not None and chain.__traceback__ is not None:  # where the original error came from
+        tb = (traceback.extract_tb(chain.__traceback__)[-max(1, frames // 2):] + tb)[-frames:]
+    body = "".join(traceback.format_list(tb)).rstrip()
+    text = f"{head}\n\nlast frames (innermost last):\n{body}\n{_last_line(exc)}" if body else head
+    if len(text) > MAX_ERROR_CHARS:
+        text = head[:1000] + "\n...\n" + text[-(MAX_ERROR_CHARS - 1010):]
+    return text
+
+
+#: Substrings of a RuntimeError that may not recur on another worker or attempt (memory, device).
+_TRANSIENT_MARKERS = ("out of memory", "cuda", "cudnn", "nccl", "device-side", "connection")
+#: Substrings of torch's RuntimeErrors about shapes and dtypes: the same inputs fail the same way.
+_SHAPE_MARKERS = ("shape", "size mismatch", "sizes of tensors", "dimension", "dtype", "scalar type",
+                  "mat1 and mat2", "must match", "expected input", "expected tensor", "channels")
+
+
+def deterministic(exc: BaseException) -> bool:
+    """An error that would recur on any attempt: a type, shape, value or lookup error of the
+    model's code or its inputs. Memory, device and I/O errors are not (another attempt may pass)."""
+    from worker.batch import BatchError
+
+    if isinstance(exc, (MemoryError, OSError, BocompressError)):
+        return False
+    if isinstance(exc, BatchError):
+        return True
+    if isinstance(exc, (TypeError, ValueError, KeyError, IndexError, AttributeError, NotImplementedError,
+                        ImportError, AssertionError, ZeroDivisionError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(m in text for m in _SHAPE_MARKERS) and not any(m in text for m in _TRANSIENT_MARKERS)
+    return False
 
 
 def _permanent_types() -> tuple[type[BaseException], ...]:
@@ -334,10 +384,11 @@ class Worker:
                 return self._export(trial, job, source)
             return self._evaluate(trial, job)
         except permanent as exc:
-            return _Outcome(False, error=str(exc) or _last_line(exc), retry=False)
-        except Exception as exc:  # noqa: BLE001 - anything unexpected: let another attempt try
-            log.error("unexpected error", exc_info=True)
-            return _Outcome(False, error=_last_line(exc), retry=True)
+            return _Outcome(False, error=error_text(exc, str(exc) or None), retry=False)
+        except Exception as exc:  # noqa: BLE001 - sorted: a deterministic error fails at once
+            again = not deterministic(exc)
+            log.error("%s error", "unexpected" if again else "deterministic", exc_info=True)
+            return _Outcome(False, error=error_text(exc), retry=again)
 
     def _evaluate(self, trial: Mapping[str, Any], job: Mapping[str, Any]) -> _Outcome:
         from worker.evaluate import evaluate
@@ -350,9 +401,15 @@ class Worker:
         if space and sorted(space) != sorted(mine):
             raise TaskError(f"this worker's layer table ({len(mine)} parameters) differs from the job's "
                             f"({len(space)}): {sorted(set(space) ^ set(mine))[:10]}")
+        t0 = time.perf_counter()
         compressed = ctx.compressor.apply(theta)
+        apply_seconds = time.perf_counter() - t0
         out = evaluate(ctx.compressor, compressed, ctx.inputs, ctx.teacher, ctx.labels, theta,
-                       cost_kind=ctx.cost_kind, batch_size=EVAL_BATCH_SIZE, device=ctx.device)
+                       cost_kind=ctx.cost_kind, batch_size=EVAL_BATCH_SIZE, device=ctx.device, output=ctx.output)
+        measure_seconds = float(out["values"].get("eval_seconds", 0.0))
+        # eval_seconds covers the whole trial: apply (compress the copy) + measure (evaluate)
+        out["values"].update(apply_seconds=apply_seconds, measure_seconds=measure_seconds,
+                             eval_seconds=apply_seconds + measure_seconds)
         values = {k: float(v) for k, v in out["values"].items() if math.isfinite(float(v))}
         sem = {k: float(v) for k, v in out["sem"].items() if math.isfinite(float(v)) and float(v) >= 0}
         if "distill_l2" not in values:
@@ -374,6 +431,7 @@ class Worker:
             ctx.model, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
             steps=int(params.get("finetune_steps", 0)), lr=float(params.get("lr", 1e-4)),
             extra={"job_id": int(job["id"]), "trial_id": int(source["id"])},
+            output=ctx.output, linearized=ctx.linearized,
         )
         return _Outcome(True, values=values, sem={}, artifact=data)
 

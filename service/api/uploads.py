@@ -11,6 +11,7 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
+from bocompress.modelspec import MAX_SPEC_BYTES, ModelSpecError, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep
 from service.api.errors import APIError, bad_request
@@ -27,8 +28,11 @@ _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
 
 
 def blob_out(b: Blob) -> dict[str, Any]:
-    return {"id": b.id, "kind": b.kind, "arch": b.arch, "size": b.size, "sha256": b.sha256,
-            "created_at": iso(b.created_at), "tensors": {k: v["shape"] for k, v in (b.tensors or {}).items()}}
+    out = {"id": b.id, "kind": b.kind, "arch": b.arch, "size": b.size, "sha256": b.sha256,
+           "created_at": iso(b.created_at), "tensors": {k: v["shape"] for k, v in (b.tensors or {}).items()}}
+    if b.meta and b.meta.get("arch_spec"):
+        out["arch_spec"] = b.meta["arch_spec"]
+    return out
 
 
 async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes:
@@ -55,8 +59,9 @@ def new_blob(kind: str, owner: str, data: bytes, tensors: dict, arch: str | None
                 sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, meta=meta, data=data, created_at=utcnow())
 
 
-def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors: dict) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    blob = new_blob(kind, p.owner, data, tensors, arch=arch)
+def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors: dict,  # type: ignore[no-untyped-def]
+           meta: dict | None = None) -> dict[str, Any]:
+    blob = new_blob(kind, p.owner, data, tensors, arch=arch, meta=meta)
 
     def _add(s: Session) -> dict[str, Any]:
         s.add(blob)
@@ -68,42 +73,86 @@ def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors:
 
 @router.post("/models", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile,
-                       arch: Annotated[str, Form(min_length=1, max_length=200)]) -> Any:
-    """Upload weights (safetensors) for a zoo architecture or an import path the workers allow."""
-    if arch not in ZOO_MODELS and not IMPORT_PATH_RE.match(arch):
-        raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}) "
-                                  "nor an import path 'package.module:factory'")
+                       arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES)]) -> Any:
+    """Upload weights (safetensors) for a zoo architecture, an import path the workers allow, or a
+    model spec (a JSON object: ``factory`` + ``args``/``kwargs``/``config``; validated, never imported)."""
+    meta = None
+    try:
+        spec = parse_arch(arch)
+    except ModelSpecError as exc:
+        raise bad_request("arch", str(exc)) from None
+    if spec is not None:
+        meta = {"arch_spec": spec.model_dump(exclude_defaults=True)}
+        arch = spec.factory
+    elif len(arch) > 200:
+        raise bad_request("arch", "at most 200 characters (or a JSON model spec)")
+    elif arch not in ZOO_MODELS and not IMPORT_PATH_RE.match(arch):
+        raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}), "
+                                  "an import path 'package.module:factory' nor a JSON model spec "
+                                  "{\"factory\": ..., \"args\": [...], \"kwargs\": {...}}")
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
     try:
         tensors = inspect(data)
     except InvalidSafetensors as exc:
         raise bad_request("file", str(exc)) from None
-    return _store(ctx, p, "model", data, arch, tensors)
+    return _store(ctx, p, "model", data, arch, tensors, meta)
 
 
 @router.post("/datasets", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile) -> Any:
-    """Upload calibration inputs: safetensors with a tensor ``inputs`` (N x ...) and optional ``labels`` (N)."""
+    """Upload calibration inputs (safetensors) and optional ``labels`` (an integer vector of length N).
+
+    The inputs are one tensor ``inputs`` (``N x ...``, passed to the model as its one argument), or
+    several named tensors sharing ``N`` (``input_ids``, ``attention_mask``..., passed as keyword
+    arguments). Floating-point or integer (token ids) dtypes.
+    """
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
     try:
         tensors = inspect(data)
     except InvalidSafetensors as exc:
         raise bad_request("file", str(exc)) from None
-    if "inputs" not in tensors:
-        raise bad_request("file", f"needs a tensor named 'inputs' (found {', '.join(sorted(tensors))})")
-    extra = set(tensors) - {"inputs", "labels"}
-    if extra:
-        raise bad_request("file", f"unexpected tensors {sorted(extra)}: only 'inputs' and 'labels'")
-    shape = tensors["inputs"]["shape"]
-    if len(shape) < 2 or shape[0] < 1:
-        raise bad_request("file", f"'inputs' must be N x ... with N >= 1, got shape {shape}")
-    if tensors["inputs"]["dtype"] not in ("F32", "F16", "BF16", "F64"):
-        raise bad_request("file", "'inputs' must be a floating-point tensor")
+    check_dataset_tensors(tensors)
+    return _store(ctx, p, "dataset", data, None, tensors)
+
+
+#: dtypes a model input may have: floats, or integers (token ids, masks) and booleans.
+_INPUT_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+#: Most named input tensors in one dataset.
+MAX_INPUTS = 16
+
+
+def check_dataset_tensors(tensors: dict[str, Any]) -> None:
+    """The dataset rules (see :func:`upload_dataset`); a 400 naming the field and the tensor."""
+    inputs = [k for k in tensors if k != "labels"]
+    if not inputs:
+        raise bad_request("file", "needs a tensor named 'inputs', or named input tensors such as 'input_ids' "
+                                  f"(found {', '.join(sorted(tensors)) or 'none'})")
+    if "inputs" in tensors and len(inputs) > 1:
+        raise bad_request("file", f"'inputs' is the one positional input: with it, only 'labels' may be given "
+                                  f"(found also {sorted(set(inputs) - {'inputs'})})")
+    if len(inputs) > MAX_INPUTS:
+        raise bad_request("file", f"at most {MAX_INPUTS} input tensors, got {len(inputs)}")
+    n = None
+    for name in sorted(inputs):
+        if not name.isidentifier():
+            raise bad_request("file", f"input tensor {name!r}: a name must be a Python identifier (it is passed "
+                                      "as a keyword argument)")
+        info = tensors[name]
+        shape = info["shape"]
+        if len(shape) < 1 or shape[0] < 1 or (name == "inputs" and len(shape) < 2):
+            want = "N x ..." if name == "inputs" else "N or N x ..."
+            raise bad_request("file", f"{name!r} must be {want} with N >= 1, got shape {shape}")
+        if info["dtype"] not in _INPUT_DTYPES:
+            raise bad_request("file", f"{name!r} has dtype {info['dtype']}: a model input is a float or integer tensor")
+        if n is None:
+            n = shape[0]
+        elif shape[0] != n:
+            raise bad_request("file", f"the input tensors disagree on N: {name!r} has {shape[0]} samples, "
+                                      f"others {n}")
     if "labels" in tensors:
         ls = tensors["labels"]
-        if ls["shape"] != [shape[0]] or ls["dtype"] not in ("I64", "I32", "I16", "I8", "U8"):
-            raise bad_request("file", f"'labels' must be an integer vector of length {shape[0]}")
-    return _store(ctx, p, "dataset", data, None, tensors)
+        if ls["shape"] != [n] or ls["dtype"] not in ("I64", "I32", "I16", "I8", "U8"):
+            raise bad_request("file", f"'labels' must be an integer vector of length {n}")
 
 
 def _get_blob(ctx, blob_id: str, kind: str, p: Principal) -> Blob:  # type: ignore[no-untyped-def]

@@ -300,7 +300,32 @@ def _close_if_done(session: Session, job: Job) -> None:
         .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_(OPEN_TRIAL_STATES))
     ).scalar_one()
     if open_n == 0:
-        set_job_state(session, job, "completed", ("running",))
+        reason = _all_failed_reason(session, job)
+        if reason is not None:
+            set_job_state(session, job, "failed", ("running",), reason=reason)
+        else:
+            set_job_state(session, job, "completed", ("running",))
+
+
+def _all_failed_reason(session: Session, job: Job) -> str | None:
+    """When no evaluation of ``job`` completed: why (the most common first line of the errors)."""
+    done = session.execute(
+        select(func.count()).select_from(Trial)
+        .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state == "completed")
+    ).scalar_one()
+    if done:
+        return None
+    errors = session.execute(
+        select(Trial.state, Trial.error).where(Trial.job_id == job.id, Trial.kind == "evaluate")
+    ).all()
+    if not errors:
+        return None
+    firsts: dict[str, int] = {}
+    for state, err in errors:
+        line = ((err or "").strip().splitlines() or [state])[0][:500]
+        firsts[line] = firsts.get(line, 0) + 1
+    common, n = max(firsts.items(), key=lambda kv: kv[1])
+    return f"every trial failed ({n} of {len(errors)}: {common})"
 
 
 def close_job_if_done(session: Session, job_id: int, dialect: str) -> None:

@@ -74,7 +74,7 @@ def test_wrong_arch_and_bad_dataset(server: LiveServer, admin: httpx.Client) -> 
     before = blob_count(server.database_url)
     r = admin.post("/api/v1/models", files={"file": ("w", good_weights())}, data={"arch": "../../etc/passwd"})
     assert r.status_code == 422 and "arch" in r.json()["detail"]
-    r = admin.post("/api/v1/datasets", files={"file": ("d", save({"x": torch.zeros(3, 2)}))})
+    r = admin.post("/api/v1/datasets", files={"file": ("d", save({"labels": torch.zeros(3, dtype=torch.long)}))})
     assert r.status_code == 422 and "inputs" in r.json()["detail"]
     r = admin.post("/api/v1/datasets", files={"file": ("d", save({"inputs": torch.zeros(3, 2),
                                                                   "labels": torch.zeros(4, dtype=torch.long)}))})
