@@ -324,12 +324,17 @@ class Client:
             module_or_path: A ``torch.nn.Module`` (its ``state_dict`` is saved as safetensors),
                 a ``dict`` of tensor name -> tensor, or the path of a ``.safetensors`` file,
                 sent as is.
-            arch: The architecture the weights belong to: a zoo name, or an import path that the
-                workers allow.
+            arch: The architecture the weights belong to: a zoo name, an import path that the
+                workers allow, or a model spec (a dict or its JSON text), e.g.
+                ``{"factory": "timm:create_model", "args": ["resnet18"], "kwargs": {"num_classes": 10}}``.
 
         Returns:
             The upload record: ``{"id", "kind", "arch", "size", "sha256", ...}``.
         """
+        if isinstance(arch, Mapping):  # a model spec: {"factory": ..., "args": [...], "kwargs": {...}}
+            import json
+
+            arch = json.dumps(arch)
         if isinstance(module_or_path, (str, os.PathLike)):
             files = _file_factory(Path(module_or_path))
         else:
@@ -342,8 +347,9 @@ class Client:
 
         Args:
             tensor_or_path: Inputs as a tensor or array (``n x ...``: the first dimension indexes
-                samples), or the path of a safetensors file holding ``inputs`` (and optionally
-                ``labels``), sent as is.
+                samples), a dict of named inputs (``{"input_ids": ..., "attention_mask": ...}``,
+                passed to the model as keyword arguments), or the path of a safetensors file
+                holding them (and optionally ``labels``), sent as is.
             labels: Optional labels (``n``), stored as ``labels``, for task metrics.
 
         Returns:
@@ -356,7 +362,14 @@ class Client:
         else:
             import torch
 
-            tensors = {"inputs": torch.as_tensor(tensor_or_path)}
+            if isinstance(tensor_or_path, Mapping):  # named inputs: input_ids, attention_mask...
+                tensors = {str(k): torch.as_tensor(v) for k, v in tensor_or_path.items()}
+                first = next(iter(tensors.values()), None)
+                tensors["inputs"] = first if first is not None else torch.empty(0)
+                named = True
+            else:
+                tensors = {"inputs": torch.as_tensor(tensor_or_path)}
+                named = False
             if labels is not None:
                 tensors["labels"] = torch.as_tensor(labels)
                 if tensors["labels"].shape[:1] != tensors["inputs"].shape[:1]:
@@ -364,6 +377,8 @@ class Client:
                         f"labels ({tuple(tensors['labels'].shape)}) and inputs "
                         f"({tuple(tensors['inputs'].shape)}) differ in their first dimension"
                     )
+            if named:
+                del tensors["inputs"]
             files = _bytes_factory(_safetensors_bytes(tensors), "dataset.safetensors")
         return self._json("POST", "/datasets", files=files)
 
