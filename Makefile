@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, the CPU build: nothing after it may pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# -c: nothing may replace the CPU torch; editable_mode=compat: a path entry on sys.path, so the
+	# clone's own folder (often named bocompress too) never shadows the package (docs/models.md)
+	$(BIN)/pip install -q -c constraints/cpu-torch.txt --config-settings editable_mode=compat -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
