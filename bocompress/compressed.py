@@ -172,8 +172,13 @@ def _tensors(compressed: "nn.Module") -> tuple[dict[str, Any], dict[str, Any]]:
 
     out: dict[str, Any] = {}
     sparse: dict[str, Any] = {}
+    seen: set[int] = set()
     for k, v in compressed.state_dict().items():
-        t = v.detach().cpu().contiguous()
+        t = v.detach().cpu()
+        # tied weights (an LM head sharing the embedding) are stored once per name: safetensors
+        # refuses shared storage
+        t = t.clone().contiguous() if t.untyped_storage().data_ptr() in seen else t.contiguous()
+        seen.add(v.untyped_storage().data_ptr())
         if t.is_floating_point() and t.numel() >= SPARSE_MIN_NUMEL:
             nz = t != 0
             nnz = int(nz.sum())
