@@ -100,7 +100,12 @@ def test_serve_and_worker_pass_their_options(monkeypatch) -> None:
                                  "--max-trials", "3", "--poll", "0.5"])
     assert result.exit_code == 0, result.output
     assert calls["worker"] == {"url": "http://h:1", "token": None, "device": "cuda:1", "name": "g1",
-                               "max_trials": 3, "poll": 0.5}
+                               "max_trials": 3, "poll": 0.5, "allowed_prefixes": None}
+    result = runner.invoke(app, ["worker", "--allow-import", "timm, transformers,mypkg.models"])
+    assert result.exit_code == 0, result.output
+    assert calls["worker"]["allowed_prefixes"] == ["timm", "transformers", "mypkg.models"]
+    result = runner.invoke(app, ["worker", "--allow-import", "timm;rm -rf"])
+    assert result.exit_code == 2 and "--allow-import" in result.stderr
 
 
 def test_expand_specs_sweep() -> None:
