@@ -166,7 +166,7 @@ def test_bert_token_ids(live: tuple[LiveServer, Path], client: bocompress.Client
     model_id = client.upload_model(original, arch=BERT_SPEC)["id"]
     up = client.upload_dataset(cal, labels=labels)
     assert up["tensors"] == {"input_ids": [N_CAL, 17], "attention_mask": [N_CAL, 17], "labels": [N_CAL]}
-    job = _job(client, f"bert-{method}", model_id, up["id"], method)
+    job = _job(client, f"bert-{method}", model_id, up["id"], method, output="logits")
 
     def forward(m: nn.Module | None) -> Tensor:
         return (m or original)(**cal).logits
