@@ -125,3 +125,25 @@ def test_stored_errors_keep_the_last_frames_and_deterministic_ones_are_not_retri
     assert deterministic(TypeError("forward() takes 2 positional arguments but 3 were given"))
     assert deterministic(RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
                                       "scalar types: Long, Int; but got torch.FloatTensor instead"))
+
+
+def test_timm_model_where_timm_imports(tmp_path: Path) -> None:
+    """A timm MobileNetV3 (BatchNormAct2d, depthwise convs) under channel_l1, exported and reloaded.
+
+    Skipped where timm does not import (here: it needs torchvision, whose PyPI build does not import
+    beside the CPU torch); the same path is covered by tests/fixtures/mymodels in tests/e2e.
+    """
+    pytest.importorskip("timm")
+    spec = parse_arch({"factory": "timm:create_model", "args": ["mobilenetv3_small_050"],
+                       "kwargs": {"num_classes": 10, "pretrained": False}})
+    torch.manual_seed(0)
+    model = build_model(spec, ["timm"]).eval()
+    x = torch.randn(4, 3, 64, 64)
+    comp = build_compressor(model, "channel_l1", ["*"], 0.3, x)
+    theta = {p["name"]: 0.5 for p in comp.profile()["params"]}
+    small = comp.apply(theta).eval()
+    path = tmp_path / "timm.safetensors"
+    save_compressed(path, model, small, spec)
+    loaded = bocompress.load_compressed(path, allow_import=["timm"])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
