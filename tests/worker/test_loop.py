@@ -211,6 +211,10 @@ def test_cost_mismatch_fails_without_retry(srv: LiveServer, alice: Client, monke
     assert final["counts"]["failed"] == 2
     for t in trials(alice, job.id):
         assert t["state"] == "failed" and t["attempt"] == 1 and "cost mismatch" in t["error"]
+        assert "last frames" in t["error"] and "in mismatch" in t["error"]  # where it was raised
+    # no trial completed: the job failed, with the common first line as its reason
+    assert final["state"] == "failed" and final["reason"].startswith("every trial failed (2 of 2: "), final
+    assert "cost mismatch" in final["reason"] and "last frames" not in final["reason"]
 
 
 def test_unexpected_error_is_retried(srv: LiveServer, alice: Client, monkeypatch: pytest.MonkeyPatch) -> None:
