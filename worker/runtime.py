@@ -22,6 +22,7 @@ Calibration data: ``digits``/``digits-train``/``synthetic`` from the zoo, or an 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import threading
@@ -264,6 +265,8 @@ class JobContext:
     device: torch.device
     build_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    holdout: Any = None  # worker.evaluate.Holdout: the held-out part of labelled data (accuracy only)
+    proxy: Any = None  # worker.evaluate.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -282,8 +285,8 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     """
     import time
 
-    from worker.evaluate import teacher_outputs
-    from worker.methods import build_compressor
+    from worker.evaluate import Holdout, ProxyOptions, split_holdout, teacher_outputs
+    from worker.methods import CompressorOptions, build_compressor
 
     t0 = time.perf_counter()
     spec = job.get("spec") or {}
@@ -293,23 +296,34 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     dev = torch.device(device)
     model, arch = load_job_model(client, str(comp["model"]), allowed_prefixes)
     n = int(comp.get("n_calibration", 256))
-    inputs, labels = load_job_data(client, str(comp["data"]), n, arch, model)
+    proxy = ProxyOptions.from_spec(comp)
+    # n_calibration samples for the search, plus the held-out share when the data has labels
+    n_all = int(math.ceil(n / (1.0 - proxy.holdout_fraction))) if proxy.holdout_fraction > 0 else n
+    inputs, labels = load_job_data(client, str(comp["data"]), n_all, arch, model)
+    inputs, labels, hold_x, hold_y = split_holdout(inputs, labels, proxy.holdout_fraction)
+    if hold_x is None and len(inputs) > n:
+        inputs, labels = inputs[:n], (labels[:n] if labels is not None else None)
     model = model.to(dev).eval()
     inputs = inputs.to(dev)
     labels = labels.to(dev) if labels is not None else None
     teacher = teacher_outputs(model, inputs, EVAL_BATCH_SIZE, dev)
+    holdout = None
+    if hold_x is not None:
+        hold_x = hold_x.to(dev)
+        holdout = Holdout(hold_x, hold_y.to(dev), teacher_outputs(model, hold_x, EVAL_BATCH_SIZE, dev))
+    cost_kind = str((spec.get("objective") or {}).get("cost") or "params")
     compressor = build_compressor(
         model,
         comp["method"],
-        list(comp.get("layers") or ["*"]),
+        comp.get("layers") or ["*"],
         float(comp.get("theta_min", 0.05)),
         inputs[:TRACE_SAMPLES],
+        CompressorOptions(cost_kind=cost_kind, calib_inputs=inputs, ls_correction=proxy.ls_correction),
     )
-    cost_kind = str((spec.get("objective") or {}).get("cost") or "params")
     return JobContext(
         job_id=int(job["id"]), arch=arch, model=model, inputs=inputs, labels=labels, teacher=teacher,
         compressor=compressor, cost_kind=cost_kind, device=dev, build_seconds=time.perf_counter() - t0,
-        info={"n_calibration": int(len(inputs))},
+        info={"n_calibration": int(len(inputs))}, holdout=holdout, proxy=proxy,
     )
 
 
