@@ -441,9 +441,10 @@ def prepare(
 ) -> tuple[nn.Module, dict[str, float]]:
     """``compressor.apply(theta)`` (with the method's least squares), then the proxy's repairs.
 
-    BatchNorm re-estimation on the calibration inputs (only the BatchNorm layers after the first
-    changed module, so an untouched model stays the original) and the optional distillation
-    steps, then a second re-estimation when steps were taken.
+    BatchNorm re-estimation on the calibration inputs, of the BatchNorm layers after the first
+    module changed and not reconstructed by the method's least squares
+    (``compressor.unrepaired_layers``; so an untouched model stays the original), and the
+    optional distillation steps, then a second re-estimation when steps were taken.
 
     Returns:
         ``(model, seconds)``: the model ready to measure, on ``device``, and the time of each step
@@ -456,7 +457,7 @@ def prepare(
     t1 = time.perf_counter()
     bns: list[str] = []
     if options.bn_recalibrate:
-        changed = compressor.changed_layers(theta)
+        changed = compressor.unrepaired_layers(theta)
         if changed:
             bns = batchnorms_after(model, changed, B.to_device(B.head(inputs, 1), dev))
             recalibrate_bn(model, inputs, bns, batch_size, dev)

@@ -199,6 +199,16 @@ class Compressor(ABC):
         """
         return [lay["name"] for lay in self.profile()["layers"]]
 
+    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """The changed modules whose OUTPUT is not reconstructed by the method's least squares.
+
+        BatchNorm statistics are re-estimated only downstream of these (a layer refitted to
+        reproduce the original's output leaves the BatchNorm after it with the right statistics,
+        and re-estimating them on a small calibration set only adds noise: see docs/proxy.md).
+        Default: every changed module.
+        """
+        return self.changed_layers(theta)
+
     @abstractmethod
     def profile(self) -> dict:
         """The layer table: a dict valid as :class:`bocompress.schemas.ProfileReport`.
@@ -762,6 +772,10 @@ class CompositeCompressor(Compressor):
     def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
         """The layers any part changes."""
         return [n for part in self.parts for n in part.changed_layers(theta)]
+
+    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """The layers any part changes without reconstructing their output."""
+        return [n for part in self.parts for n in part.unrepaired_layers(theta)]
 
     def apply(self, theta: dict[str, float]) -> nn.Module:
         """A deep copy of the model compressed by every part in turn."""

@@ -841,6 +841,19 @@ class ChannelL1Compressor(ChannelCompressorBase):
             self.reconstruct(pruned, plan)
         return pruned
 
+    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """Consumers of pruned channels that the least squares does not refit (all of them without it).
+
+        A pruned producer and its BatchNorm keep their other channels as they were; a refitted
+        consumer reproduces the original's output.
+        """
+        ks = self._kept(theta)
+        cut = [g for g in self._groups if ks[g.name] < g.size]
+        if not self.ls_correction:
+            return list(dict.fromkeys(m for g in cut for m in g.member_modules()))
+        sites = self._refit_sites()
+        return list(dict.fromkeys(m.module for g in cut for m in g.members if m.dim == "in" and m.module not in sites))
+
     def reconstruct(self, pruned: nn.Module, plan: Mapping[tuple[str, str], tuple[GroupMember, list[int]]]) -> list[str]:
         """Refit, by least squares, each consumer whose input channels were removed (He et al.'s step 2).
 

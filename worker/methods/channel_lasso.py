@@ -464,6 +464,10 @@ class ChannelLassoCompressor(ChannelCompressorBase):
         if missing:
             raise CompressionError(f"channel_lasso: layers {missing} did not run on the calibration inputs")
 
+    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """None: every pruned layer (and every one after it) is refitted to the original's outputs."""
+        return []
+
     def group_scores(self, g: ChannelGroup) -> Tensor:
         """Each input channel's contribution energy to the layer's output on the calibration samples.
 
