@@ -171,6 +171,20 @@ def test_ls_correction_lowers_l_for_channel_l1(trained: SimpleNamespace) -> None
     assert plain.compressor.unrepaired_layers(theta)
 
 
+@pytest.mark.parametrize("method", ["tucker2", {"Conv2d": "tucker2", "Linear": "svd"}])
+def test_ls_correction_of_the_last_factor(trained: SimpleNamespace, method: object) -> None:
+    plain = _ctx(trained, method, bn_recalibrate=True, ls_correction=False)
+    fitted = _ctx(trained, method, bn_recalibrate=True)  # on by default for svd / tucker2
+    assert fitted.compressor.ls_correction and not plain.compressor.ls_correction
+    theta = _uniform(plain.compressor, 0.3)
+    a, b = measure_trial(plain, theta)["values"], measure_trial(fitted, theta)["values"]
+    assert a["ratio"] == b["ratio"]
+    assert b["distill_l2"] < a["distill_l2"] and b["distill_l2_holdout"] < a["distill_l2_holdout"]
+    assert fitted.compressor.unrepaired_layers(theta) == []
+    # theta = 1: nothing factorized, nothing refitted, the original exactly
+    assert measure_trial(fitted, _uniform(fitted.compressor, 1.0))["values"]["distill_l2"] == 0.0
+
+
 # --------------------------------------------------------------------------- trial values, fine-tune
 
 

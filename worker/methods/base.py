@@ -686,11 +686,51 @@ class LayerwiseCompressor(Compressor):
         """The layer table (see :meth:`Compressor.profile`); computed once, returned as a copy."""
         return copy.deepcopy(self._profile)
 
+    #: The child of a factorized layer that least squares refits (its last factor), or None.
+    ls_factor: ClassVar[str | None] = None
+    #: Whether that correction is on when the job does not say (see docs/proxy.md).
+    ls_default: ClassVar[bool] = False
+
+    @property
+    def ls_correction(self) -> bool:
+        """Whether ``apply`` refits the last factor of each factorized layer by least squares."""
+        if self.ls_factor is None:
+            return False
+        return bool(self.ls_default if self.options.ls_correction is None else self.options.ls_correction)
+
     def apply(self, theta: dict[str, float]) -> nn.Module:
-        """A deep copy of the model with every planned layer compressed at its theta."""
+        """A deep copy of the model with every planned layer compressed at its theta (then refitted, if on)."""
         out = copy.deepcopy(self.model)
         self.apply_to(out, theta)
+        run_ls_refit(out, self.ls_sites(theta), self)
         return out
+
+    def ls_sites(self, theta: Mapping[str, float]) -> dict[str, Any]:
+        """The last factors to refit at ``theta`` (name in the compressed model -> its Site); {} when off.
+
+        The last factor (a 1x1 conv or a Linear, with the layer's bias) sees exactly the output
+        positions of the original layer, so it is refitted to reproduce the original layer's
+        output (sampled once per job on the calibration inputs) from what it now receives.
+        """
+        if not self.ls_correction:
+            return {}
+        changed = [n for n in self.changed_layers(theta)]
+        if not changed:
+            return {}
+        if getattr(self, "_ls_cache", None) is None:
+            from worker.methods.lsq import sample_sites
+
+            inputs = self.options.calib_inputs if self.options.calib_inputs is not None else self.example_input
+            inputs = B.head(inputs, min(B.n_samples(inputs), 256))
+            ok = [n for n in self.plans if self.traces[n].calls == 1]
+            self._ls_cache = (inputs, sample_sites(self.model, ok, inputs, self.options.n_points, self.options.seed))
+        _, sites = self._ls_cache
+        return {f"{n}.{self.ls_factor}": sites[n] for n in changed if n in sites}
+
+    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """Changed layers whose output the least squares does not reconstruct."""
+        fitted = {k.rsplit(".", 1)[0] for k in self.ls_sites(theta)}
+        return [n for n in self.changed_layers(theta) if n not in fitted]
 
     def apply_to(self, module: nn.Module, theta: Mapping[str, float]) -> None:
         """Compress, in place, the planned layers of ``module`` (a copy of the original model)."""
@@ -707,6 +747,17 @@ class LayerwiseCompressor(Compressor):
     def param_names(self) -> list[str]:
         """Names of the search parameters, in layer order."""
         return [p.param["name"] for p in self.plans.values()]
+
+
+def run_ls_refit(module: nn.Module, sites: Mapping[str, Any], comp: Compressor) -> None:
+    """Refit the given sites of ``module`` in one forward pass over the compressor's LS inputs."""
+    if not sites:
+        return
+    from worker.methods.lsq import refit_in_forward
+
+    parts = getattr(comp, "parts", [comp])
+    inputs = next(p._ls_cache[0] for p in parts if getattr(p, "_ls_cache", None) is not None)
+    refit_in_forward(module, sites, inputs)
 
 
 def dense_costs(module: nn.Module, trace: LayerTrace) -> tuple[int, int, float]:
@@ -778,11 +829,20 @@ class CompositeCompressor(Compressor):
         return [n for part in self.parts for n in part.unrepaired_layers(theta)]
 
     def apply(self, theta: dict[str, float]) -> nn.Module:
-        """A deep copy of the model compressed by every part in turn."""
+        """A deep copy of the model compressed by every part in turn, then refitted (parts with least squares on)."""
         out = copy.deepcopy(self.model)
         for part in self.parts:
             part.apply_to(out, theta)
+        sites: dict[str, Any] = {}
+        for part in self.parts:
+            sites.update(part.ls_sites(theta))
+        run_ls_refit(out, sites, self)
         return out
+
+    @property
+    def ls_correction(self) -> bool:
+        """Whether any part refits by least squares."""
+        return any(p.ls_correction for p in self.parts)
 
     def _params_adjust(self, module: nn.Module) -> int:
         return sum(p._params_adjust(module) for p in self.parts)

@@ -65,6 +65,8 @@ class SVDCompressor(LayerwiseCompressor):
 
     method = "svd"
     supported = ("Linear", "Conv2d")
+    ls_factor = "1"
+    ls_default = True  # measured: docs/proxy.md
 
     def plan_layer(self, name: str, module: nn.Module, trace: LayerTrace) -> LayerPlan | str:
         """Cache ``A = U sqrt(S)`` and ``B = sqrt(S) V^T`` at full rank, and the layer's cost forms."""

@@ -62,6 +62,8 @@ class Tucker2Compressor(LayerwiseCompressor):
 
     method = "tucker2"
     supported = ("Conv2d",)
+    ls_factor = "2"
+    ls_default = True  # measured: docs/proxy.md
 
     def plan_layer(self, name: str, module: nn.Module, trace: LayerTrace) -> LayerPlan | str:
         """Cache the full factors and core of one conv, and its cost forms."""
