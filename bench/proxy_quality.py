@@ -4,10 +4,11 @@ For a trained ResNet-20 on digits upsampled to 3x32x32 (calibration: training im
 the 450 test digits), with the worker's own code (``worker.evaluate.measure_trial``):
 
 1. uniform theta at R ~ 0.5 and R ~ 0.75 (params) for ``channel_l1`` and ``tucker2 + svd``:
-   L and held-out accuracy without/with BatchNorm re-estimation, and (channel_l1) without/with
-   the least-squares correction;
-2. ~20 random per-layer theta per method: Spearman rank correlation of L (with and without BN
-   re-estimation) with held-out accuracy, as measured and after a short distillation fine-tune.
+   L and held-out accuracy without/with BatchNorm re-estimation, and without/with the
+   least-squares correction;
+2. ~20 random per-layer theta per method (each method's default least squares): Spearman rank
+   correlation of L (with and without BN re-estimation) with held-out accuracy, as measured and
+   after a short distillation fine-tune.
 
 Usage::
 
@@ -157,7 +158,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, method in METHODS.items():
-        ls_options = [False, True] if label == "channel_l1" else [None]
+        ls_options = [False, True]
         for target in (0.5, 0.75):
             for ls in ls_options:
                 ctx = context(model, data, method, ls)
