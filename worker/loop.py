@@ -377,9 +377,11 @@ class Worker:
         permanent = _permanent_types()
         try:
             if kind == "profile":
+                from worker.evaluate import job_profile
+
                 ctx, _ = self.cache.get(job)
                 log.info("profiled in %.2f s", ctx.build_seconds)
-                return _Outcome(True, values={}, sem={}, profile=ctx.compressor.profile())
+                return _Outcome(True, values={}, sem={}, profile=job_profile(ctx))
             if kind == "export":
                 return self._export(trial, job, source)
             return self._evaluate(trial, job)
@@ -391,8 +393,8 @@ class Worker:
             return _Outcome(False, error=error_text(exc), retry=again)
 
     def _evaluate(self, trial: Mapping[str, Any], job: Mapping[str, Any]) -> _Outcome:
-        from worker.evaluate import evaluate
-        from worker.runtime import EVAL_BATCH_SIZE, TaskError
+        from worker.evaluate import measure_trial
+        from worker.runtime import TaskError
 
         ctx, _ = self.cache.get(job)
         theta = {k: float(v) for k, v in (trial.get("params") or {}).items()}
@@ -401,15 +403,7 @@ class Worker:
         if space and sorted(space) != sorted(mine):
             raise TaskError(f"this worker's layer table ({len(mine)} parameters) differs from the job's "
                             f"({len(space)}): {sorted(set(space) ^ set(mine))[:10]}")
-        t0 = time.perf_counter()
-        compressed = ctx.compressor.apply(theta)
-        apply_seconds = time.perf_counter() - t0
-        out = evaluate(ctx.compressor, compressed, ctx.inputs, ctx.teacher, ctx.labels, theta,
-                       cost_kind=ctx.cost_kind, batch_size=EVAL_BATCH_SIZE, device=ctx.device, output=ctx.output)
-        measure_seconds = float(out["values"].get("eval_seconds", 0.0))
-        # eval_seconds covers the whole trial: apply (compress the copy) + measure (evaluate)
-        out["values"].update(apply_seconds=apply_seconds, measure_seconds=measure_seconds,
-                             eval_seconds=apply_seconds + measure_seconds)
+        out = measure_trial(ctx, theta)  # apply, BN re-estimation (+ fine-tune), evaluate
         values = {k: float(v) for k, v in out["values"].items() if math.isfinite(float(v))}
         sem = {k: float(v) for k, v in out["sem"].items() if math.isfinite(float(v)) and float(v) >= 0}
         if "distill_l2" not in values:

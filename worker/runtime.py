@@ -26,6 +26,7 @@ first element of a tuple, or ``logits`` of a dict / ``ModelOutput``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -278,6 +279,8 @@ class JobContext:
     info: dict[str, Any] = field(default_factory=dict)
     output: str | int | None = None
     linearized: list[str] = field(default_factory=list)
+    holdout: Any = None  # worker.evaluate.Holdout: the held-out part of labelled data (accuracy only)
+    proxy: Any = None  # worker.evaluate.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -296,8 +299,8 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     """
     import time
 
-    from worker.evaluate import teacher_outputs
-    from worker.methods import build_compressor
+    from worker.evaluate import Holdout, ProxyOptions, split_holdout, teacher_outputs
+    from worker.methods import CompressorOptions, build_compressor
 
     t0 = time.perf_counter()
     spec = job.get("spec") or {}
@@ -309,13 +312,18 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
 
     model, arch = load_job_model(client, str(comp["model"]), allowed_prefixes)
     n = int(comp.get("n_calibration", 256))
-    inputs, labels = load_job_data(client, str(comp["data"]), n, arch, model)
     output = comp.get("output")
     linearized = linearize_conv1d(model)
+    proxy = ProxyOptions.from_spec(comp)
+    # n_calibration samples for the search, plus the held-out share when the data has labels
+    n_all = int(math.ceil(n / (1.0 - proxy.holdout_fraction))) if proxy.holdout_fraction > 0 else n
+    inputs, labels = load_job_data(client, str(comp["data"]), n_all, arch, model)
+    inputs, labels, hold_x, hold_y = split_holdout(inputs, labels, proxy.holdout_fraction)
+    if hold_x is None and B.n_samples(inputs) > n:
+        inputs, labels = B.head(inputs, n), (labels[:n] if labels is not None else None)
     model = model.to(dev).eval()
     inputs = B.to_device(inputs, dev)
     labels = labels.to(dev) if labels is not None else None
-    patterns = list(comp.get("layers") or ["*"])
     try:
         teacher = teacher_outputs(model, inputs, EVAL_BATCH_SIZE, dev, output=output)
     except B.BatchError as exc:
@@ -323,18 +331,24 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     if teacher.dim() < 1 or not teacher.is_floating_point():
         raise TaskError(f"the distilled output must be a floating-point tensor, got {teacher.dtype} "
                         f"{list(teacher.shape)}; choose another with compression.output")
+    holdout = None
+    if hold_x is not None:
+        hold_x = B.to_device(hold_x, dev)
+        holdout = Holdout(hold_x, hold_y.to(dev), teacher_outputs(model, hold_x, EVAL_BATCH_SIZE, dev, output=output))
+    cost_kind = str((spec.get("objective") or {}).get("cost") or "params")
     compressor = build_compressor(
         model,
         comp["method"],
-        patterns,
+        comp.get("layers") or ["*"],
         float(comp.get("theta_min", 0.05)),
         B.head(inputs, TRACE_SAMPLES),
+        CompressorOptions(cost_kind=cost_kind, calib_inputs=inputs, ls_correction=proxy.ls_correction),
     )
-    cost_kind = str((spec.get("objective") or {}).get("cost") or "params")
     return JobContext(
         job_id=int(job["id"]), arch=arch, model=model, inputs=inputs, labels=labels, teacher=teacher,
         compressor=compressor, cost_kind=cost_kind, device=dev, build_seconds=time.perf_counter() - t0,
         info={"n_calibration": B.n_samples(inputs)}, output=output, linearized=linearized,
+        holdout=holdout, proxy=proxy,
     )
 
 
