@@ -383,7 +383,10 @@ class UploadOut(BaseModel):
     size: int
     sha256: str
     created_at: datetime
-    tensors: dict[str, list[int]] = Field(default_factory=dict)
+    tensors: dict[str, list[int]] = Field(
+        default_factory=dict, description="name -> shape of at most 100 tensors (the first by name): a summary")
+    n_tensors: int = Field(default=0, description="how many tensors the file holds")
+    tensors_truncated: bool = Field(default=False, description="whether 'tensors' lists only some of them")
 
 
 class TokenCreate(_Strict):

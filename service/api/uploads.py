@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep
@@ -20,15 +21,37 @@ from service.auth import Principal
 from service.db.models import Blob, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import NotFound
-from service.safetensors_check import InvalidSafetensors, inspect
+from service.safetensors_check import InvalidSafetensors, check_bounds, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
 
 
+#: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
+SUMMARY_TENSORS = 100
+
+
 def blob_out(b: Blob) -> dict[str, Any]:
+    """An upload as the API shows it: a summary of its header, never the whole of it."""
+    tensors = b.tensors or {}
+    shown = {k: tensors[k]["shape"] for k in sorted(tensors)[:SUMMARY_TENSORS]}
     return {"id": b.id, "kind": b.kind, "arch": b.arch, "size": b.size, "sha256": b.sha256,
-            "created_at": iso(b.created_at), "tensors": {k: v["shape"] for k, v in (b.tensors or {}).items()}}
+            "created_at": iso(b.created_at), "tensors": shown, "n_tensors": len(tensors),
+            "tensors_truncated": len(tensors) > len(shown)}
+
+
+async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
+    """:func:`service.safetensors_check.inspect` under the service's header bounds.
+
+    The bounds are checked first, on the event loop (they read 8 bytes and count one key); the
+    JSON header is parsed in the thread pool, so a large one never stalls other requests.
+    """
+    st = ctx.settings
+    try:
+        check_bounds(data, st.max_safetensors_header_bytes, st.max_safetensors_tensors)
+        return await run_in_threadpool(inspect, data, st.max_safetensors_header_bytes, st.max_safetensors_tensors)
+    except InvalidSafetensors as exc:
+        raise bad_request("file", str(exc)) from None
 
 
 async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes:
@@ -74,26 +97,21 @@ async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: Upload
         raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}) "
                                   "nor an import path 'package.module:factory'")
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
-    try:
-        tensors = inspect(data)
-    except InvalidSafetensors as exc:
-        raise bad_request("file", str(exc)) from None
-    return _store(ctx, p, "model", data, arch, tensors)
+    tensors = await checked_safetensors(ctx, data)
+    return await run_in_threadpool(_store, ctx, p, "model", data, arch, tensors)
 
 
 @router.post("/datasets", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile) -> Any:
     """Upload calibration inputs: safetensors with a tensor ``inputs`` (N x ...) and optional ``labels`` (N)."""
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
-    try:
-        tensors = inspect(data)
-    except InvalidSafetensors as exc:
-        raise bad_request("file", str(exc)) from None
+    tensors = await checked_safetensors(ctx, data)
     if "inputs" not in tensors:
-        raise bad_request("file", f"needs a tensor named 'inputs' (found {', '.join(sorted(tensors))})")
+        raise bad_request("file", f"needs a tensor named 'inputs' (found {', '.join(sorted(tensors)[:10])}"
+                                  f"{', ...' if len(tensors) > 10 else ''})")
     extra = set(tensors) - {"inputs", "labels"}
     if extra:
-        raise bad_request("file", f"unexpected tensors {sorted(extra)}: only 'inputs' and 'labels'")
+        raise bad_request("file", f"unexpected tensors {sorted(extra)[:10]}: only 'inputs' and 'labels'")
     shape = tensors["inputs"]["shape"]
     if len(shape) < 2 or shape[0] < 1:
         raise bad_request("file", f"'inputs' must be N x ... with N >= 1, got shape {shape}")
@@ -103,7 +121,7 @@ async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: Uplo
         ls = tensors["labels"]
         if ls["shape"] != [shape[0]] or ls["dtype"] not in ("I64", "I32", "I16", "I8", "U8"):
             raise bad_request("file", f"'labels' must be an integer vector of length {shape[0]}")
-    return _store(ctx, p, "dataset", data, None, tensors)
+    return await run_in_threadpool(_store, ctx, p, "dataset", data, None, tensors)
 
 
 def _get_blob(ctx, blob_id: str, kind: str, p: Principal) -> Blob:  # type: ignore[no-untyped-def]

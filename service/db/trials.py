@@ -177,7 +177,16 @@ def reap_expired(session: Session, now: datetime | None = None, limit: int = 500
 
 
 def check_lease(trial: Trial, lease_token: str | None) -> None:
-    if lease_token is not None and trial.lease_token is not None and lease_token != trial.lease_token:
+    """Refuse (409 ``lease_lost``) a call that does not carry the trial's current lease token.
+
+    The token is mandatory: a worker acts only on trials it holds a lease for (DESIGN.md, "Trials").
+    A trial without a token (never leased, or its lease already ended) accepts no worker call.
+    """
+    if lease_token is None:
+        raise TransitionError(f"trial {trial.id}: send the lease's token (lease_token in the body or an "
+                              "X-Lease-Token header): a worker acts only on trials it holds a lease for",
+                              code="lease_lost")
+    if trial.lease_token is None or not secrets.compare_digest(lease_token, trial.lease_token):
         raise TransitionError(f"trial {trial.id}: this lease is no longer valid (the trial was leased again)",
                               code="lease_lost")
 
@@ -218,6 +227,7 @@ def complete(session: Session, trial: Trial, values: dict[str, float], sem: dict
     """Store a result once. Returns (trial, changed). Same result again: (trial, False)."""
     h = result_hash(values, sem, extra)
     if trial.state == "completed":
+        check_lease(trial, lease_token)  # a repeat comes from the lease holder too
         if trial.result_hash == h:
             return trial, False
         raise TransitionError(f"trial {trial.id} is already completed with a different result", code="duplicate")
