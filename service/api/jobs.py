@@ -262,7 +262,8 @@ def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 @router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
 async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
-    """Up to ``count`` trials to evaluate yourself; empty when the budget is spent.
+    """Up to ``count`` trials to evaluate yourself; empty when the budget is spent; 409
+    ``job_finished`` when the job was cancelled or failed.
 
     Proposals come from the job's buffer, filled in the background (never computed here);
     this call waits up to ``ask_wait_seconds`` for the buffer to hold them. It waits on the event
@@ -274,6 +275,10 @@ async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
             if job.kind != "generic":
                 raise APIError(409, f"job {job_id} is a compression job: its trials are evaluated by workers",
                                "not_generic")
+            if job.state in ("cancelled", "failed"):
+                # Stopped before its budget was spent: nothing will ever be proposed. (A completed
+                # job's budget is spent: it answers an empty list, the contract's "no more trials".)
+                raise APIError(409, f"job {job_id} is {job.state}: it proposes no more trials", "job_finished")
 
     await run_in_threadpool(_check)
     got: list[dict[str, Any]] = []
