@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from service.api import errors
 from service.api.deps import Context
 from service.config import Settings
-from service.db.migrate import SchemaOutdated, check_schema, ensure_schema
+from service.db.migrate import SchemaOutdated, check_schema, ensure_schema, explain_startup_error
 from service.db.hot import JobInfoCache
 from service.db.session import make_engine, make_sessionmaker
 from service.metrics import Metrics
@@ -227,6 +227,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
         raise SystemExit(2) from None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        # The database cannot be opened (a bad URL, a missing directory, a read-only file,
+        # PostgreSQL down or without the database): one line saying what to do, not a traceback.
+        message = explain_startup_error(exc, database_url or kwargs.get("database_url") or Settings().database_url)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     common = dict(host=host, port=port, log_level=log_level, access_log=log_level == "debug", log_config=None)
     if processes > 1:

@@ -391,14 +391,20 @@ def insert_proposals(session: Session, job_id: int, expected_created: int, propo
     return out
 
 
-def acquire_generator(session: Session, job_id: int, me: str, seconds: float) -> bool:
-    """A database lock on the job's proposal stream: one generator at a time, across replicas."""
+def acquire_generator(session: Session, job_id: int, me: str, seconds: float, stale_owner: str | None = None) -> bool:
+    """A database lock on the job's proposal stream: one generator at a time, across replicas.
+
+    ``stale_owner``: a holder known to be dead (a crashed process of this host), whose lock is
+    taken over before it expires; guarded on it still being the holder.
+    """
     now = utcnow()
+    free = [Job.generator_owner.is_(None), Job.generator_until.is_(None), Job.generator_until < now,
+            Job.generator_owner == me]
+    if stale_owner is not None:
+        free.append(Job.generator_owner == stale_owner)
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "running",
-               or_(Job.generator_owner.is_(None), Job.generator_until.is_(None), Job.generator_until < now,
-                   Job.generator_owner == me))
+        .where(Job.id == job_id, Job.state == "running", or_(*free))
         .values(generator_owner=me, generator_until=now + timedelta(seconds=seconds))
     )
     return res.rowcount == 1
