@@ -50,6 +50,17 @@ def header_length(data: bytes) -> int:
     return int(n)
 
 
+def check_prefix(prefix: bytes, max_header_bytes: int | None = DEFAULT_MAX_HEADER_BYTES) -> None:
+    """The first check, on the first bytes of an upload still being read: a header length over
+    the bound is refused before the rest of the file is read at all."""
+    if len(prefix) < 8 or max_header_bytes is None:
+        return
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > max_header_bytes and not (prefix[:1] == b"\x80" or prefix[:2] == b"PK"):
+        raise InvalidSafetensors(f"header of {n} bytes is larger than this service's limit of {max_header_bytes} "
+                                 "bytes (max_safetensors_header_bytes)")
+
+
 def check_bounds(data: bytes, max_header_bytes: int | None = DEFAULT_MAX_HEADER_BYTES,
                  max_tensors: int | None = DEFAULT_MAX_TENSORS) -> int:
     """The cheap checks, before any JSON is parsed: the header's size and (counted, not parsed) its

@@ -120,7 +120,7 @@ def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> 
 async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: WorkerDep, file: UploadFile,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """A worker uploads the compressed model of the export task it holds (then completes the task)."""
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
     tensors = await checked_safetensors(ctx, data)
 
     def _store(s: Session) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from service.auth import Principal
 from service.db.models import Blob, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import NotFound
-from service.safetensors_check import InvalidSafetensors, check_bounds, inspect
+from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
@@ -54,7 +54,9 @@ async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
         raise bad_request("file", str(exc)) from None
 
 
-async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes:
+async def _read_limited(request: Request, file: UploadFile, limit: int, ctx: Any = None) -> bytes:
+    """The uploaded file's bytes, at most ``limit`` (else 413). With ``ctx``, a safetensors header
+    longer than the service's bound is refused from the first chunk, before the rest is read."""
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > limit + 64 * 1024:
         raise APIError(413, f"file: larger than the limit of {limit} bytes", "too_large")
@@ -63,6 +65,11 @@ async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes
         chunk = await file.read(1024 * 1024)
         if not chunk:
             break
+        if not chunks and ctx is not None:
+            try:
+                check_prefix(chunk, ctx.settings.max_safetensors_header_bytes)
+            except InvalidSafetensors as exc:
+                raise bad_request("file", str(exc)) from None
         total += len(chunk)
         if total > limit:
             raise APIError(413, f"file: larger than the limit of {limit} bytes", "too_large")
@@ -96,7 +103,7 @@ async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: Upload
     if arch not in ZOO_MODELS and not IMPORT_PATH_RE.match(arch):
         raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}) "
                                   "nor an import path 'package.module:factory'")
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
     tensors = await checked_safetensors(ctx, data)
     return await run_in_threadpool(_store, ctx, p, "model", data, arch, tensors)
 
@@ -104,7 +111,7 @@ async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: Upload
 @router.post("/datasets", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile) -> Any:
     """Upload calibration inputs: safetensors with a tensor ``inputs`` (N x ...) and optional ``labels`` (N)."""
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
     tensors = await checked_safetensors(ctx, data)
     if "inputs" not in tensors:
         raise bad_request("file", f"needs a tensor named 'inputs' (found {', '.join(sorted(tensors)[:10])}"

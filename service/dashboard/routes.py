@@ -328,7 +328,7 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
     vals = [k for k in FIRST_VALUES if k in value_keys] + sorted(value_keys - set(FIRST_VALUES))
     sems = sorted(sem_keys)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\r\n")  # RFC 4180; and a CR inside a cell is quoted then
 
     def flush() -> str:
         out = buf.getvalue()

@@ -26,7 +26,22 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(database_url: str, revision: str = "head") -> str:
     """Upgrade the schema to ``revision``; returns the revision reached."""
     command.upgrade(alembic_config(database_url), revision)
+    engine = make_engine(database_url)
+    try:
+        check_writable(engine)
+    finally:
+        engine.dispose()
     return head_revision()
+
+
+def check_writable(engine: Engine) -> None:
+    """SQLite: fail now, not at the first request, when the file cannot be written (a read-only
+    file or directory, a read-only open mode). Rewrites the header's ``user_version`` unchanged."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.begin() as conn:
+        v = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+        conn.exec_driver_sql(f"PRAGMA user_version = {v}")
 
 
 def head_revision() -> str:
