@@ -224,6 +224,9 @@ class UploadHeaderGuard:
                 return -1
             headers = buf[start:end].lower()
             if b'name="file"' in headers:
+                nxt = buf.find(b"\r\n--" + boundary, end + 4)
+                if 0 <= nxt < end + 12:
+                    return None  # a file of under 8 bytes: the route says what is wrong with it
                 if len(buf) < end + 12:
                     return -1
                 prefix = buf[end + 4:end + 12]
