@@ -528,3 +528,76 @@ def test_item11_startup_failures_are_one_line_and_exit_2(tmp_path: Path) -> None
         assert len(lines) == 1 and lines[0].startswith("error: "), (label, cmd, err.decode()[-2000:])
         assert phrase in lines[0], (label, cmd, lines[0])
         assert "s3cret" not in err.decode() + out.decode(), (label, cmd)
+
+
+# --------------------------------------------------------------------------- 5. kill -9 mid-refill
+
+
+def test_item5_restart_after_kill9_mid_refill_proposes_within_5s(tmp_path: Path) -> None:
+    """A SQLite service killed (SIGKILL) while it holds a job's generator lock, restarted: the new
+    process takes the dead one's lock over at once instead of waiting for it to expire (120 s)."""
+    import signal
+    import sqlite3
+
+    from tests.reliability.procs import descendants, wait_gone
+
+    db = tmp_path / "kill.db"
+    url = f"sqlite:///{db}"
+    admin_token = prepare_database(url)
+    srv = ServiceProcess(url, log_path=tmp_path / "service.log").start()
+    raw = sqlite3.connect(str(db), timeout=30)
+
+    def job_row(jid: int) -> tuple[str | None, int]:
+        owner, created = raw.execute("SELECT generator_owner, n_created FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return owner, int(created)
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {admin_token}"}) as c:
+            spec = {"name": "gp", "parameters": [{"name": f"x{i}", "low": 0.0, "high": 1.0} for i in range(4)],
+                    "objective": {"metric": "y"}, "budget": {"max_trials": 60, "max_parallel": 1},
+                    "optimizer": {"n_initial": 2, "seed": 0, "engine": "auto"}}
+            jid = c.post("/api/v1/jobs", json=spec).json()["id"]
+            killed = None
+            for _ in range(40):  # each result sets off a refill; past n_initial, a GP fit of ~1 s
+                t = _ask_one(c, jid)
+                y = sum((v - 0.3) ** 2 for v in t["params"].values())
+                assert c.post(f"/api/v1/trials/{t['id']}/tell", json={"values": {"y": y}}).status_code == 200
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    owner, _ = job_row(jid)
+                    if owner is not None:
+                        break
+                    time.sleep(0.002)
+                else:
+                    continue
+                assert srv.proc is not None
+                kids = descendants(srv.proc.pid)
+                os.kill(srv.proc.pid, signal.SIGKILL)  # mid-refill: the lock is held
+                srv.proc.wait(10)
+                assert wait_gone(kids) == []
+                owner, created = job_row(jid)
+                if owner is not None and owner.split(":")[1] == str(srv.proc.pid):
+                    killed = (owner, created)
+                    break
+                srv.start()  # the refill ended just before the kill: try again
+            assert killed is not None, "never caught the service inside a refill"
+            owner, created = killed
+            until = raw.execute("SELECT generator_until FROM jobs WHERE id = ?", (jid,)).fetchone()[0]
+            assert until is not None  # held, and would be for generator_lease_seconds (120 s)
+            launched = time.monotonic()
+            srv.start()
+            healthy = time.monotonic()
+            while time.monotonic() - healthy < 30:
+                if job_row(jid)[1] > created:
+                    break
+                time.sleep(0.05)
+            proposed = time.monotonic()
+            assert job_row(jid)[1] > created, "no proposal within 30 s of the restart"
+            took = proposed - healthy
+            print(f"restart: healthy {healthy - launched:.1f} s after launch, the next proposal {took:.2f} s "
+                  f"after that (the lock of the killed {owner} taken over)")
+            assert took < 5.0, f"the first proposal after the restart took {took:.1f} s"
+            assert len(c.post(f"/api/v1/jobs/{jid}/ask", json={"count": 1}).json()["trials"]) == 1
+    finally:
+        raw.close()
+        srv.stop()
