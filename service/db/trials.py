@@ -186,7 +186,7 @@ def check_lease(trial: Trial, lease_token: str | None) -> None:
         raise TransitionError(f"trial {trial.id}: send the lease's token (lease_token in the body or an "
                               "X-Lease-Token header): a worker acts only on trials it holds a lease for",
                               code="lease_lost")
-    if trial.lease_token is None or not secrets.compare_digest(lease_token, trial.lease_token):
+    if trial.lease_token is None or not secrets.compare_digest(lease_token.encode(), trial.lease_token.encode()):
         raise TransitionError(f"trial {trial.id}: this lease is no longer valid (the trial was leased again)",
                               code="lease_lost")
 

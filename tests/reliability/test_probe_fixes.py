@@ -111,7 +111,7 @@ def test_item1_lease_token_is_mandatory_and_never_shown(probe: LiveServer) -> No
         assert tok
         result = {"values": {"distill_l2": 0.25}, "sem": {"distill_l2": 0.01}}
         # another worker, without the token or with a wrong one: refused, and never told the token
-        for kw in ({"json": {}}, {"json": {"lease_token": "0" * 32}}, {"json": None},
+        for kw in ({"json": {}}, {"json": {"lease_token": "0" * 32}}, {"json": None}, {"json": {"lease_token": "é" * 32}},
                    {"json": {}, "headers": {"X-Lease-Token": "f" * 32}}):
             r = b.post(f"/api/v1/trials/{tid}/heartbeat", **kw)
             assert r.status_code == 409 and r.json()["code"] == "lease_lost", (kw, r.status_code, r.text)
