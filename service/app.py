@@ -95,8 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Bayesian optimization of per-layer neural network compression.")
     app.state.ctx = ctx
     errors.install(app)
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
+    # Inside BodyLimit (added first, so it runs after it): a body over the size limit is a 413 at
+    # once and is never read here.
     app.add_middleware(UploadHeaderGuard, max_header_bytes=settings.max_safetensors_header_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
 
     app.add_middleware(CountRequests, metrics=metrics)
 

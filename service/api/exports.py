@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from bocompress.schemas import ExportOut, ExportRequest
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep, WorkerDep
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError
 from service.api.jobs import ERRORS, visible_job
 from service.api.uploads import _read_limited, checked_safetensors, new_blob
 from service.db.models import Blob, Trial, utcnow

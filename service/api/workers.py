@@ -25,13 +25,13 @@ from service.db.hot import Finished
 from service.db.models import Job, Trial
 from service.db.session import read_session, run_conn, run_tx
 from service.db.trials import (
+    NotFound,
     add_event,
     claim_next,
     close_job_if_done,
     complete,
     compression_values,
     fail,
-    NotFound,
     heartbeat,
     lock_trial,
     reap_expired,
