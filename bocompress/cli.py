@@ -227,7 +227,14 @@ def migrate(database_url: str = _DB) -> None:
     Example:
       bocompress migrate --database-url postgresql+psycopg://bo:bo@localhost/bo
     """
-    revision = _lazy("service.db.migrate", "upgrade")(database_url)
+    upgrade = _lazy("service.db.migrate", "upgrade")
+    try:
+        revision = upgrade(database_url)
+    except Exception as exc:  # a database that cannot be opened: one line and exit code 2, as `serve`
+        message = _lazy("service.db.migrate", "explain_startup_error")(exc, database_url)
+        if message is None:
+            raise
+        _fail(message, 2)
     typer.echo(f"database at revision {revision}" if revision else "database upgraded")
 
 

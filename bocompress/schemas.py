@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 API_PREFIX = "/api/v1"
 
@@ -35,10 +35,58 @@ OBJECTIVE_KINDS = ("scalarized", "constrained", "pareto")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")
 
 
+#: The largest integer a float holds exactly (and so a JSON reader, a float column, the GP): the
+#: bound of an ``int`` parameter, so what comes back is the integer that was sent.
+MAX_EXACT_INT = 2**53
+
+
+_YAML_EXP = re.compile(r"^[+-]?[0-9]+[eE][+-]?[0-9]+$")
+
+
+def _number(v: Any) -> Any:
+    """Numbers only: JSON strings and booleans are refused, never read as numbers ("0.1", true)."""
+    if isinstance(v, (str, bytes, bool)):
+        # PyYAML reads 1e-3 (no dot) as a string: say how to write it
+        hint = " (in YAML write the exponent with a dot, e.g. 1.0e-3)" if isinstance(v, str) and _YAML_EXP.match(v) else ""
+        raise ValueError(f"must be a number, not {'a boolean' if isinstance(v, bool) else 'a string'}"
+                         f" ({str(v)[:40]!r}){hint}")
+    return v
+
+
+#: A float field that takes JSON numbers only (an int is a number too), never "0.1" or true.
+Num = Annotated[float, BeforeValidator(_number)]
+#: An int field that takes JSON numbers only (an integral float such as 5.0 is still an int).
+Int = Annotated[int, BeforeValidator(_number)]
+#: A bool field that takes JSON booleans only, never "yes" or 1.
+Bool = Annotated[bool, Strict()]
+
+
+def _no_nul(v: Any) -> None:
+    """Refuse a NUL character anywhere in a text value (PostgreSQL cannot store one; SQLite can:
+    both backends must give the same answer)."""
+    if isinstance(v, str):
+        if "\x00" in v:
+            raise ValueError("must not contain a NUL character")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _no_nul(k)
+            _no_nul(x)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _no_nul(x)
+
+
 class _Strict(BaseModel):
-    """Requests refuse unknown fields, so a typo is a 422 naming it, not a silent default."""
+    """Requests refuse unknown fields, so a typo is a 422 naming it, not a silent default; and text
+    with a NUL character, which one backend would store and the other refuse."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text_without_nul(cls, v: Any) -> Any:
+        _no_nul(v)
+        return v
 
 
 def _finite(v: float, what: str) -> float:
@@ -55,9 +103,9 @@ class ParameterSpec(_Strict):
 
     name: str = Field(min_length=1, max_length=200)
     type: Literal["float", "int"] = "float"
-    low: float
-    high: float
-    log: bool = False
+    low: Num
+    high: Num
+    log: Bool = False
 
     @field_validator("name")
     @classmethod
@@ -79,6 +127,17 @@ class ParameterSpec(_Strict):
             raise ValueError(f"parameter {self.name!r}: a log-scaled parameter needs low > 0")
         if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError(f"parameter {self.name!r}: an int parameter needs integer bounds")
+        if self.type == "int" and max(abs(self.low), abs(self.high)) > MAX_EXACT_INT:
+            raise ValueError(f"parameter {self.name!r}: an int parameter's bounds must be within "
+                             f"+-2**53 (the integers a float holds exactly), got [{self.low:g}, {self.high:g}]")
+        if not math.isfinite(self.high - self.low):
+            raise ValueError(f"parameter {self.name!r}: the width high - low overflows a float "
+                             f"([{self.low:g}, {self.high:g}]); rescale the parameter")
+        if self.log and not math.isfinite(math.log(self.high) - math.log(self.low)):
+            raise ValueError(f"parameter {self.name!r}: the log scale of [{self.low:g}, {self.high:g}] overflows")
+        if not self.log and self.type == "float" and self.low + (self.high - self.low) * 0.5 in (self.low, self.high):
+            raise ValueError(f"parameter {self.name!r}: [{self.low:g}, {self.high:g}] is too narrow for its "
+                             "magnitude to hold distinct values; rescale the parameter")
         return self
 
 
@@ -160,8 +219,8 @@ class CompressionSpec(_Strict):
         description="fnmatch globs over module names ('!glob' excludes), or {'include': [...], 'exclude': [...]}; "
         "excluded layers are not searched and stay dense",
     )
-    theta_min: float = Field(default=0.05, gt=0.0, lt=1.0)
-    n_calibration: int = Field(default=256, ge=8, le=100_000)
+    theta_min: Num = Field(default=0.05, gt=0.0, lt=1.0)
+    n_calibration: Int = Field(default=256, ge=8, le=100_000)
     output: str | int | None = Field(
         default=None, description="the part of the model's output to distill: a key of a dict/ModelOutput "
         "(default 'logits') or an index of a tuple (default 0)",
@@ -178,19 +237,19 @@ class CompressionSpec(_Strict):
             raise ValueError("output: a tuple index must be in -64..63")
         return v
 
-    bn_recalibrate: bool = Field(
+    bn_recalibrate: Bool = Field(
         default=True, description="re-estimate BatchNorm statistics on the calibration inputs before measuring"
     )
-    holdout_fraction: float = Field(
+    holdout_fraction: Num = Field(
         default=0.3, ge=0.0, lt=1.0,
         description="with labelled data: the seeded share held out for 'accuracy' only (never used for L)",
     )
-    finetune_steps: int = Field(default=0, ge=0, le=10_000, description="distillation steps before measuring (0: none)")
-    finetune_lr: float = Field(default=1e-4, gt=0.0, le=1.0, description="Adam learning rate of those steps")
-    sensitivity: bool = Field(
+    finetune_steps: Int = Field(default=0, ge=0, le=10_000, description="distillation steps before measuring (0: none)")
+    finetune_lr: Num = Field(default=1e-4, gt=0.0, le=1.0, description="Adam learning rate of those steps")
+    sensitivity: Bool = Field(
         default=True, description="measure each layer's L curve at profiling (at most 8 points per layer)"
     )
-    ls_correction: bool | None = Field(
+    ls_correction: Bool | None = Field(
         default=None, description="least-squares reconstruction after compressing (None: the method's default)"
     )
 
@@ -222,9 +281,9 @@ class Objective(_Strict):
     """A compression objective (``kind``) or a generic one (``metric`` + ``direction``)."""
 
     kind: Literal["scalarized", "constrained", "pareto"] | None = None
-    kappa: float = Field(default=1.0, gt=0.0, le=1e6)
+    kappa: Num = Field(default=1.0, gt=0.0, le=1e6)
     cost: CostKind = "params"
-    budget: float | None = Field(default=None, gt=0.0, le=1.0, description="max R for 'constrained'")
+    budget: Num | None = Field(default=None, gt=0.0, le=1.0, description="max R for 'constrained'")
     metric: str | None = Field(default=None, min_length=1, max_length=200)
     direction: Literal["minimize", "maximize"] = "minimize"
 
@@ -241,15 +300,15 @@ class Objective(_Strict):
 
 
 class Budget(_Strict):
-    max_trials: int = Field(default=60, ge=1, le=100_000)
-    max_parallel: int = Field(default=4, ge=1, le=1024)
-    max_attempts: int = Field(default=3, ge=1, le=100)
-    lease_seconds: float = Field(default=60.0, ge=1.0, le=86_400.0)
+    max_trials: Int = Field(default=60, ge=1, le=100_000)
+    max_parallel: Int = Field(default=4, ge=1, le=1024)
+    max_attempts: Int = Field(default=3, ge=1, le=100)
+    lease_seconds: Num = Field(default=60.0, ge=1.0, le=86_400.0)
 
 
 class OptimizerSpec(_Strict):
-    n_initial: int = Field(default=8, ge=1, le=10_000)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    n_initial: Int = Field(default=8, ge=1, le=10_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     engine: Literal["auto", "sobol", "gp"] = Field(
         default="auto", description="'auto': Sobol for n_initial trials, then the GP; 'sobol': Sobol only"
     )
@@ -426,7 +485,7 @@ class Page(BaseModel):
 
 
 class AskRequest(_Strict):
-    count: int = Field(default=1, ge=1, le=1000)
+    count: Int = Field(default=1, ge=1, le=1000)
 
 
 class AskResponse(BaseModel):
@@ -447,8 +506,8 @@ def _check_metrics(v: dict[str, float], field: str) -> dict[str, float]:
 class _Result(_Strict):
     """Metric values and their standard errors: finite numbers, errors >= 0."""
 
-    values: dict[str, float] = Field(default_factory=dict)
-    sem: dict[str, float] = Field(default_factory=dict)
+    values: dict[str, Num] = Field(default_factory=dict)
+    sem: dict[str, Num] = Field(default_factory=dict)
 
     @field_validator("values")
     @classmethod
@@ -466,9 +525,9 @@ class _Result(_Strict):
 
 
 class TellRequest(_Result):
-    values: dict[str, float] = Field(default_factory=dict)
-    sem: dict[str, float] = Field(default_factory=dict)
-    failed: bool = False
+    values: dict[str, Num] = Field(default_factory=dict)
+    sem: dict[str, Num] = Field(default_factory=dict)
+    failed: Bool = False
     error: str | None = Field(default=None, max_length=20_000)
 
 
@@ -482,8 +541,8 @@ class TellRequest(_Result):
 class CompleteRequest(_Result):
     """A worker's result. ``profile`` for profiling tasks, ``artifact`` metadata for exports."""
 
-    values: dict[str, float] = Field(default_factory=dict)
-    sem: dict[str, float] = Field(default_factory=dict)
+    values: dict[str, Num] = Field(default_factory=dict)
+    sem: dict[str, Num] = Field(default_factory=dict)
     profile: ProfileReport | None = None
     artifact: dict[str, Any] | None = None
     lease_token: str | None = Field(default=None, max_length=64, description="lease.token from the lease")
@@ -492,7 +551,7 @@ class CompleteRequest(_Result):
 
 class FailRequest(_Strict):
     error: str = Field(min_length=1, max_length=20_000)
-    retry: bool = False
+    retry: Bool = False
     lease_token: str | None = Field(default=None, max_length=64)
 
 
@@ -535,7 +594,10 @@ class UploadOut(BaseModel):
     size: int
     sha256: str
     created_at: datetime
-    tensors: dict[str, list[int]] = Field(default_factory=dict)
+    tensors: dict[str, list[int]] = Field(
+        default_factory=dict, description="name -> shape of at most 100 tensors (the first by name): a summary")
+    n_tensors: int = Field(default=0, description="how many tensors the file holds")
+    tensors_truncated: bool = Field(default=False, description="whether 'tensors' lists only some of them")
 
 
 class TokenCreate(_Strict):
@@ -557,8 +619,8 @@ class TokenOut(BaseModel):
 class ExportRequest(_Strict):
     """``POST /api/v1/jobs/{id}/trials/{trial_id}/export``: build the compressed model of a trial."""
 
-    finetune_steps: int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
-    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    finetune_steps: Int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
+    lr: Num = Field(default=1e-4, gt=0.0, le=1.0)
 
 
 class ExportOut(BaseModel):

@@ -6,6 +6,8 @@ import gc
 import json
 import logging
 import os
+import re
+import struct
 import sys
 from typing import Any
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from sqlalchemy.engine import Engine
 from service.api import errors
 from service.api.deps import Context
 from service.config import Settings
-from service.db.migrate import SchemaOutdated, check_schema, ensure_schema
+from service.db.migrate import SchemaOutdated, check_schema, check_writable, ensure_schema, explain_startup_error
 from service.db.hot import JobInfoCache
 from service.db.session import make_engine, make_sessionmaker
 from service.metrics import Metrics
@@ -37,6 +39,7 @@ def checked_engine(settings: Settings) -> Engine:
     engine = make_engine(settings.database_url)
     try:
         check_schema(engine, settings.database_url)
+        check_writable(engine)
     except BaseException:
         engine.dispose()
         raise
@@ -92,6 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Bayesian optimization of per-layer neural network compression.")
     app.state.ctx = ctx
     errors.install(app)
+    # Inside BodyLimit (added first, so it runs after it): a body over the size limit is a 413 at
+    # once and is never read here.
+    app.add_middleware(UploadHeaderGuard, max_header_bytes=settings.max_safetensors_header_bytes)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 1024 * 1024)
 
     app.add_middleware(CountRequests, metrics=metrics)
@@ -190,6 +196,90 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class UploadHeaderGuard:
+    """Refuse a safetensors upload whose header is over the bound from its first bytes.
+
+    The uploads (``POST /api/v1/models``, ``/datasets``, ``/trials/{id}/artifact``) are multipart
+    forms; their ``file`` part starts with the header's length. When that length is over
+    ``max_header_bytes`` the rest of the body is read and dropped, unparsed (no multipart parsing,
+    no spooling to disk), and the answer is the 422 the route would give, at once. Anything else,
+    or a body whose file part does not start within the first 64 KiB, goes on unchanged (the
+    route checks every bound itself; this only makes the refusal of a huge header cheap).
+    """
+
+    PATHS = re.compile(r"^/api/v1/(models|datasets|trials/[0-9]+/artifact)$")
+    PEEK = 64 * 1024
+
+    def __init__(self, app: Any, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    def _header_length(self, buf: bytes, boundary: bytes) -> int | None:
+        """The safetensors header length in the ``file`` part, -1 when not known yet, None when unknowable."""
+        pos = 0
+        while True:
+            start = buf.find(b"--" + boundary, pos)
+            if start < 0:
+                return -1
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                return -1
+            headers = buf[start:end].lower()
+            if b'name="file"' in headers:
+                nxt = buf.find(b"\r\n--" + boundary, end + 4)
+                if 0 <= nxt < end + 12:
+                    return None  # a file of under 8 bytes: the route says what is wrong with it
+                if len(buf) < end + 12:
+                    return -1
+                prefix = buf[end + 4:end + 12]
+                if prefix[:1] == b"\x80" or prefix[:2] == b"PK":
+                    return None  # a pickle or zip: the route names it as such
+                return int(struct.unpack("<Q", prefix)[0])
+            pos = end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not self.PATHS.match(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        ctype = dict(scope.get("headers") or ()).get(b"content-type", b"")
+        m = re.search(rb'boundary="?([^";]+)"?', ctype)
+        if not ctype.startswith(b"multipart/form-data") or m is None:
+            await self.app(scope, receive, send)
+            return
+        boundary = m.group(1)
+        messages: list[Any] = []
+        buf = b""
+        n: int | None = -1
+        more = True
+        while more and n == -1 and len(buf) < self.PEEK:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            buf += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            n = self._header_length(buf, boundary)
+        if n is not None and n > self.max_header_bytes:
+            while more:  # read the rest and drop it, so the client can read the answer
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                more = bool(message.get("more_body", False))
+            body = json.dumps({"detail": f"file: header of {n} bytes is larger than this service's limit of "
+                                         f"{self.max_header_bytes} bytes (max_safetensors_header_bytes)",
+                               "code": "invalid"}).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def app_from_env() -> FastAPI:
     """The app of one server process of ``bocompress serve --processes N`` (settings from ``BOCOMPRESS_*``)."""
     from service.logs import configure
@@ -227,6 +317,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
         raise SystemExit(2) from None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        # The database cannot be opened (a bad URL, a missing directory, a read-only file,
+        # PostgreSQL down or without the database): one line saying what to do, not a traceback.
+        message = explain_startup_error(exc, database_url or kwargs.get("database_url") or Settings().database_url)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     common = dict(host=host, port=port, log_level=log_level, access_log=log_level == "debug", log_config=None)
     if processes > 1:

@@ -37,9 +37,16 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "warning"
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_safetensors_header_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024,
+        description="largest JSON header of an uploaded safetensors file (bytes); refused before it is parsed")
+    max_safetensors_tensors: int = Field(default=50_000, ge=1, le=10_000_000,
+                                         description="most tensors in one uploaded safetensors file")
     scheduler: bool = Field(default=True, description="run the proposal/lease-reaper loop in this process")
     scheduler_interval: float = Field(default=0.5, gt=0.0, le=60.0)
     generator_lease_seconds: float = Field(default=120.0, gt=1.0)
+    max_proposal_failures: int = Field(default=5, ge=1, le=1000,
+                                       description="a job whose proposals fail this many times in a row is failed")
     threads: int = Field(default=8, ge=1, le=256,
                          description="threads that run database work, per server process (at most this many at once); "
                                      "on PostgreSQL the worker loop and the trial polls run on the event loop instead")

@@ -210,6 +210,24 @@ class EngineProcess:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def dead_local_owner(owner: str, me: str) -> bool:
+    """Whether the generator-lock owner ``owner`` (``host:pid:id``, this module's default name)
+    is another process on this host (``me``'s) that no longer runs."""
+    parts, mine = owner.split(":"), me.split(":")
+    if len(parts) != 3 or len(mine) != 3 or parts[0] != mine[0] or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive (another user's), or not a pid of this machine
+    return False
+
+
 class Scheduler:
     """The background loop of one replica."""
 
@@ -224,6 +242,8 @@ class Scheduler:
         self.errors = 0
         self._histories: dict[int, History] = {}
         self.engine: EngineProcess | None = None
+        #: Consecutive failed proposals per job (see :meth:`_proposal_failed`).
+        self._failures: dict[int, int] = {}
 
     def start(self) -> None:
         """Import the BO engine (torch, BoTorch), then start the loop.
@@ -290,12 +310,52 @@ class Scheduler:
                 log.exception("proposal failed", extra={"job_id": job_id})
         return made
 
+    def _proposal_failed(self, job_id: int, exc: Exception) -> None:
+        """Count a failed proposal; after ``max_proposal_failures`` in a row the job is ``failed``
+        with the error as its reason, instead of being retried twice a second for ever.
+
+        A dead engine process is not the job's fault and is not counted.
+        """
+        from concurrent.futures.process import BrokenProcessPool
+
+        if isinstance(exc, BrokenProcessPool):
+            return
+        n = self._failures[job_id] = self._failures.get(job_id, 0) + 1
+        if n < self.settings.max_proposal_failures:
+            return
+        self._failures.pop(job_id, None)
+        reason = f"the optimizer failed {n} times in a row: {type(exc).__name__}: {exc}"[:1000]
+
+        def _fail_job(s: Session) -> None:
+            job = s.get(Job, job_id)
+            if job is not None and job.state == "running":
+                set_job_state(s, job, "failed", ("running",), reason=reason)
+
+        run_tx(self.factory, _fail_job)
+        log.error("job failed: its proposals keep failing", extra={"job_id": job_id, "error": reason})
+
+    def _acquire(self, job_id: int, secs: float) -> bool:
+        """Take the job's generator lock: free, expired, ours, or left by a dead process of ours.
+
+        A lock held under this host's name by a pid that no longer runs was left by a crashed
+        service on this machine (``kill -9`` mid-refill): it is taken over at once, not after
+        ``generator_lease_seconds``. Locks of other hosts (replicas) still wait for their expiry.
+        """
+        if run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs)):
+            return True
+        with read_session(self.factory) as s:
+            owner = s.execute(select(Job.generator_owner).where(Job.id == job_id)).scalar_one_or_none()
+        if owner is None or not dead_local_owner(owner, self.me):
+            return False
+        log.warning("taking over a generator lock left by a dead process", extra={"job_id": job_id, "owner": owner})
+        return run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs, stale_owner=owner))
+
     def fill(self, job_id: int) -> int:
         """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
         from service.optimizer import initial_design_only, point_key, propose
 
         secs = self.settings.generator_lease_seconds
-        if not run_tx(self.factory, lambda s: acquire_generator(s, job_id, self.me, secs)):
+        if not self._acquire(job_id, secs):
             return 0
         try:
             with read_session(self.factory) as s:
@@ -323,7 +383,12 @@ class Scheduler:
             # Initial-design points are cheap (no GP) and need no history sent to the child:
             # made here; everything that may reach the GP stage goes to the engine process.
             use_child = self.engine is not None and not initial_design_only(problem, created, n)
-            points, new_state = self.engine.propose(*args) if use_child else propose(*args)
+            try:
+                points, new_state = self.engine.propose(*args) if use_child else propose(*args)
+            except Exception as exc:
+                self._proposal_failed(job_id, exc)
+                raise
+            self._failures.pop(job_id, None)
             engine = (new_state or {}).get("last_engine", problem.engine)
             self.metrics.observe_proposal(time.perf_counter() - t0, str(engine))
             if not points:

@@ -106,6 +106,12 @@ def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
 def _safetensors_load(data: bytes, what: str) -> dict[str, Tensor]:
     from safetensors.torch import load
 
+    from service.safetensors_check import MAX_HEADER, InvalidSafetensors, inspect
+
+    try:  # the service's upload validator, so both sides agree on what a valid file is
+        inspect(data, max_header_bytes=MAX_HEADER, max_tensors=None)
+    except InvalidSafetensors as exc:
+        raise TaskError(f"{what} is not a valid safetensors file: {exc}") from exc
     try:
         return load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError and others

@@ -10,13 +10,12 @@ from sqlalchemy.orm import Session
 
 from bocompress.schemas import ExportOut, ExportRequest
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep, WorkerDep
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError
 from service.api.jobs import ERRORS, visible_job
-from service.api.uploads import _read_limited, new_blob
+from service.api.uploads import _read_limited, checked_safetensors, new_blob
 from service.db.models import Blob, Trial, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import NotFound, add_event, bump_seq, check_lease, lock_trial
-from service.safetensors_check import InvalidSafetensors, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["export"])
 
@@ -121,11 +120,9 @@ def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> 
 async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: WorkerDep, file: UploadFile,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """A worker uploads the compressed model of the export task it holds (then completes the task)."""
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
-    try:
-        tensors = inspect(data)
-    except InvalidSafetensors as exc:
-        raise bad_request("file", str(exc)) from None
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
+    tensors = await checked_safetensors(ctx, data)
+
     def _store(s: Session) -> dict[str, Any]:
         t = lock_trial(s, task_id, ctx.dialect)
         if t.kind != "export":

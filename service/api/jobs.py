@@ -91,6 +91,14 @@ def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
                           f"({', '.join(ZOO_DATA)})")
 
 
+def _same_request(prior: Job, spec: dict[str, Any], key: str) -> None:
+    """A reused ``Idempotency-Key`` must come with the same job: else 422 ``idempotency_mismatch``
+    (as payment APIs answer), never the first job in silence."""
+    if prior.spec != spec:
+        raise APIError(422, f"Idempotency-Key {key[:60]!r} was already used for job {prior.id} with a different "
+                            "body: send a new key for a different job", "idempotency_mismatch")
+
+
 @router.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
 def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
@@ -105,6 +113,7 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
             prior = s.execute(select(Job).where(Job.owner == p.owner, Job.idempotency_key == idempotency_key)
                               ).scalars().first()
             if prior is not None:
+                _same_request(prior, spec, idempotency_key)
                 response.status_code = 200
                 return job_out(s, prior)
         now = utcnow()
@@ -135,6 +144,7 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                               ).scalars().first()
             if prior is None:
                 raise
+            _same_request(prior, spec, idempotency_key)
             response.status_code = 200
             out = job_out(s, prior)
     if ctx.scheduler is not None:
@@ -252,7 +262,8 @@ def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 @router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
 async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
-    """Up to ``count`` trials to evaluate yourself; empty when the budget is spent.
+    """Up to ``count`` trials to evaluate yourself; empty when the budget is spent; 409
+    ``job_finished`` when the job was cancelled or failed.
 
     Proposals come from the job's buffer, filled in the background (never computed here);
     this call waits up to ``ask_wait_seconds`` for the buffer to hold them. It waits on the event
@@ -264,6 +275,10 @@ async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
             if job.kind != "generic":
                 raise APIError(409, f"job {job_id} is a compression job: its trials are evaluated by workers",
                                "not_generic")
+            if job.state in ("cancelled", "failed"):
+                # Stopped before its budget was spent: nothing will ever be proposed. (A completed
+                # job's budget is spent: it answers an empty list, the contract's "no more trials".)
+                raise APIError(409, f"job {job_id} is {job.state}: it proposes no more trials", "job_finished")
 
     await run_in_threadpool(_check)
     got: list[dict[str, Any]] = []
@@ -321,12 +336,12 @@ def tell(trial_id: int, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
         if job.kind != "generic":
             raise APIError(409, f"trial {trial_id} belongs to a compression job: workers report it", "not_generic")
         if body.failed:
-            fail(s, t, body.error or "failed", retry=False, lease_token=None)
+            fail(s, t, body.error or "failed", retry=False, lease_token=t.lease_token)  # the owner's own lease
             return trial_out(t)
         metric = job.spec["objective"].get("metric") or "objective"
         if metric not in body.values:
             raise bad_request("values", f"missing the job's metric {metric!r}")
-        complete(s, t, dict(body.values), dict(body.sem), lease_token=None)
+        complete(s, t, dict(body.values), dict(body.sem), lease_token=t.lease_token)
         return trial_out(t)
 
     out = run_tx(ctx.factory, _tell)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from bocompress.modelspec import MAX_SPEC_BYTES, ModelSpecError, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
@@ -21,21 +22,45 @@ from service.auth import Principal
 from service.db.models import Blob, utcnow
 from service.db.session import read_session, run_tx
 from service.db.trials import NotFound
-from service.safetensors_check import InvalidSafetensors, inspect
+from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
 
 
+#: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
+SUMMARY_TENSORS = 100
+
+
 def blob_out(b: Blob) -> dict[str, Any]:
+    """An upload as the API shows it: a summary of its header, never the whole of it."""
+    tensors = b.tensors or {}
+    shown = {k: tensors[k]["shape"] for k in sorted(tensors)[:SUMMARY_TENSORS]}
     out = {"id": b.id, "kind": b.kind, "arch": b.arch, "size": b.size, "sha256": b.sha256,
-           "created_at": iso(b.created_at), "tensors": {k: v["shape"] for k, v in (b.tensors or {}).items()}}
+           "created_at": iso(b.created_at), "tensors": shown, "n_tensors": len(tensors),
+           "tensors_truncated": len(tensors) > len(shown)}
     if b.meta and b.meta.get("arch_spec"):
         out["arch_spec"] = b.meta["arch_spec"]
     return out
 
 
-async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes:
+async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
+    """:func:`service.safetensors_check.inspect` under the service's header bounds.
+
+    The bounds are checked first, on the event loop (they read 8 bytes and count one key); the
+    JSON header is parsed in the thread pool, so a large one never stalls other requests.
+    """
+    st = ctx.settings
+    try:
+        check_bounds(data, st.max_safetensors_header_bytes, st.max_safetensors_tensors)
+        return await run_in_threadpool(inspect, data, st.max_safetensors_header_bytes, st.max_safetensors_tensors)
+    except InvalidSafetensors as exc:
+        raise bad_request("file", str(exc)) from None
+
+
+async def _read_limited(request: Request, file: UploadFile, limit: int, ctx: Any = None) -> bytes:
+    """The uploaded file's bytes, at most ``limit`` (else 413). With ``ctx``, a safetensors header
+    longer than the service's bound is refused from the first chunk, before the rest is read."""
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > limit + 64 * 1024:
         raise APIError(413, f"file: larger than the limit of {limit} bytes", "too_large")
@@ -44,6 +69,11 @@ async def _read_limited(request: Request, file: UploadFile, limit: int) -> bytes
         chunk = await file.read(1024 * 1024)
         if not chunk:
             break
+        if not chunks and ctx is not None:
+            try:
+                check_prefix(chunk, ctx.settings.max_safetensors_header_bytes)
+            except InvalidSafetensors as exc:
+                raise bad_request("file", str(exc)) from None
         total += len(chunk)
         if total > limit:
             raise APIError(413, f"file: larger than the limit of {limit} bytes", "too_large")
@@ -90,12 +120,9 @@ async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: Upload
         raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}), "
                                   "an import path 'package.module:factory' nor a JSON model spec "
                                   "{\"factory\": ..., \"args\": [...], \"kwargs\": {...}}")
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
-    try:
-        tensors = inspect(data)
-    except InvalidSafetensors as exc:
-        raise bad_request("file", str(exc)) from None
-    return _store(ctx, p, "model", data, arch, tensors, meta)
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
+    tensors = await checked_safetensors(ctx, data)
+    return await run_in_threadpool(_store, ctx, p, "model", data, arch, tensors, meta)
 
 
 @router.post("/datasets", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
@@ -106,13 +133,10 @@ async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: Uplo
     several named tensors sharing ``N`` (``input_ids``, ``attention_mask``..., passed as keyword
     arguments). Floating-point or integer (token ids) dtypes.
     """
-    data = await _read_limited(request, file, ctx.settings.max_upload_bytes)
-    try:
-        tensors = inspect(data)
-    except InvalidSafetensors as exc:
-        raise bad_request("file", str(exc)) from None
+    data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
+    tensors = await checked_safetensors(ctx, data)
     check_dataset_tensors(tensors)
-    return _store(ctx, p, "dataset", data, None, tensors)
+    return await run_in_threadpool(_store, ctx, p, "dataset", data, None, tensors)
 
 
 #: dtypes a model input may have: floats, or integers (token ids, masks) and booleans.

@@ -25,6 +25,7 @@ from service.db.hot import Finished
 from service.db.models import Job, Trial
 from service.db.session import read_session, run_conn, run_tx
 from service.db.trials import (
+    NotFound,
     add_event,
     claim_next,
     close_job_if_done,
@@ -125,6 +126,17 @@ def _token(body_token: str | None, header_token: str | None) -> str | None:
     return body_token or header_token
 
 
+def _worker_trial(s: Session, ctx: Context, trial_id: int) -> tuple[Trial, Job]:
+    """The trial (locked) and its job, for a worker's call; 404 for a trial of a client-evaluated
+    (ask/tell) job, which only its owner writes, through ``tell``."""
+    t = lock_trial(s, trial_id, ctx.dialect)
+    job = s.get(Job, t.job_id)
+    assert job is not None
+    if t.kind == "evaluate" and job.kind != "compression":
+        raise NotFound("trial", trial_id)
+    return t, job
+
+
 @router.post("/trials/{trial_id}/heartbeat", responses=ERRORS)
 async def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
                           body: Annotated[HeartbeatRequest | None, Body()] = None,
@@ -144,10 +156,8 @@ async def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
                                                   row.attempt)})
 
     def _hb(s: Session) -> dict[str, Any]:  # the unusual cases, with their exact errors
-        t = lock_trial(s, trial_id, ctx.dialect)
+        t, job = _worker_trial(s, ctx, trial_id)
         heartbeat(s, t, tok)
-        job = s.get(Job, t.job_id)
-        assert job is not None
         return {"lease": _lease_info(t.lease_token, t.lease_expires_at, float(job.spec["budget"]["lease_seconds"]),
                                      t.attempt)}
 
@@ -207,7 +217,7 @@ def _evaluate_values(job: Any, params: dict[str, Any], values: dict[str, float])
 def _hot_result_ok(t: Any, tok: str | None) -> bool:
     """Whether the hot path may store this result (an evaluation, running, the caller's lease)."""
     return (t is not None and t.kind == "evaluate" and t.state == "running"
-            and (tok is None or t.lease_token is None or tok == t.lease_token))
+            and tok is not None and t.lease_token is not None and tok == t.lease_token)
 
 
 def _hot_values(info: Any, t: Any, body: CompleteRequest) -> tuple[dict[str, float], dict[str, float], str]:
@@ -227,6 +237,8 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         if not _hot_result_ok(t, tok):
             return None
         info = ctx.jobs.get(conn, t.job_id)
+        if info is None or info.kind != "compression":
+            return None  # an ask/tell trial: the ORM path refuses it
         done = hot.finish(conn, t, *_hot_values(info, t, body))
         if done is None:
             raise _Fallback  # roll back: the ORM path answers
@@ -245,6 +257,8 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         if not _hot_result_ok(t, tok):
             return None
         info = await pg.job(t.job_id)
+        if info is None or info.kind != "compression":
+            return None  # an ask/tell trial: the ORM path refuses it
         done = await pg.finish(t, *_hot_values(info, t, body))
         if done is None:
             return None
@@ -263,9 +277,7 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
         return JSONResponse(trial_out(row))
 
     def _complete(s: Session) -> dict[str, Any]:
-        t = lock_trial(s, trial_id, ctx.dialect)
-        job = s.get(Job, t.job_id)
-        assert job is not None
+        t, job = _worker_trial(s, ctx, trial_id)
         if t.kind == "profile":
             if t.state == "completed" and job.profile is not None:
                 complete(s, t, {}, {}, tok, extra={"profile": body.profile.model_dump(mode="json")}
@@ -297,7 +309,7 @@ def fail_route(trial_id: int, body: FailRequest, ctx: CtxDep, p: WorkerDep,
     tok = _token(body.lease_token, x_lease_token)
 
     def _fail(s: Session) -> dict[str, Any]:
-        t = lock_trial(s, trial_id, ctx.dialect)
+        t, _ = _worker_trial(s, ctx, trial_id)
         fail(s, t, body.error, body.retry, tok)
         return trial_out(t)
 

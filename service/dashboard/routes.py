@@ -283,6 +283,27 @@ FIRST_VALUES = ("objective", "distill_l2", "ratio")
 TRIAL_COLUMNS = ("number", "id", "state", "seq", "attempt", "worker", "created_at", "started_at", "finished_at")
 
 
+#: A text cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: Any) -> Any:
+    """``v`` safe for a spreadsheet: text that a spreadsheet would run as a formula gets a leading
+    ``'`` (OWASP's advice); numbers (a negative value included) are left as they are."""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        return "'" + v
+    return v
+
+
+def content_disposition(filename: str) -> str:
+    """An ``attachment`` header per RFC 6266: an ASCII ``filename`` fallback and the exact name as
+    ``filename*=UTF-8''...`` (RFC 8187), so any job name is sent as valid Latin-1 header bytes."""
+    from urllib.parse import quote
+
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
     """The trials as CSV lines: fixed columns, then every value, its standard error, θ, and the error.
 
@@ -307,7 +328,7 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
     vals = [k for k in FIRST_VALUES if k in value_keys] + sorted(value_keys - set(FIRST_VALUES))
     sems = sorted(sem_keys)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\r\n")  # RFC 4180; and a CR inside a cell is quoted then
 
     def flush() -> str:
         out = buf.getvalue()
@@ -315,13 +336,15 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
         buf.truncate()
         return out
 
-    w.writerow([*TRIAL_COLUMNS, *vals, *(f"sem.{k}" for k in sems), *(f"param.{k}" for k in names), "error"])
+    w.writerow([csv_cell(c) for c in (*TRIAL_COLUMNS, *vals, *(f"sem.{k}" for k in sems),
+                                        *(f"param.{k}" for k in names), "error")])
     yield flush()
     for r in rows:
         v, s, p = r.values or {}, r.sem or {}, r.params or {}
-        w.writerow([r.number, r.id, r.state, r.seq, r.attempt, r.worker or "", iso(r.created_at) or "",
-                    iso(r.started_at) or "", iso(r.finished_at) or "", *(v.get(k, "") for k in vals),
-                    *(s.get(k, "") for k in sems), *(p.get(k, "") for k in names), r.error or ""])
+        w.writerow([csv_cell(c) for c in (
+            r.number, r.id, r.state, r.seq, r.attempt, r.worker or "", iso(r.created_at) or "",
+            iso(r.started_at) or "", iso(r.finished_at) or "", *(v.get(k, "") for k in vals),
+            *(s.get(k, "") for k in sems), *(p.get(k, "") for k in names), r.error or "")])
         yield flush()
 
 
@@ -339,6 +362,6 @@ def export_csv(job_id: int, ctx: CtxDep, p: ClientDep) -> Response:
         slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in job.name)[:60] or "job"
     return StreamingResponse(
         trials_csv(list(rows), names), media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="job-{job_id}-{slug}-trials.csv"',
+        headers={"Content-Disposition": content_disposition(f"job-{job_id}-{slug}-trials.csv"),
                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )

@@ -160,7 +160,7 @@ def heartbeat(conn: Connection, cache: JobInfoCache, trial_id: int, token: str |
     cur = conn.execute(select(TRIALS.c.job_id, TRIALS.c.state, TRIALS.c.lease_token, TRIALS.c.attempt,
                               TRIALS.c.lease_expires_at).where(TRIALS.c.id == trial_id)).first()
     if (cur is None or cur.state != "running" or cur.lease_expires_at is None
-            or (token is not None and cur.lease_token is not None and token != cur.lease_token)):
+            or token is None or cur.lease_token is None or token != cur.lease_token):
         return None
     info = cache.get(conn, cur.job_id)
     assert info is not None

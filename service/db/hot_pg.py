@@ -69,7 +69,7 @@ UPDATE trials t SET lease_expires_at = %(now)s + CAST(j.spec -> 'budget' ->> 'le
 FROM jobs j
 WHERE t.id = %(id)s AND j.id = t.job_id AND t.state = 'running' AND j.state <> 'cancelled'
   AND t.lease_expires_at IS NOT NULL
-  AND (CAST(%(token)s AS varchar) IS NULL OR t.lease_token IS NULL OR t.lease_token = %(token)s)
+  AND t.lease_token = %(token)s AND j.kind = 'compression'
 RETURNING t.lease_expires_at, t.attempt, t.lease_token, t.job_id
 """
 

@@ -177,7 +177,16 @@ def reap_expired(session: Session, now: datetime | None = None, limit: int = 500
 
 
 def check_lease(trial: Trial, lease_token: str | None) -> None:
-    if lease_token is not None and trial.lease_token is not None and lease_token != trial.lease_token:
+    """Refuse (409 ``lease_lost``) a call that does not carry the trial's current lease token.
+
+    The token is mandatory: a worker acts only on trials it holds a lease for (DESIGN.md, "Trials").
+    A trial without a token (never leased, or its lease already ended) accepts no worker call.
+    """
+    if lease_token is None:
+        raise TransitionError(f"trial {trial.id}: send the lease's token (lease_token in the body or an "
+                              "X-Lease-Token header): a worker acts only on trials it holds a lease for",
+                              code="lease_lost")
+    if trial.lease_token is None or not secrets.compare_digest(lease_token.encode(), trial.lease_token.encode()):
         raise TransitionError(f"trial {trial.id}: this lease is no longer valid (the trial was leased again)",
                               code="lease_lost")
 
@@ -218,6 +227,7 @@ def complete(session: Session, trial: Trial, values: dict[str, float], sem: dict
     """Store a result once. Returns (trial, changed). Same result again: (trial, False)."""
     h = result_hash(values, sem, extra)
     if trial.state == "completed":
+        check_lease(trial, lease_token)  # a repeat comes from the lease holder too
         if trial.result_hash == h:
             return trial, False
         raise TransitionError(f"trial {trial.id} is already completed with a different result", code="duplicate")
@@ -406,14 +416,20 @@ def insert_proposals(session: Session, job_id: int, expected_created: int, propo
     return out
 
 
-def acquire_generator(session: Session, job_id: int, me: str, seconds: float) -> bool:
-    """A database lock on the job's proposal stream: one generator at a time, across replicas."""
+def acquire_generator(session: Session, job_id: int, me: str, seconds: float, stale_owner: str | None = None) -> bool:
+    """A database lock on the job's proposal stream: one generator at a time, across replicas.
+
+    ``stale_owner``: a holder known to be dead (a crashed process of this host), whose lock is
+    taken over before it expires; guarded on it still being the holder.
+    """
     now = utcnow()
+    free = [Job.generator_owner.is_(None), Job.generator_until.is_(None), Job.generator_until < now,
+            Job.generator_owner == me]
+    if stale_owner is not None:
+        free.append(Job.generator_owner == stale_owner)
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "running",
-               or_(Job.generator_owner.is_(None), Job.generator_until.is_(None), Job.generator_until < now,
-                   Job.generator_owner == me))
+        .where(Job.id == job_id, Job.state == "running", or_(*free))
         .values(generator_owner=me, generator_until=now + timedelta(seconds=seconds))
     )
     return res.rowcount == 1

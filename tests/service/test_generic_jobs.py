@@ -81,7 +81,8 @@ def test_cancel_stops_a_job(admin: httpx.Client) -> None:
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     late = admin.post(f"/api/v1/trials/{t['id']}/tell", json={"values": {"y": 1.0}})
     assert late.status_code == 409
-    assert admin.post(f"/api/v1/jobs/{jid}/ask", json={"count": 1}).json() == {"trials": []}
+    r = admin.post(f"/api/v1/jobs/{jid}/ask", json={"count": 1})  # a stopped job proposes nothing: 409
+    assert r.status_code == 409 and r.json()["code"] == "job_finished", r.text
     assert admin.get(f"/api/v1/trials/{t['id']}").json()["state"] == "cancelled"
 
 

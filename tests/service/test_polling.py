@@ -39,7 +39,7 @@ def test_trial_list_items_equal_the_single_trial_view(server: LiveServer, admin:
     r = admin.post(f"/api/v1/trials/{done['id']}/tell", json={"values": {"y": 0.1 + 0.2}, "sem": {"y": 1e-300}})
     assert r.status_code == 200, r.text
     error = 'out of memory: "layer\\fc1"\n\tünïcode ✓ \u2028'
-    r = admin.post(f"/api/v1/trials/{failed['id']}/fail", json={"error": error, "retry": False})
+    r = admin.post(f"/api/v1/trials/{failed['id']}/tell", json={"failed": True, "error": error})
     assert r.status_code == 200, r.text
     # a timestamp on a whole second: isoformat writes no fraction then, nor must the database
     engine = make_engine(server.database_url)
