@@ -25,7 +25,7 @@ from bocompress.schemas import (
     TellRequest,
     TrialOut,
 )
-from service.api.deps import ClientDep, CtxDep, Context
+from service.api.deps import ClientDep, Context, CtxDep, Cursor, RowId
 from service.api.errors import APIError, bad_request
 from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_page_sql
 from service.auth import Principal
@@ -91,7 +91,8 @@ def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
                           f"({', '.join(ZOO_DATA)})")
 
 
-@router.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
+@router.post("/jobs", status_code=201, response_model=JobOut, responses={**ERRORS, 200: {
+    "model": JobOut, "description": "the job an earlier request with the same Idempotency-Key made"}})
 def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
     """Create a compression job (profiled by a worker first) or a generic ask/tell job.
@@ -144,7 +145,7 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
 
 @router.get("/jobs", response_model=Page, responses=ERRORS)
 def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200)] = None,
+              cursor: Cursor = None,
               state: Annotated[str | None, Query(max_length=20)] = None) -> Any:
     """Jobs, newest first, in pages: ``{"items": [...], "next_cursor": ...}``."""
     before = decode_cursor(cursor)
@@ -163,14 +164,14 @@ def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=10
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def get_job(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Job state, counts per trial state, the best trial, and (compression) the layer table."""
     with read_session(ctx.factory) as s:
         return job_out(s, visible_job(s, job_id, p))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=ERRORS)
-def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def cancel(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Stop a job: queued trials are cancelled, running ones stop at their next heartbeat."""
 
     def _cancel(s: Session) -> dict[str, Any]:
@@ -184,10 +185,10 @@ def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.get("/jobs/{job_id}/trials", response_model=Page, responses=ERRORS)
-async def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
+async def list_trials(job_id: RowId, ctx: CtxDep, p: ClientDep, response: Response,
                       since: Annotated[int, Query(ge=0, le=2**62)] = 0,
                       limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-                      cursor: Annotated[str | None, Query(max_length=200)] = None) -> Any:
+                      cursor: Cursor = None) -> Any:
     """Trials changed after ``since`` (a ``seq``), oldest change first.
 
     ``next_cursor`` is set when more changes remain; the ``X-Job-Seq`` header is the job's
@@ -233,7 +234,7 @@ def _trial_page(ctx: Context, p: Principal, job_id: int, since: int, limit: int)
 
 
 @router.get("/jobs/{job_id}/pareto", response_model=Page, responses=ERRORS)
-def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def pareto(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Non-dominated completed trials in (L, R) = (distill_l2, ratio), both minimized, by R."""
     with read_session(ctx.factory) as s:
         job = visible_job(s, job_id, p)
@@ -251,7 +252,7 @@ def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
-async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
+async def ask(job_id: RowId, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
     """Up to ``count`` trials to evaluate yourself; empty when the budget is spent.
 
     Proposals come from the job's buffer, filled in the background (never computed here);
@@ -295,7 +296,7 @@ async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.get("/trials/{trial_id}", response_model=TrialOut, responses=ERRORS)
-def get_trial(trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def get_trial(trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     with read_session(ctx.factory) as s:
         t = s.get(Trial, trial_id)
         if t is None or t.kind != "evaluate":
@@ -313,7 +314,7 @@ def _trial_for_client(s: Session, ctx: Context, trial_id: int, p: Principal) -> 
 
 
 @router.post("/trials/{trial_id}/tell", response_model=TrialOut, responses=ERRORS)
-def tell(trial_id: int, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
+def tell(trial_id: RowId, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
     """Report the result of an asked trial (idempotent), or its failure."""
 
     def _tell(s: Session) -> dict[str, Any]:

@@ -24,6 +24,12 @@ from service.safetensors_check import InvalidSafetensors, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
+#: What ``arch`` may be: a zoo model or an import path (the form field's pattern in the OpenAPI document).
+ARCH_PATTERN = "^(?:" + "|".join(ZOO_MODELS) + "|" + IMPORT_PATH_RE.pattern[1:-1] + ")$"
+#: A safetensors download.
+FILE_RESPONSE: dict[str, Any] = {"description": "the file (safetensors), its sha256 in X-Sha256",
+                                 "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}
 
 
 def blob_out(b: Blob) -> dict[str, Any]:
@@ -68,7 +74,7 @@ def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors:
 
 @router.post("/models", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile,
-                       arch: Annotated[str, Form(min_length=1, max_length=200)]) -> Any:
+                       arch: Annotated[str, Form(min_length=1, max_length=200, pattern=ARCH_PATTERN)]) -> Any:
     """Upload weights (safetensors) for a zoo architecture or an import path the workers allow."""
     if arch not in ZOO_MODELS and not IMPORT_PATH_RE.match(arch):
         raise bad_request("arch", f"{arch!r} is neither a zoo model ({', '.join(ZOO_MODELS)}) "
@@ -121,7 +127,7 @@ def get_model(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
     return blob_out(_get_blob(ctx, model_id, "model", p))
 
 
-@router.get("/models/{model_id}/file", responses=ERRORS)
+@router.get("/models/{model_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
 def get_model_file(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
     b = _get_blob(ctx, model_id, "model", p)
     return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})
@@ -132,7 +138,7 @@ def get_dataset(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
     return blob_out(_get_blob(ctx, dataset_id, "dataset", p))
 
 
-@router.get("/datasets/{dataset_id}/file", responses=ERRORS)
+@router.get("/datasets/{dataset_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
 def get_dataset_file(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
     b = _get_blob(ctx, dataset_id, "dataset", p)
     return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})
