@@ -106,8 +106,14 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
                             headers={"Retry-After": "1"})
 
+    try:  # the PostgreSQL hot path (service.db.hot_pg) talks to psycopg directly, without SQLAlchemy
+        from psycopg.errors import DataError as PgDataError
+    except ImportError:  # pragma: no cover - psycopg is installed with the PostgreSQL extra only
+        PgDataError = DataError  # noqa: N806
+
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
+    @app.exception_handler(PgDataError)
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
         # The database refused a value the request carried: an id beyond its integer range
         # (SQLite: OverflowError; PostgreSQL: numeric_value_out_of_range), or text it cannot

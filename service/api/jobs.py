@@ -25,7 +25,7 @@ from bocompress.schemas import (
     TellRequest,
     TrialOut,
 )
-from service.api.deps import ClientDep, Context, CtxDep, Cursor, RowId
+from service.api.deps import MAX_ID, ClientDep, Context, CtxDep, Cursor, RowId
 from service.api.errors import APIError, bad_request
 from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_page_sql
 from service.auth import Principal
@@ -153,7 +153,8 @@ def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=10
         q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
         if not p.is_admin:
             q = q.where(Job.owner == p.owner)
-        if before is not None:
+        # a cursor above every id (PostgreSQL's INTEGER would refuse it) filters nothing
+        if before is not None and before <= MAX_ID:
             q = q.where(Job.id < before)
         if state is not None:
             q = q.where(Job.state == state)

@@ -158,7 +158,9 @@ def _run(env: Env, role: str) -> tuple[dict[str, str], set[str], Counter[int]]:
     config = SchemathesisConfig.from_dict({
         "seed": SEED, "workers": 1,
         "auth": {"openapi": {"bearer": {"bearer": token}}},
-        "generation": {"max-examples": MAX_EXAMPLES, "mode": "all"},
+        # NUL in text: SQLite stores it, PostgreSQL refuses it (a 422); until both give one answer
+        # (issue 15 item 10) the document cannot say which, so the fuzzer leaves NUL out.
+        "generation": {"max-examples": MAX_EXAMPLES, "mode": "all", "allow-x00": False},
         "checks": {"enabled": True},  # --checks all
         "phases": {name: {"enabled": True} for name in PHASES},
     })
@@ -216,3 +218,73 @@ def test_every_operation_every_check(fuzz_env: Env) -> None:
         assert sum(n for s, n in statuses.items() if 200 <= s < 300) >= 10, f"{role}: too few requests succeeded"
         failures.update(found)
     assert failures == {}, f"seed {SEED}:\n\n" + "\n\n".join(f"{k}\n{v}" for k, v in failures.items())
+
+
+# --------------------------------------------------------------------------- what the fuzzer found, pinned
+
+
+@pytest.fixture()
+def plain_app(tmp_path: Path) -> Iterator[TestClient]:
+    db = f"sqlite:///{tmp_path / 'plain.db'}"
+    upgrade(db)
+    token = create_token(db, "admin", "admin", "t")
+    app = create_app(Settings(database_url=db, scheduler=False))
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as c:
+        yield c
+
+
+@pytest.mark.parametrize("method,path,allow", [
+    ("OPTIONS", "/api/v1/jobs", "GET, POST"),  # two routes on one path: both methods
+    ("PUT", "/api/v1/tokens", "GET, POST"),
+    ("DELETE", "/api/v1/jobs/1/trials/2/export", "GET, POST"),
+    ("DELETE", "/api/v1/jobs/1", "GET"),
+    ("POST", "/healthz", "GET"),
+])
+def test_405_allow_names_every_method(plain_app: TestClient, method: str, path: str, allow: str) -> None:
+    r = plain_app.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allow, (r.status_code, r.headers)
+    assert r.json()["code"] == "method_not_allowed"
+
+
+def test_unparsable_body_is_a_422(plain_app: TestClient) -> None:
+    r = plain_app.post("/api/v1/tokens", content=b"\xee\xba\xb5\xff:", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid" and r.json()["detail"].startswith("body:"), r.text
+
+
+def test_document_states_media_types_ids_and_auth(plain_app: TestClient) -> None:
+    doc = plain_app.get("/openapi.json").json()
+    assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert plain_app.get("/metrics").headers["content-type"].startswith("text/plain")
+    for path in ("/api/v1/models/{model_id}/file", "/api/v1/jobs/{job_id}/trials/{trial_id}/artifact"):
+        assert list(doc["paths"][path]["get"]["responses"]["200"]["content"]) == ["application/octet-stream"]
+    job_id = doc["paths"]["/api/v1/jobs/{job_id}"]["get"]["parameters"][0]["schema"]
+    assert (job_id["minimum"], job_id["maximum"]) == (1, 2**31 - 1)
+    assert plain_app.get(f"/api/v1/jobs/{2**31}").status_code == 422
+    assert plain_app.get("/api/v1/jobs/0").status_code == 422
+    assert doc["paths"]["/api/v1/jobs"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+    error = doc["paths"]["/api/v1/jobs"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorOut"}
+
+
+def test_cursor_pattern_is_exactly_what_the_service_issues_and_takes() -> None:
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from service.api.serialize import CURSOR_PATTERN, decode_cursor, encode_cursor
+
+    pattern = re.compile(CURSOR_PATTERN)
+    for value in [*range(0, 1200), 2**31 - 1, 10**17, 10**18 - 1]:
+        assert pattern.fullmatch(encode_cursor(value)), value
+    assert not pattern.fullmatch(encode_cursor(10**18))  # more than 18 digits: refused, not overflowed
+    assert not pattern.fullmatch("djE6eA")  # "v1:x"
+
+    @settings(max_examples=500, database=None, deadline=None)
+    @given(st.from_regex(CURSOR_PATTERN, fullmatch=True))
+    def decodes(cursor: str) -> None:
+        value = decode_cursor(cursor)
+        assert cursor == "" or (value is not None and 0 <= value < 10**18)  # leading zeros are fine
+
+    decodes()
