@@ -33,6 +33,12 @@ CostKind = Literal["params", "flops", "channels", "activation"]
 OBJECTIVE_KINDS = ("scalarized", "constrained", "pareto")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")
+# The same rule for the OpenAPI document (ECMA regex, no look-ahead): those characters, not
+# starting with "/", never two dots in a row.
+_NAME_PATTERN = r"^(?:\.(?:[A-Za-z0-9_:\-\[\]/]\.?)*|[A-Za-z0-9_:\-\[\]]\.?(?:[A-Za-z0-9_:\-\[\]/]\.?)*)$"
+# What a metric mapping may hold (checked by _check_metrics; stated in the OpenAPI document).
+_METRICS_SCHEMA: dict[str, Any] = {"maxProperties": 1000, "propertyNames": {"minLength": 1, "maxLength": 200}}
+_SEM_SCHEMA: dict[str, Any] = {**_METRICS_SCHEMA, "additionalProperties": {"type": "number", "minimum": 0}}
 
 
 #: The largest integer a float holds exactly (and so a JSON reader, a float column, the GP): the
@@ -101,7 +107,7 @@ def _finite(v: float, what: str) -> float:
 class ParameterSpec(_Strict):
     """One dimension of a generic job's search space."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": _NAME_PATTERN})
     type: Literal["float", "int"] = "float"
     low: Num
     high: Num
@@ -209,10 +215,14 @@ def split_layer_patterns(layers: Any) -> tuple[list[str], list[str]]:
 class CompressionSpec(_Strict):
     """What to compress, with what, and over which layers."""
 
-    model: str = Field(min_length=1, max_length=200, description="model id (from upload) or zoo name")
-    data: str = Field(min_length=1, max_length=200, description="dataset id (from upload) or zoo name")
+    model: str = Field(min_length=1, max_length=200, description="model id (from upload), zoo name or import path",
+                       json_schema_extra={"pattern": "^(?:mdl_[0-9a-f]{24}|" + "|".join(ZOO_MODELS) + "|"
+                                                     + IMPORT_PATH_RE.pattern[1:-1] + ")$"})
+    data: str = Field(min_length=1, max_length=200, description="dataset id (from upload) or zoo name",
+                      json_schema_extra={"pattern": "^(?:ds_[0-9a-f]{24}|" + "|".join(ZOO_DATA) + ")$"})
     method: MethodName | dict[str, MethodName] = Field(
-        description="one method, or a mapping layer type -> method, e.g. {'Conv2d': 'tucker2', 'Linear': 'svd'}"
+        description="one method, or a mapping layer type -> method, e.g. {'Conv2d': 'tucker2', 'Linear': 'svd'}",
+        json_schema_extra={"minProperties": 1, "propertyNames": {"enum": ["Conv2d", "Linear"]}},
     )
     layers: list[str] | LayerSelection = Field(
         default_factory=lambda: ["*"],
@@ -319,7 +329,7 @@ class JobCreate(_Strict):
 
     name: str = Field(min_length=1, max_length=200)
     compression: CompressionSpec | None = None
-    parameters: list[ParameterSpec] | None = None
+    parameters: list[ParameterSpec] | None = Field(default=None, json_schema_extra={"minItems": 1, "maxItems": 1000})
     objective: Objective = Field(default_factory=Objective)
     budget: Budget = Field(default_factory=Budget)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -506,8 +516,8 @@ def _check_metrics(v: dict[str, float], field: str) -> dict[str, float]:
 class _Result(_Strict):
     """Metric values and their standard errors: finite numbers, errors >= 0."""
 
-    values: dict[str, Num] = Field(default_factory=dict)
-    sem: dict[str, Num] = Field(default_factory=dict)
+    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
+    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
 
     @field_validator("values")
     @classmethod
@@ -525,8 +535,8 @@ class _Result(_Strict):
 
 
 class TellRequest(_Result):
-    values: dict[str, Num] = Field(default_factory=dict)
-    sem: dict[str, Num] = Field(default_factory=dict)
+    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
+    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
     failed: Bool = False
     error: str | None = Field(default=None, max_length=20_000)
 
@@ -541,8 +551,8 @@ class TellRequest(_Result):
 class CompleteRequest(_Result):
     """A worker's result. ``profile`` for profiling tasks, ``artifact`` metadata for exports."""
 
-    values: dict[str, Num] = Field(default_factory=dict)
-    sem: dict[str, Num] = Field(default_factory=dict)
+    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
+    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
     profile: ProfileReport | None = None
     artifact: dict[str, Any] | None = None
     lease_token: str | None = Field(default=None, max_length=64, description="lease.token from the lease")

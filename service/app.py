@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine
 
 from service.api import errors
@@ -104,18 +105,133 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from service.api import exports, jobs, system, uploads, workers
 
-    app.include_router(system.router)
-    app.include_router(jobs.router)
-    app.include_router(workers.router)
-    app.include_router(uploads.router)
-    app.include_router(exports.router)
+    routers = [system.router, jobs.router, workers.router, uploads.router, exports.router]
     try:
         from service.dashboard import routes as dashboard
     except ImportError:  # the dashboard is optional at build time
         dashboard = None  # type: ignore[assignment]
     if dashboard is not None:
-        app.include_router(dashboard.router)
+        routers.append(dashboard.router)
+    for router in routers:
+        app.include_router(router)
+    # Every route, as declared (the 405 handler's Allow header and the OpenAPI document read them).
+    app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+    app.openapi = lambda: openapi_document(app, auth=settings.auth)  # type: ignore[method-assign]
     return app
+
+
+#: Answers every operation may give, beside its own (``responses=`` on the routes): the error body
+#: is always ``ErrorOut``. 401/403 go to operations that need a token (when auth is on), 413 to
+#: those with a body (``BodyLimit``), 422 to those that take any input.
+_SHARED_ERRORS = {
+    401: "no token, or an unknown or revoked one",
+    403: "the token's role may not do this",
+    413: "the request body is larger than the limit",
+    422: "invalid input: `detail` names the field",
+    503: "the database is busy or unreachable; retry after `Retry-After` seconds",
+}
+
+#: Rules across fields that pydantic checks in validators, stated in the document too, so a body
+#: the schema allows is one the service takes (JSON Schema cannot state two of them: a parameter's
+#: ``low < high`` and unique parameter names; the descriptions say so).
+_CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
+    "JobCreate": {
+        "oneOf": [
+            {"title": "compression job", "required": ["compression"],
+             "properties": {"compression": {"type": "object"}, "parameters": {"type": "null"},
+                            "objective": {"properties": {"metric": {"type": "null"}}}}},
+            {"title": "generic job", "required": ["parameters"],
+             "properties": {"parameters": {"type": "array"}, "compression": {"type": "null"},
+                            "objective": {"properties": {"kind": {"type": "null"}}}}},
+        ],
+        "description": "Exactly one of `compression` (a compression job, evaluated by workers) or `parameters` "
+                       "(a generic job, evaluated by its client with ask/tell). Parameter names must be unique.",
+    },
+    "Objective": {
+        "anyOf": [{"properties": {"kind": {"enum": ["scalarized", "pareto", None]}}},
+                  {"required": ["budget"], "properties": {"budget": {"type": "number"}}}],
+        "description": "A compression objective (`kind`; 'constrained' needs `budget`) or a generic one "
+                       "(`metric` + `direction`).",
+    },
+    "ParameterSpec": {
+        "allOf": [
+            {"anyOf": [{"properties": {"log": {"const": False}}},
+                       {"properties": {"low": {"exclusiveMinimum": 0}}}]},
+            {"anyOf": [{"properties": {"type": {"const": "float"}}},
+                       {"properties": {"low": {"type": "integer"}, "high": {"type": "integer"}}}]},
+        ],
+        "description": "One dimension of a generic job's search space: `low` < `high` (finite); a log-scaled "
+                       "one needs `low` > 0, an int one integer bounds.",
+    },
+    "TellRequest": {
+        "anyOf": [{"required": ["failed"], "properties": {"failed": {"const": True}}},
+                  {"required": ["values"], "properties": {"values": {"minProperties": 1}}}],
+        "description": "A result (`values`, at least one metric, and the job's own metric) or a failure "
+                       "(`failed`: true).",
+    },
+}
+
+
+def _needs_token(route: APIRoute) -> bool:
+    from service.api.deps import get_principal
+
+    stack = [route.dependant]
+    while stack:
+        dep = stack.pop()
+        if dep.call is get_principal:
+            return True
+        stack.extend(dep.dependencies)
+    return False
+
+
+def openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
+    """The OpenAPI document, saying what the service enforces (schemathesis ``--checks all`` holds it to that).
+
+    FastAPI's own document is completed here, in one place: the error body and shared error
+    answers of every operation, the bearer scheme on the operations that need a token, and the
+    rules across fields of :data:`_CROSS_FIELD_RULES`.
+    """
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    from bocompress.schemas import ErrorOut
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # our 422 body is ErrorOut
+        schemas.pop(name, None)
+    schemas["ErrorOut"] = ErrorOut.model_json_schema()
+    for name, extra in _CROSS_FIELD_RULES.items():
+        schemas[name].update(extra)
+    if auth:
+        components["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "a token from `bocompress token` or POST /api/v1/tokens; the dashboard's "
+                           "`bocompress_token` cookie is also taken, for GET only"}}
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    for route in app.state.api_routes:
+        if not route.include_in_schema:
+            continue
+        token = auth and _needs_token(route)
+        has_input = bool(route.dependant.path_params or route.dependant.query_params
+                         or route.dependant.header_params or route.body_field is not None)
+        for method in route.methods:
+            op = doc["paths"][route.path_format][method.lower()]
+            responses = op.setdefault("responses", {})
+            for status, text in _SHARED_ERRORS.items():
+                if (status in (401, 403) and not token) or (status == 413 and route.body_field is None) \
+                        or (status == 422 and not has_input):
+                    continue
+                responses.setdefault(str(status), {"description": text})
+            for status, answer in responses.items():
+                if status[0] in "45":
+                    answer["content"] = error_body
+            if token:
+                op["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
 
 
 class CountRequests:

@@ -7,12 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import APIError
+from service.api.serialize import CURSOR_PATTERN
 from service.auth import LOCAL_ADMIN, Principal, lookup
 from service.config import Settings
 from service.db.session import read_session
@@ -115,3 +116,14 @@ ClientDep = Annotated[Principal, Depends(require("admin", "client"))]
 WorkerDep = Annotated[Principal, Depends(require("admin", "worker"))]
 AdminDep = Annotated[Principal, Depends(require("admin"))]
 AnyRoleDep = Annotated[Principal, Depends(require("admin", "client", "worker"))]
+
+
+# Path and query parameters the OpenAPI document describes exactly as the routes enforce them.
+
+#: The largest row id: ids are 32-bit on PostgreSQL (``INTEGER``) and start at 1 on both databases.
+MAX_ID = 2**31 - 1
+#: A job, trial, task or token id in a path: 1 .. MAX_ID, else a 422 naming the parameter.
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description=f"a row id, 1 to {MAX_ID}")]
+#: A page cursor: absent, empty, or the ``next_cursor`` of an earlier page.
+Cursor = Annotated[str | None, Query(max_length=200, pattern=CURSOR_PATTERN,
+                                     description="the next_cursor of the previous page (opaque)")]

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.db.session import StorageError
 from service.db.trials import NotFound, TransitionError
@@ -53,6 +54,19 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(msgs)
 
 
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: the methods of every route on the request's path.
+
+    Starlette names only the first route that matched the path, so a path served by two
+    routes (``GET`` and ``POST /api/v1/jobs``) would advertise one of them (RFC 9110 §15.5.6).
+    """
+    methods: set[str] = set()
+    for route in getattr(request.app.state, "api_routes", ()):
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -63,11 +77,20 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": _validation_detail(exc), "code": "invalid"}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 400:
+            # FastAPI's "There was an error parsing the body" (a body that is not UTF-8, a broken
+            # multipart form): bad input like any other, so the same 422 as invalid JSON.
+            return JSONResponse({"detail": "body: could not be parsed (not UTF-8 JSON, or a malformed form)",
+                                 "code": "invalid"},
+                                status_code=422, headers=headers or None)
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
         code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                 413: "too_large"}.get(exc.status_code, "error")
         return JSONResponse({"detail": str(exc.detail), "code": code}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -83,8 +106,14 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
                             headers={"Retry-After": "1"})
 
+    try:  # the PostgreSQL hot path (service.db.hot_pg) talks to psycopg directly, without SQLAlchemy
+        from psycopg.errors import DataError as PgDataError
+    except ImportError:  # pragma: no cover - psycopg is installed with the PostgreSQL extra only
+        PgDataError = DataError  # noqa: N806
+
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
+    @app.exception_handler(PgDataError)
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
         # The database refused a value the request carried: an id beyond its integer range
         # (SQLite: OverflowError; PostgreSQL: numeric_value_out_of_range), or text it cannot

@@ -9,8 +9,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bocompress.schemas import ExportOut, ExportRequest
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep, WorkerDep
-from service.api.errors import APIError
+from service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep
+from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS, visible_job
 from service.api.uploads import _read_limited, checked_safetensors, new_blob
 from service.db.models import Blob, Trial, utcnow
@@ -35,7 +35,7 @@ def _source_trial(s: Session, job_id: int, trial_id: int) -> Trial:
 
 @router.post("/jobs/{job_id}/trials/{trial_id}/export", status_code=202, response_model=ExportOut,
              responses=ERRORS)
-def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
+def request_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep,
                    body: ExportRequest | None = None) -> Any:
     """Queue an export task for a completed trial; the same request again returns the same task.
 
@@ -70,7 +70,7 @@ def request_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep,
 
 
 @router.get("/jobs/{job_id}/trials/{trial_id}/export", response_model=ExportOut, responses=ERRORS)
-def get_export(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def get_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """The latest export task of a trial (state, values such as L before/after fine-tuning)."""
     with read_session(ctx.factory) as s:
         t = _visible_export(s, job_id, trial_id, p)
@@ -94,9 +94,10 @@ def _latest_export(s: Session, job_id: int, trial_id: int) -> Trial | None:
     return mine[0] if mine else None  # the export asked for last
 
 
-@router.get("/jobs/{job_id}/trials/{trial_id}/artifact", responses={**ERRORS, 200: {
-    "content": {"application/octet-stream": {}}, "description": "the compressed model (safetensors)"}})
-def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> Response:
+@router.get("/jobs/{job_id}/trials/{trial_id}/artifact", response_class=Response, responses={**ERRORS, 200: {
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "the compressed model (safetensors)"}})
+def download_artifact(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Response:
     """The exported model as safetensors (its ``__metadata__`` holds the layer description).
 
     404 when no export was requested; 409 (with ``Retry-After``) while it is being built.
@@ -117,7 +118,7 @@ def download_artifact(job_id: int, trial_id: int, ctx: CtxDep, p: ClientDep) -> 
 
 
 @router.post("/trials/{task_id}/artifact", status_code=201, responses=ERRORS)
-async def upload_artifact(task_id: int, request: Request, ctx: CtxDep, p: WorkerDep, file: UploadFile,
+async def upload_artifact(task_id: RowId, request: Request, ctx: CtxDep, p: WorkerDep, file: UploadFile,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """A worker uploads the compressed model of the export task it holds (then completes the task)."""
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)

@@ -25,7 +25,7 @@ from bocompress.schemas import (
     TellRequest,
     TrialOut,
 )
-from service.api.deps import ClientDep, CtxDep, Context
+from service.api.deps import MAX_ID, ClientDep, Context, CtxDep, Cursor, RowId
 from service.api.errors import APIError, bad_request
 from service.api.serialize import decode_cursor, encode_cursor, job_out, trial_out, trial_page_sql
 from service.auth import Principal
@@ -99,7 +99,8 @@ def _same_request(prior: Job, spec: dict[str, Any], key: str) -> None:
                             "body: send a new key for a different job", "idempotency_mismatch")
 
 
-@router.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
+@router.post("/jobs", status_code=201, response_model=JobOut, responses={**ERRORS, 200: {
+    "model": JobOut, "description": "the job an earlier request with the same Idempotency-Key made"}})
 def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
     """Create a compression job (profiled by a worker first) or a generic ask/tell job.
@@ -154,7 +155,7 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
 
 @router.get("/jobs", response_model=Page, responses=ERRORS)
 def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200)] = None,
+              cursor: Cursor = None,
               state: Annotated[str | None, Query(max_length=20)] = None) -> Any:
     """Jobs, newest first, in pages: ``{"items": [...], "next_cursor": ...}``."""
     before = decode_cursor(cursor)
@@ -162,7 +163,8 @@ def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=10
         q = select(Job).order_by(Job.id.desc()).limit(limit + 1)
         if not p.is_admin:
             q = q.where(Job.owner == p.owner)
-        if before is not None:
+        # a cursor above every id (PostgreSQL's INTEGER would refuse it) filters nothing
+        if before is not None and before <= MAX_ID:
             q = q.where(Job.id < before)
         if state is not None:
             q = q.where(Job.state == state)
@@ -173,14 +175,14 @@ def list_jobs(ctx: CtxDep, p: ClientDep, limit: Annotated[int, Query(ge=1, le=10
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
-def get_job(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def get_job(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Job state, counts per trial state, the best trial, and (compression) the layer table."""
     with read_session(ctx.factory) as s:
         return job_out(s, visible_job(s, job_id, p))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=ERRORS)
-def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def cancel(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Stop a job: queued trials are cancelled, running ones stop at their next heartbeat."""
 
     def _cancel(s: Session) -> dict[str, Any]:
@@ -194,10 +196,10 @@ def cancel(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.get("/jobs/{job_id}/trials", response_model=Page, responses=ERRORS)
-async def list_trials(job_id: int, ctx: CtxDep, p: ClientDep, response: Response,
+async def list_trials(job_id: RowId, ctx: CtxDep, p: ClientDep, response: Response,
                       since: Annotated[int, Query(ge=0, le=2**62)] = 0,
                       limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-                      cursor: Annotated[str | None, Query(max_length=200)] = None) -> Any:
+                      cursor: Cursor = None) -> Any:
     """Trials changed after ``since`` (a ``seq``), oldest change first.
 
     ``next_cursor`` is set when more changes remain; the ``X-Job-Seq`` header is the job's
@@ -243,7 +245,7 @@ def _trial_page(ctx: Context, p: Principal, job_id: int, since: int, limit: int)
 
 
 @router.get("/jobs/{job_id}/pareto", response_model=Page, responses=ERRORS)
-def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def pareto(job_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     """Non-dominated completed trials in (L, R) = (distill_l2, ratio), both minimized, by R."""
     with read_session(ctx.factory) as s:
         job = visible_job(s, job_id, p)
@@ -261,7 +263,7 @@ def pareto(job_id: int, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.post("/jobs/{job_id}/ask", response_model=AskResponse, responses=ERRORS)
-async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
+async def ask(job_id: RowId, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
     """Up to ``count`` trials to evaluate yourself; empty when the budget is spent; 409
     ``job_finished`` when the job was cancelled or failed.
 
@@ -310,7 +312,7 @@ async def ask(job_id: int, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any:
 
 
 @router.get("/trials/{trial_id}", response_model=TrialOut, responses=ERRORS)
-def get_trial(trial_id: int, ctx: CtxDep, p: ClientDep) -> Any:
+def get_trial(trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
     with read_session(ctx.factory) as s:
         t = s.get(Trial, trial_id)
         if t is None or t.kind != "evaluate":
@@ -328,7 +330,7 @@ def _trial_for_client(s: Session, ctx: Context, trial_id: int, p: Principal) -> 
 
 
 @router.post("/trials/{trial_id}/tell", response_model=TrialOut, responses=ERRORS)
-def tell(trial_id: int, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
+def tell(trial_id: RowId, body: TellRequest, ctx: CtxDep, p: ClientDep) -> Any:
     """Report the result of an asked trial (idempotent), or its failure."""
 
     def _tell(s: Session) -> dict[str, Any]:

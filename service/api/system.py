@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from bocompress.schemas import TokenCreate, TokenOut
-from service.api.deps import AdminDep, CtxDep
+from service.api.deps import AdminDep, CtxDep, RowId
 from service.api.errors import APIError
 from service.api.jobs import ERRORS
 from service.api.serialize import iso
@@ -33,7 +33,9 @@ def healthz(ctx: CtxDep) -> Any:
     return {"status": "ok", "database": ctx.dialect, "auth": ctx.settings.auth}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {
+    "description": "the Prometheus text exposition format (version 0.0.4)",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(ctx: CtxDep) -> Response:
     """Prometheus metrics."""
     return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -63,7 +65,7 @@ def list_tokens(ctx: CtxDep, p: AdminDep) -> Any:
 
 
 @router.post("/api/v1/tokens/{token_id}/revoke", response_model=TokenOut, responses=ERRORS)
-def revoke_token(token_id: int, ctx: CtxDep, p: AdminDep) -> Any:
+def revoke_token(token_id: RowId, ctx: CtxDep, p: AdminDep) -> Any:
     def _rv(s: Session) -> dict[str, Any]:
         t = s.get(Token, token_id)
         if t is None:

@@ -26,6 +26,13 @@ from service.safetensors_check import InvalidSafetensors, check_bounds, check_pr
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
+#: What ``arch`` may be: a zoo model or an import path (the form field's pattern in the OpenAPI document).
+#: A zoo name, an import path, or a JSON model spec (an object, checked further by ``parse_arch``).
+ARCH_PATTERN = "^(?:" + "|".join(ZOO_MODELS) + "|" + IMPORT_PATH_RE.pattern[1:-1] + r"|\{[\s\S]*\})$"
+#: A safetensors download.
+FILE_RESPONSE: dict[str, Any] = {"description": "the file (safetensors), its sha256 in X-Sha256",
+                                 "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}
 
 
 #: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
@@ -103,7 +110,7 @@ def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors:
 
 @router.post("/models", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile,
-                       arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES)]) -> Any:
+                       arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES, pattern=ARCH_PATTERN)]) -> Any:
     """Upload weights (safetensors) for a zoo architecture, an import path the workers allow, or a
     model spec (a JSON object: ``factory`` + ``args``/``kwargs``/``config``; validated, never imported)."""
     meta = None
@@ -194,7 +201,7 @@ def get_model(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
     return blob_out(_get_blob(ctx, model_id, "model", p))
 
 
-@router.get("/models/{model_id}/file", responses=ERRORS)
+@router.get("/models/{model_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
 def get_model_file(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
     b = _get_blob(ctx, model_id, "model", p)
     return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})
@@ -205,7 +212,7 @@ def get_dataset(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
     return blob_out(_get_blob(ctx, dataset_id, "dataset", p))
 
 
-@router.get("/datasets/{dataset_id}/file", responses=ERRORS)
+@router.get("/datasets/{dataset_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
 def get_dataset_file(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
     b = _get_blob(ctx, dataset_id, "dataset", p)
     return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from bocompress import costs
 from bocompress.schemas import CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, LeaseResponse, TrialOut
-from service.api.deps import Context, CtxDep, WorkerDep
+from service.api.deps import Context, CtxDep, RowId, WorkerDep
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
 from service.api.serialize import iso, job_light, job_out, trial_out
@@ -138,7 +138,7 @@ def _worker_trial(s: Session, ctx: Context, trial_id: int) -> tuple[Trial, Job]:
 
 
 @router.post("/trials/{trial_id}/heartbeat", responses=ERRORS)
-async def heartbeat_route(trial_id: int, ctx: CtxDep, p: WorkerDep,
+async def heartbeat_route(trial_id: RowId, ctx: CtxDep, p: WorkerDep,
                           body: Annotated[HeartbeatRequest | None, Body()] = None,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """Extend the lease; 409 when it was lost or the job was cancelled."""
@@ -227,7 +227,7 @@ def _hot_values(info: Any, t: Any, body: CompleteRequest) -> tuple[dict[str, flo
 
 
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=ERRORS)
-async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: WorkerDep,
+async def complete_route(trial_id: RowId, body: CompleteRequest, ctx: CtxDep, p: WorkerDep,
                          x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """The worker's result; idempotent (the same result twice is stored once); 409 if the lease was lost."""
     tok = _token(body.lease_token, x_lease_token)
@@ -303,7 +303,7 @@ async def complete_route(trial_id: int, body: CompleteRequest, ctx: CtxDep, p: W
 
 
 @router.post("/trials/{trial_id}/fail", response_model=TrialOut, responses=ERRORS)
-def fail_route(trial_id: int, body: FailRequest, ctx: CtxDep, p: WorkerDep,
+def fail_route(trial_id: RowId, body: FailRequest, ctx: CtxDep, p: WorkerDep,
                x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
     """The worker's failure: re-queued when ``retry`` and attempts remain, else ``failed``."""
     tok = _token(body.lease_token, x_lease_token)
