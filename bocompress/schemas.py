@@ -11,7 +11,16 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 API_PREFIX = "/api/v1"
 
@@ -157,11 +166,19 @@ def _check_globs(patterns: list[str], where: str, allow_negation: bool = False) 
             raise ValueError(f"{where}[{i}]: {p!r}: '!' excludes, and only in the list form, followed by a glob")
 
 
+_OUTPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: One layer glob: non-empty, not starting with whitespace or '!', at most 500 characters.
+Glob = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^!\s][\s\S]*$")]
+#: A glob of the list form, where a leading '!' excludes.
+ListGlob = Annotated[str, StringConstraints(max_length=501, pattern=r"^!?[^!\s][\s\S]*$")]
+
+
 class LayerSelection(_Strict):
     """``compression.layers`` as ``{"include": [...], "exclude": [...]}`` (fnmatch globs over module names)."""
 
-    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
-    exclude: list[str] = Field(default_factory=list, max_length=1000)
+    include: list[Glob] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
+    exclude: list[Glob] = Field(default_factory=list, max_length=1000)
 
     @field_validator("include")
     @classmethod
@@ -224,7 +241,7 @@ class CompressionSpec(_Strict):
         description="one method, or a mapping layer type -> method, e.g. {'Conv2d': 'tucker2', 'Linear': 'svd'}",
         json_schema_extra={"minProperties": 1, "propertyNames": {"enum": ["Conv2d", "Linear"]}},
     )
-    layers: list[str] | LayerSelection = Field(
+    layers: Annotated[list[ListGlob], Field(min_length=1, max_length=1000)] | LayerSelection = Field(
         default_factory=lambda: ["*"],
         description="fnmatch globs over module names ('!glob' excludes), or {'include': [...], 'exclude': [...]}; "
         "excluded layers are not searched and stay dense",
@@ -234,16 +251,27 @@ class CompressionSpec(_Strict):
     output: str | int | None = Field(
         default=None, description="the part of the model's output to distill: a key of a dict/ModelOutput "
         "(default 'logits') or an index of a tuple (default 0)",
+        json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _OUTPUT_KEY.pattern},
+            {"type": "integer", "minimum": -64, "maximum": 63},
+            {"type": "null"},
+        ]},
     )
 
-    @field_validator("output")
+    @field_validator("output", mode="before")
     @classmethod
     def _output_ok(cls, v: Any) -> Any:
-        if isinstance(v, bool):
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             raise ValueError("output: a key (string) or a tuple index (integer)")
-        if isinstance(v, str) and not (1 <= len(v) <= 200 and v.isidentifier()):
+        if isinstance(v, str) and not (len(v) <= 200 and _OUTPUT_KEY.match(v)):
             raise ValueError("output: a key must be an identifier such as 'logits'")
-        if isinstance(v, int) and not -64 <= v < 64:
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise ValueError("output: a tuple index must be an integer")
+            v = int(v)
+        if isinstance(v, int) and not -64 <= v <= 63:
             raise ValueError("output: a tuple index must be in -64..63")
         return v
 
@@ -293,7 +321,7 @@ class Objective(_Strict):
     kind: Literal["scalarized", "constrained", "pareto"] | None = None
     kappa: Num = Field(default=1.0, gt=0.0, le=1e6)
     cost: CostKind = "params"
-    budget: Num | None = Field(default=None, gt=0.0, le=1.0, description="max R for 'constrained'")
+    budget: float | None = Field(gt=0.0, le=1.0, default=None, description="max R for 'constrained'")
     metric: str | None = Field(default=None, min_length=1, max_length=200)
     direction: Literal["minimize", "maximize"] = "minimize"
 
@@ -301,6 +329,11 @@ class Objective(_Strict):
     @classmethod
     def _kappa_finite(cls, v: float) -> float:
         return _finite(v, "kappa")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
 
     @model_validator(mode="after")
     def _constrained_has_budget(self) -> "Objective":

@@ -92,10 +92,10 @@ def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
 
 
 def _same_request(prior: Job, spec: dict[str, Any], key: str) -> None:
-    """A reused ``Idempotency-Key`` must come with the same job: else 422 ``idempotency_mismatch``
+    """A reused ``Idempotency-Key`` must come with the same job: else 409 ``idempotency_mismatch``
     (as payment APIs answer), never the first job in silence."""
     if prior.spec != spec:
-        raise APIError(422, f"Idempotency-Key {key[:60]!r} was already used for job {prior.id} with a different "
+        raise APIError(409, f"Idempotency-Key {key[:60]!r} was already used for job {prior.id} with a different "
                             "body: send a new key for a different job", "idempotency_mismatch")
 
 

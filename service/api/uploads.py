@@ -27,7 +27,8 @@ from service.safetensors_check import InvalidSafetensors, check_bounds, check_pr
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
 #: What ``arch`` may be: a zoo model or an import path (the form field's pattern in the OpenAPI document).
-#: A zoo name, an import path, or a JSON model spec (an object, checked further by ``parse_arch``).
+#: A zoo name, an import path, or a JSON model spec (an object): documented in the schema; the route
+#: checks it itself, so the 422 says which of the three failed and why.
 ARCH_PATTERN = "^(?:" + "|".join(ZOO_MODELS) + "|" + IMPORT_PATH_RE.pattern[1:-1] + r"|\{[\s\S]*\})$"
 #: A safetensors download.
 FILE_RESPONSE: dict[str, Any] = {"description": "the file (safetensors), its sha256 in X-Sha256",
@@ -110,7 +111,7 @@ def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors:
 
 @router.post("/models", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile,
-                       arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES, pattern=ARCH_PATTERN)]) -> Any:
+                       arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES, json_schema_extra={"pattern": ARCH_PATTERN})]) -> Any:
     """Upload weights (safetensors) for a zoo architecture, an import path the workers allow, or a
     model spec (a JSON object: ``factory`` + ``args``/``kwargs``/``config``; validated, never imported)."""
     meta = None

@@ -127,7 +127,11 @@ def _semantic_repairs(schema: Any, env: Env, own_token_id: int, spare_token_id: 
                 if prm.get("name") in names:
                     prm["name"] = f"{str(prm['name'])[:190]}_{i}"  # unique names
                 names.add(prm.get("name"))
-        elif method == "POST" and path in ("/api/v1/trials/{trial_id}/tell", "/api/v1/trials/{trial_id}/complete") \
+        if isinstance(body.get("profile"), dict) and isinstance(body["profile"].get("layers"), list):
+            for layer in body["profile"]["layers"]:
+                if isinstance(layer, dict):
+                    layer.pop("signals", None)  # its curves must share one length: not a JSON Schema rule
+        if method == "POST" and path in ("/api/v1/trials/{trial_id}/tell", "/api/v1/trials/{trial_id}/complete") \
                 and not body.get("failed") and isinstance(body.setdefault("values", {}), dict):
             kind, metric = _trial_needs(env, (case.path_parameters or {}).get("trial_id"))
             body["values"].setdefault(metric, 0.5)  # the metric the trial's job reports

@@ -95,11 +95,11 @@ def test_bad_weight_files(hostile: dict[str, Any], what: str, data: Any, word: s
 
 
 @pytest.mark.parametrize("tensors,word", [
-    ({"x": torch.zeros(4, 2)}, "inputs"),  # wrong name
+    ({"labels": torch.zeros(4, dtype=torch.long)}, "inputs"),  # no input at all
     ({"inputs": torch.zeros(4)}, "N x"),  # wrong rank
-    ({"inputs": torch.zeros(4, 2, dtype=torch.long)}, "floating"),  # wrong dtype
+    ({"input_ids": torch.zeros(4, 2, dtype=torch.long), "mask": torch.zeros(5, 2)}, "disagree"),  # N differs
     ({"inputs": torch.zeros(4, 2), "labels": torch.zeros(5, dtype=torch.long)}, "labels"),  # wrong length
-    ({"inputs": torch.zeros(4, 2), "evil": torch.zeros(1)}, "unexpected"),  # extra tensor
+    ({"inputs": torch.zeros(4, 2), "evil": torch.zeros(4)}, "positional"),  # 'inputs' beside named inputs
 ])
 def test_wrong_tensor_names_and_shapes(hostile: dict[str, Any], tensors: dict[str, torch.Tensor], word: str) -> None:
     refused(hostile, "POST", "/api/v1/datasets", 422, word, files={"file": ("d.safetensors", save(tensors))})

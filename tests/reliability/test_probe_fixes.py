@@ -409,7 +409,7 @@ def test_item9_reused_idempotency_key_with_another_body(probe: LiveServer) -> No
         again = c.post("/api/v1/jobs", json=spec, headers=h)
         assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
         other = c.post("/api/v1/jobs", json={**spec, "name": "other"}, headers=h)
-        assert other.status_code == 422 and other.json()["code"] == "idempotency_mismatch", other.text
+        assert other.status_code == 409 and other.json()["code"] == "idempotency_mismatch", other.text
         assert str(first.json()["id"]) in other.json()["detail"]
         assert [j["id"] for j in c.get("/api/v1/jobs").json()["items"]] == [first.json()["id"]]
 
