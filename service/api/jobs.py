@@ -91,6 +91,10 @@ def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
                           f"({', '.join(ZOO_DATA)})")
 
 
+#: The optimizer engines that allocate from a compression job's profile (service.optimizer.allocators).
+ONE_SHOT_ENGINES = ("uniform", "energy", "global", "knapsack")
+
+
 @router.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
 def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> Any:
@@ -108,6 +112,9 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                 response.status_code = 200
                 return job_out(s, prior)
         now = utcnow()
+        if not body.is_compression and body.optimizer.engine in ONE_SHOT_ENGINES:
+            raise bad_request("optimizer.engine", f"{body.optimizer.engine!r} is a one-shot allocator for "
+                              "compression jobs; a generic job takes 'auto', 'sobol' or 'gp'")
         if body.is_compression:
             _check_refs(s, body, p)
             job = Job(name=body.name, owner=p.owner, kind="compression", state="profiling", spec=spec,

@@ -1,6 +1,6 @@
 """One-shot allocators: a theta for a target R in one evaluation, from the profile alone.
 
-Pure Python (no torch): each allocator turns the profile's per-layer ``signals`` (see
+Pure Python and NumPy (no torch): each allocator turns the profile's per-layer ``signals`` (see
 ``/work/prompts/interface.md``; the worker measures them at profiling) and the exact cost forms
 into one theta whose exact R (``bocompress.costs.ratio``) is at most the target:
 
@@ -354,31 +354,38 @@ def _knapsack(prob: _Problem, target: float) -> Allocation | None:
         """Least total loss saving at least ``need`` of R (additive savings, floored to bins)."""
         if need <= 0:
             return dict(dense)
-        scale = _DP_BINS / need
-        inf = math.inf
-        best = [0.0] + [inf] * _DP_BINS  # best[b] = least loss saving >= b bins (capped at _DP_BINS)
-        choice: list[list[int]] = []
+        import numpy as np
+
+        nb = _DP_BINS
+        scale = nb / need
+        best = np.full(nb + 1, np.inf)
+        best[0] = 0.0  # best[b] = least loss saving >= b bins (b capped at nb)
+        trace: list[tuple[np.ndarray, list[int], list[int]]] = []
         for opts in options:
-            new = [inf] * (_DP_BINS + 1)
-            arg = [-1] * (_DP_BINS + 1)
-            for b in range(_DP_BINS + 1):
-                if best[b] == inf:
-                    continue
-                for j, (_, loss, save) in enumerate(opts):
-                    nb = min(_DP_BINS, b + int(math.floor(save * scale)))
-                    v = best[b] + loss
-                    if v < new[nb]:
-                        new[nb], arg[nb] = v, j * (_DP_BINS + 1) + b
-            choice.append(arg)
-            best = new
-        if best[_DP_BINS] == inf:
+            vals = np.full((len(opts), nb + 1), np.inf)
+            shifts, tails = [], []
+            for j, (_, loss, save) in enumerate(opts):
+                sh = min(nb, int(math.floor(save * scale)))
+                if sh > 0:
+                    vals[j, sh:nb] = best[: nb - sh] + loss
+                else:
+                    vals[j, :nb] = best[:nb] + loss
+                tail = int(np.argmin(best[nb - sh:])) + nb - sh  # every b >= nb - sh lands on nb
+                vals[j, nb] = best[tail] + loss
+                shifts.append(sh)
+                tails.append(tail)
+            arg = np.argmin(vals, axis=0)
+            best = vals[arg, np.arange(nb + 1)]
+            trace.append((arg, shifts, tails))
+        if not np.isfinite(best[nb]):
             return None
         theta: dict[str, float] = {}
-        b = _DP_BINS
+        b = nb
         for i in range(len(options) - 1, -1, -1):
-            code = choice[i][b]
-            j, b = divmod(code, _DP_BINS + 1)
+            arg, shifts, tails = trace[i]
+            j = int(arg[b])
             theta[prob.params[i].name] = options[i][j][0]
+            b = tails[j] if b == nb else b - shifts[j]
         return theta
 
     # The savings are additive for per-layer methods and approximate where channel groups share a

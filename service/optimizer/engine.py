@@ -77,12 +77,13 @@ from botorch.optim import optimize_acqf
 from botorch.sampling.normal import SobolQMCNormalSampler
 from torch import Tensor
 
+from .allocators import ALLOCATORS, Allocation, allocations
 from .gp import KERNELS, MEANS, MIN_YVAR, fit_gp
 from .objectives import CostModel, composite
 from .sobol import MAX_SOBOL_DIM, sobol_points
 from .space import Space
 
-ENGINES = ("auto", "sobol", "gp")
+ENGINES = ("auto", "sobol", "gp") + ALLOCATORS
 DEFAULT_KERNEL = "rbf"
 DEFAULT_MAX_FIT_POINTS = 300
 # Above this many (observations x dims) the additive kernel falls back to the plain one.
@@ -242,6 +243,8 @@ class _Ctx:
     local_frac: float = 0.5
     boltzmann: bool = False
     center: bool = False
+    init: str = "sobol"
+    alloc: list[dict[str, float]] | None = None
 
     @property
     def compression(self) -> bool:
@@ -330,6 +333,8 @@ def _compile(problem: Problem) -> _Ctx:
         local_frac=float(opts.get("local_frac", 0.5 if compression else 0.0)),
         boltzmann=bool(opts.get("starts", "best" if compression else "boltzmann") == "boltzmann"),
         center=bool(opts.get("center", not compression)),
+        init=str(opts.get("init", "sobol")),
+        alloc=_alloc_points(problem) if compression else None,
     )
 
 
@@ -358,8 +363,62 @@ def composite_value(problem: Problem, params: Mapping[str, float], value: float)
     return composite(kind, float(obj.get("kappa", 1.0) or 1.0), float(value), ratio(problem, params), obj.get("budget"))
 
 
+_ALLOC_CACHE: dict[str, list[dict[str, float]]] = {}
+
+
+def _alloc_points(problem: Problem) -> list[dict[str, float]]:
+    """The one-shot allocators' points of a compression job, distinct, in order (cached per job).
+
+    ``auto`` jobs start with every available allocator at each target (``seed_allocators``, on
+    by default); an allocator engine (``uniform`` ...) gets its own points only.
+    """
+    obj = problem.objective or {}
+    if obj.get("kind") is None or problem.profile is None:
+        return []
+    if problem.engine in ALLOCATORS:
+        methods: list[str] | None = [problem.engine]
+    elif problem.engine == "auto" and bool((problem.options or {}).get("seed_allocators", True)):
+        methods = None
+    else:
+        return []
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([problem.params, obj, problem.profile, methods], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    hit = _ALLOC_CACHE.get(key)
+    if hit is None:
+        space = Space(problem.params, compression=True)
+        hit, keys = [], set()
+        for a in allocations(problem.profile, problem.params, obj, methods):
+            k = space.key(a.theta)
+            if k not in keys:
+                keys.add(k)
+                hit.append(dict(a.theta))
+        if len(_ALLOC_CACHE) > 256:
+            _ALLOC_CACHE.clear()
+        _ALLOC_CACHE[key] = hit
+    return [dict(p) for p in hit]
+
+
+def allocations_of(problem: Problem) -> list[Allocation]:
+    """Every available one-shot allocation of a compression job, labelled (for reports)."""
+    obj = problem.objective or {}
+    if obj.get("kind") is None or problem.profile is None:
+        return []
+    return allocations(problem.profile, problem.params, obj)
+
+
+def _n_initial(problem: Problem) -> int:
+    if problem.engine == "auto" and (problem.objective or {}).get("kind") is not None:
+        return max(problem.n_initial, len(_alloc_points(problem)))
+    return problem.n_initial
+
+
 def _in_initial_design(problem: Problem, index: int) -> bool:
-    return problem.engine == "sobol" or (problem.engine == "auto" and index < problem.n_initial)
+    if problem.engine in ALLOCATORS:
+        return True
+    return problem.engine == "sobol" or (problem.engine == "auto" and index < _n_initial(problem))
 
 
 def initial_design_only(problem: Problem, n_existing: int, n: int) -> bool:
@@ -442,8 +501,18 @@ def propose(
         # wide buffer's refill of hundreds of Sobol points would otherwise scramble hundreds).
         drawn = (sobol_points(ctx.space.d, problem.seed, n_existing, n)
                  if slots_sobol and ctx.space.d <= MAX_SOBOL_DIM else None)
+        if problem.engine in ALLOCATORS:
+            # A one-shot job: its allocator's points in order, each once; then nothing is left.
+            todo = [ctx.space.snap(ctx.space.to_unit(p)) for p in ctx.alloc or []]
+            todo = [u for u in todo if ctx.space.unit_key(u) not in seen][: len(slots_sobol)]
+            for j, u in zip(slots_sobol, todo):
+                chosen[j] = u
+                seen.add(ctx.space.unit_key(u))
+            slots_sobol = []
         for j in slots_sobol:
-            u = _sobol_slot(ctx, n_existing + j, seen, mix, None if drawn is None else drawn[j:j + 1])
+            u = _initial_slot(ctx, n_existing + j, seen, mix, obs)
+            if u is None:
+                u = _sobol_slot(ctx, n_existing + j, seen, mix, None if drawn is None else drawn[j:j + 1])
             if u is not None:
                 chosen[j] = u
                 seen.add(ctx.space.unit_key(u))
@@ -459,6 +528,38 @@ def propose(
 
 
 # --------------------------------------------------------------------------- Sobol stage
+
+
+def _initial_slot(ctx: _Ctx, index: int, seen: set[tuple[int, ...]], mix: int,
+                  obs: list[Observation]) -> list[float] | None:
+    """A compression job's initial-design point other than Sobol's, or None to take Sobol's.
+
+    Trials ``0 .. len(alloc) - 1`` take the allocators' points (unless already seen). Later
+    initial trials take Sobol points, or with ``init="perturb"`` perturbations of the allocators'
+    points (a random ~20-coordinate subset moved, as the GP stage's local candidates), which stay
+    near the informative region a Sobol design in 20+ dimensions misses.
+    """
+    alloc = ctx.alloc or []
+    if index < len(alloc):
+        u = _accept(ctx, torch.tensor([ctx.space.to_unit(alloc[index])], dtype=torch.float64), seen)
+        if u is not None:
+            return u
+        return None
+    if ctx.init != "perturb" or not alloc:
+        return None
+    d = ctx.space.d
+    g = torch.Generator().manual_seed((mix + 7717 * index) % (2**31 - 1))
+    base = torch.tensor([ctx.space.to_unit(p) for p in alloc], dtype=torch.float64)
+    for _ in range(8):
+        centres = base[torch.randint(0, base.shape[0], (16,), generator=g)]
+        prob = min(1.0, 20.0 / d)
+        mask = torch.rand(16, d, generator=g, dtype=torch.float64) < prob
+        scale = torch.tensor([0.05, 0.1, 0.2, 0.3], dtype=torch.float64)[torch.arange(16) % 4].unsqueeze(-1)
+        U = (centres + mask * scale * torch.randn(16, d, generator=g, dtype=torch.float64)).clamp(0.0, 1.0)
+        u = _accept(ctx, U, seen)
+        if u is not None:
+            return u
+    return None
 
 
 def _ensure_feasible(ctx: _Ctx, p: dict[str, float]) -> dict[str, float]:
