@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+import bocompress
+
 from bocompress import costs
 from tests.conftest import LiveServer
 from tests.service.helpers import lease, synthetic_profile
@@ -56,7 +58,8 @@ def _wait_state(c: httpx.Client, job_id: int, state: str) -> dict[str, Any]:
     raise AssertionError(f"job {job_id} is {job['state']}, not {state}: {job.get('reason')}")
 
 
-def test_a_collapsed_best_trial_is_flagged_in_the_job(server: LiveServer, admin: httpx.Client) -> None:
+def test_a_collapsed_best_trial_is_flagged_in_the_job(server: LiveServer, admin: httpx.Client,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     prof = {**synthetic_profile(4, 64), "model_info": {"chance_accuracy": 0.1, "n_outputs": 10}}
     job = _job(admin, {"kind": "constrained", "budget": 0.5}, "uniform")
     _profile(admin, job["id"], prof)
@@ -69,6 +72,22 @@ def test_a_collapsed_best_trial_is_flagged_in_the_job(server: LiveServer, admin:
     assert "distill_l2 = 0.97" in text and "chance" in text and "budget" in text
     listed = admin.get("/api/v1/jobs").json()["items"]
     assert next(j for j in listed if j["id"] == job["id"])["collapsed"] is True
+    # The client warns and prints it; the CLI shows it.
+    with bocompress.Client(server.url, token=server.admin_token) as client:
+        handle = client.get_job(job["id"])
+        with pytest.warns(bocompress.CollapseWarning, match="collapsed"):
+            handle.best()
+        assert handle.collapsed and handle.warnings == done["warnings"]
+        handle.wait(progress=True, poll=0.05, timeout=10)
+    assert "WARNING: collapsed" in capsys.readouterr().err
+    from typer.testing import CliRunner
+
+    from bocompress.cli import app
+
+    res = CliRunner().invoke(app, ["status", str(job["id"]), "--url", server.url, "--token", server.admin_token])
+    assert res.exit_code == 0 and "WARNING: collapsed" in res.output, res.output
+    res = CliRunner().invoke(app, ["status", "--url", server.url, "--token", server.admin_token])
+    assert "COLLAPSED" in res.output
 
     healthy = _job(admin, {"kind": "scalarized", "kappa": 1.0}, "auto", max_trials=1)
     _profile(admin, healthy["id"], prof)
