@@ -388,16 +388,24 @@ def _knapsack(prob: _Problem, target: float) -> Allocation | None:
             b = tails[j] if b == nb else b - shifts[j]
         return theta
 
-    # The savings are additive for per-layer methods and approximate where channel groups share a
-    # layer: ask for more saving until the exact R fits.
+    # The savings are additive for per-layer methods and overestimated where channel groups share
+    # a layer (a product of kept fractions saves less than the sum of its factors' savings): ask
+    # for more saving, bisected, until the exact R fits.
     need = r_dense - target
-    theta = None
-    for _ in range(12):
-        theta = solve(need)
-        if theta is None or prob.ratio(theta) <= target:
-            break
-        need += max(prob.ratio(theta) - target, 1e-4)
+    theta = solve(need)
     if theta is None or prob.ratio(theta) > target:
+        lo, hi = need, sum(max(o[2] for o in opts) for opts in options) + 1e-9
+        theta = None
+        for _ in range(14):
+            mid = 0.5 * (lo + hi)
+            th = solve(mid)
+            if th is None:
+                hi = mid
+            elif prob.ratio(th) <= target:
+                theta, hi = th, mid
+            else:
+                lo = mid
+    if theta is None:
         theta = prob.smallest()
 
     def marginal(n: str) -> float:
