@@ -82,6 +82,71 @@ class ParameterSpec(_Strict):
         return self
 
 
+def _check_globs(patterns: list[str], where: str, allow_negation: bool = False) -> None:
+    for i, p in enumerate(patterns):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{where}[{i}]: a pattern must be a non-empty string")
+        if len(p) > 500:
+            raise ValueError(f"{where}[{i}]: a pattern is at most 500 characters")
+        if p.startswith("!") and (not allow_negation or not p[1:].strip()):
+            raise ValueError(f"{where}[{i}]: {p!r}: '!' excludes, and only in the list form, followed by a glob")
+
+
+class LayerSelection(_Strict):
+    """``compression.layers`` as ``{"include": [...], "exclude": [...]}`` (fnmatch globs over module names)."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
+    exclude: list[str] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("include")
+    @classmethod
+    def _include_ok(cls, v: list[str]) -> list[str]:
+        _check_globs(v, "layers.include")
+        return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_ok(cls, v: list[str]) -> list[str]:
+        _check_globs(v, "layers.exclude")
+        return v
+
+
+def split_layer_patterns(layers: Any) -> tuple[list[str], list[str]]:
+    """``compression.layers`` (a glob, a list with ``!glob`` exclusions, or include/exclude) as two lists.
+
+    A list with only ``!`` entries includes every layer (``["!conv1"]``: all but conv1).
+
+    Raises:
+        ValueError: anything else than those forms.
+    """
+    if layers is None:
+        return ["*"], []
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, LayerSelection):
+        return list(layers.include), list(layers.exclude)
+    if isinstance(layers, dict):
+        extra = set(layers) - {"include", "exclude"}
+        if extra:
+            raise ValueError(f"layers: unknown keys {sorted(extra)}; use 'include' and 'exclude'")
+        inc = layers.get("include", ["*"])
+        exc = layers.get("exclude", [])
+        inc = [inc] if isinstance(inc, str) else list(inc)
+        exc = [exc] if isinstance(exc, str) else list(exc)
+        _check_globs(inc, "layers.include")
+        _check_globs(exc, "layers.exclude")
+        if not inc:
+            raise ValueError("layers.include must not be empty")
+        return inc, exc
+    if isinstance(layers, (list, tuple)):
+        items = list(layers)
+        _check_globs(items, "layers", allow_negation=True)
+        inc = [p for p in items if not p.startswith("!")]
+        exc = [p[1:] for p in items if p.startswith("!")]
+        return (inc or ["*"]), exc
+    raise ValueError(f"layers must be a list of globs or {{'include': [...], 'exclude': [...]}}, got {type(layers).__name__}")
+
+
 class CompressionSpec(_Strict):
     """What to compress, with what, and over which layers."""
 
@@ -90,9 +155,40 @@ class CompressionSpec(_Strict):
     method: MethodName | dict[str, MethodName] = Field(
         description="one method, or a mapping layer type -> method, e.g. {'Conv2d': 'tucker2', 'Linear': 'svd'}"
     )
-    layers: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=1000)
+    layers: list[str] | LayerSelection = Field(
+        default_factory=lambda: ["*"],
+        description="fnmatch globs over module names ('!glob' excludes), or {'include': [...], 'exclude': [...]}; "
+        "excluded layers are not searched and stay dense",
+    )
     theta_min: float = Field(default=0.05, gt=0.0, lt=1.0)
     n_calibration: int = Field(default=256, ge=8, le=100_000)
+    bn_recalibrate: bool = Field(
+        default=True, description="re-estimate BatchNorm statistics on the calibration inputs before measuring"
+    )
+    holdout_fraction: float = Field(
+        default=0.3, ge=0.0, lt=1.0,
+        description="with labelled data: the seeded share held out for 'accuracy' only (never used for L)",
+    )
+    finetune_steps: int = Field(default=0, ge=0, le=10_000, description="distillation steps before measuring (0: none)")
+    finetune_lr: float = Field(default=1e-4, gt=0.0, le=1.0, description="Adam learning rate of those steps")
+    sensitivity: bool = Field(
+        default=True, description="measure each layer's L curve at profiling (at most 8 points per layer)"
+    )
+    ls_correction: bool | None = Field(
+        default=None, description="least-squares reconstruction after compressing (None: the method's default)"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v: Any) -> Any:
+        patterns = v if isinstance(v, list) else [*v.include, *v.exclude]
+        if isinstance(v, list):
+            if not 1 <= len(v) <= 1000:
+                raise ValueError("layers: give 1 to 1000 patterns")
+            _check_globs(v, "layers", allow_negation=True)
+        if not patterns:
+            raise ValueError("layers: give at least one pattern")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -208,6 +304,39 @@ class CostForm(_Strict):
     cap: float | None = None
 
 
+class LayerSignals(_Strict):
+    """Curves of one search parameter over a theta grid, for one-shot allocators (interface of issue 13).
+
+    ``energy[k]``: the share of the layer's importance mass kept at ``grid[k]`` (svd: singular-value
+    energy; tucker2: core energy; magnitude: squared weights; channel methods: group scores).
+    ``lamp[k]``: the LAMP-style score of the most important unit removed at ``grid[k]`` (0 when
+    nothing is removed). ``sensitivity[m]``: the measured L of the model with only this layer
+    compressed at ``sens_grid[m]`` (BatchNorm re-estimated, as trials are).
+    """
+
+    grid: list[float] = Field(min_length=2, max_length=33)
+    energy: list[float] = Field(min_length=2, max_length=33)
+    lamp: list[float] = Field(min_length=2, max_length=33)
+    sens_grid: list[float] | None = Field(default=None, min_length=1, max_length=8)
+    sensitivity: list[float] | None = Field(default=None, min_length=1, max_length=8)
+
+    @model_validator(mode="after")
+    def _curves_ok(self) -> "LayerSignals":
+        k = len(self.grid)
+        if len(self.energy) != k or len(self.lamp) != k:
+            raise ValueError("signals: grid, energy and lamp must have one length")
+        vals = [*self.grid, *self.energy, *self.lamp, *(self.sens_grid or []), *(self.sensitivity or [])]
+        if not all(math.isfinite(x) for x in vals):
+            raise ValueError("signals: every value must be finite")
+        if any(b <= a for a, b in zip(self.grid, self.grid[1:])) or self.grid[0] <= 0 or self.grid[-1] != 1.0:
+            raise ValueError("signals.grid must increase strictly in (0, 1] and end at 1.0")
+        if (self.sens_grid is None) != (self.sensitivity is None):
+            raise ValueError("signals: sens_grid and sensitivity come together")
+        if self.sens_grid is not None and len(self.sens_grid) != len(self.sensitivity or []):
+            raise ValueError("signals: sens_grid and sensitivity must have one length")
+        return self
+
+
 class LayerInfo(_Strict):
     name: str
     type: str = Field(description="module type, e.g. Conv2d, Linear")
@@ -216,6 +345,9 @@ class LayerInfo(_Strict):
     params: list[str] = Field(description="names of the search parameters this layer's cost depends on")
     costs: dict[str, CostForm] = Field(description="cost kind -> closed form in theta")
     dense: dict[str, float] = Field(default_factory=dict, description="cost kind -> cost of the original layer")
+    signals: LayerSignals | None = Field(
+        default=None, description="per-layer curves for one-shot allocators (on the row named after a search parameter)"
+    )
 
 
 class SearchParam(_Strict):
@@ -223,6 +355,9 @@ class SearchParam(_Strict):
     low: float
     high: float
     size: int = Field(default=0, description="the count theta multiplies (rank, channels); 0 when continuous")
+    dense_from: float | None = Field(
+        default=None, description="theta from which the layer is left dense (1.0 when it never is before 1)"
+    )
 
 
 class ProfileReport(_Strict):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from bocompress.costs import ratio as exact_ratio
+from worker import batch as B
 from worker.methods.base import Compressor, CostMismatch, eval_mode
 
 __all__ = ["teacher_outputs", "evaluate", "resolve_device", "RATIO_TOLERANCE", "FLOPS_SAMPLES"]
@@ -41,19 +42,21 @@ def resolve_device(device: str | torch.device | None, module: nn.Module | None =
     return torch.device("cpu")
 
 
-def _outputs(model: nn.Module, inputs: Tensor, batch_size: int, device: torch.device) -> Tensor:
+def _outputs(model: nn.Module, inputs: B.Batch, batch_size: int, device: torch.device,
+             output: str | int | None = None) -> Tensor:
     """Model outputs ``N x output shape`` (float32, on ``device``), computed batch by batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outs = []
     with eval_mode(model), torch.no_grad():
-        for i in range(0, len(inputs), batch_size):
-            outs.append(model(inputs[i : i + batch_size].to(device, non_blocking=True)).float())
+        for _, xb in B.iter_batches(inputs, batch_size):
+            outs.append(B.forward(model, B.to_device(xb, device), output).float())
     return torch.cat(outs)
 
 
 def teacher_outputs(
-    model: nn.Module, inputs: Tensor, batch_size: int = 512, device: str | torch.device | None = None
+    model: nn.Module, inputs: B.Batch, batch_size: int = 512, device: str | torch.device | None = None,
+    output: str | int | None = None,
 ) -> Tensor:
     """The original model's outputs on the calibration inputs (the caller caches them per job).
 
@@ -62,12 +65,13 @@ def teacher_outputs(
         inputs: ``N x input shape``.
         batch_size: samples per forward pass.
         device: where to run (default: the model's device).
+        output: which part of the model's output to distill (:func:`worker.batch.select_output`).
 
     Returns:
         ``N x output shape`` float32 on ``device``.
     """
     dev = resolve_device(device, model)
-    return _outputs(model.to(dev), inputs, batch_size, dev)
+    return _outputs(model.to(dev), inputs, batch_size, dev, output)
 
 
 def evaluate(
@@ -81,6 +85,7 @@ def evaluate(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     check_all: bool = False,
+    output: str | int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fidelity, cost and task metrics of one compressed model.
 
@@ -97,6 +102,7 @@ def evaluate(
         check_all: also measure FLOPs (a FlopCounterMode pass, several forward passes' worth of
             time on a GPU) when the job's cost is not ``flops``; by default the ``flops`` value
             then comes from the profile's exact form.
+        output: which part of the model's output to distill (:func:`worker.batch.select_output`).
 
     Returns:
         ``{"values": {...}, "sem": {...}}`` with values ``distill_l2``, ``ratio`` (measured),
@@ -109,7 +115,7 @@ def evaluate(
         ValueError: inputs, teacher outputs and labels disagree in length.
     """
     t0 = time.perf_counter()
-    n = len(inputs)
+    n = B.n_samples(inputs)
     if n == 0 or len(teacher_out) != n or (labels is not None and len(labels) != n):
         raise ValueError(
             f"inputs ({n}), teacher outputs ({len(teacher_out)}) and labels "
@@ -121,8 +127,9 @@ def evaluate(
     ref = torch.empty(n, dtype=torch.float64, device=dev)
     correct = 0
     with eval_mode(compressed), torch.no_grad():
-        for i in range(0, n, batch_size):
-            out = compressed(inputs[i : i + batch_size].to(dev, non_blocking=True)).double().flatten(1)
+        for s, xb in B.iter_batches(inputs, batch_size):
+            i = s.start
+            out = B.forward(compressed, B.to_device(xb, dev), output).double().flatten(1)
             t = teacher_out[i : i + batch_size].to(dev).double().flatten(1)
             err[i : i + len(out)] = (out - t).pow(2).sum(1)
             ref[i : i + len(out)] = t.pow(2).sum(1)
@@ -136,7 +143,7 @@ def evaluate(
 
     profile = compressor.profile()
     totals = profile["totals"]
-    sample = inputs[: min(FLOPS_SAMPLES, n)].to(dev)
+    sample = B.to_device(B.head(inputs, min(FLOPS_SAMPLES, n)), dev)
     params = compressor.count_params(compressed)
     if cost_kind == "flops" or check_all:
         flops = compressor.count_flops(compressed, sample)

@@ -13,7 +13,7 @@ from bocompress.costs import kept, ratio
 from bocompress.schemas import ProfileReport
 from worker.evaluate import evaluate, teacher_outputs
 from worker.methods import NoLayerMatched, build_compressor, get_compressor_class
-from worker.methods.base import CompressionError, measure_flops
+from worker.methods.base import CompressionError, CompressorOptions, measure_flops
 from worker.methods.channel_l1 import ChannelL1Compressor
 from worker.methods.channel_lasso import (
     ChannelLassoCompressor,
@@ -187,7 +187,8 @@ def test_l1_residual_groups_share_one_theta() -> None:
 def test_l1_keeps_the_largest_l1_filters_and_leaves_the_original() -> None:
     model, x = _make(PlainCNN), torch.randn(4, 1, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    comp = ChannelL1Compressor(model, ["features.*"], THETA_MIN, x, "channel_l1")
+    # Li et al.'s pruning as such: the least-squares correction (on by default) off
+    comp = ChannelL1Compressor(model, ["features.*"], THETA_MIN, x, "channel_l1", CompressorOptions(ls_correction=False))
     assert [g.name for g in comp.groups] == ["features.0", "features.3", "features.7"]
     theta = {"features.0": 1.0, "features.3": 0.5, "features.7": 1.0}
     pruned = comp.apply(theta)

@@ -14,6 +14,7 @@ from worker.methods import (
     METHOD_MODULES,
     CompositeCompressor,
     CompressionError,
+    CompressorOptions,
     NoLayerMatched,
     build_compressor,
     get_compressor_class,
@@ -119,14 +120,18 @@ def test_tucker2_strided_and_shortcut_convs() -> None:
     for name in ("layer2.0.conv1", "layer2.0.shortcut.0"):
         layer = model.get_submodule(name)
         assert _max_diff(layer, comp.factorize(name, 16, 32), inp) < 1e-4
-    prof = comp.profile()
+    # theta in [theta_min, 1]; the job's cost decides where a conv is left dense, so ITS form is
+    # exact everywhere (the strided conv1 is cheaper in params than in flops: they differ there)
+    flops_comp = build_compressor(model, "tucker2", ["layer2.0.*"], THETA_MIN, x, CompressorOptions(cost_kind="flops"))
+    prof, fprof = comp.profile(), flops_comp.profile()
     rng = random.Random(0)
-    for _ in range(3):
+    for _ in range(6):
         theta = {p["name"]: rng.uniform(p["low"], p["high"]) for p in prof["params"]}
         out = comp.apply(theta)
         assert comp.count_params(out) / prof["totals"]["params"] == ratio(prof, theta, "params")
-        measured = comp.count_flops(out, x) / prof["totals"]["flops"]
-        assert measured == pytest.approx(ratio(prof, theta, "flops"), rel=1e-9)
+        fout = flops_comp.apply(theta)
+        measured = flops_comp.count_flops(fout, x) / fprof["totals"]["flops"]
+        assert measured == pytest.approx(ratio(fprof, theta, "flops"), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- magnitude
@@ -209,17 +214,24 @@ def test_profile_totals_match_the_model(compressors: dict, cnn: nn.Module, digit
         assert totals["flops"] == counter.get_total_flops() / len(x)
 
 
-def test_search_high_is_break_even(compressors: dict) -> None:
+def test_search_reaches_dense_and_dense_from_is_break_even(compressors: dict) -> None:
+    """Contract of issue 13: high = 1 for every layer; from ``dense_from`` on the layer stays dense."""
     comp: SVDCompressor = compressors["svd"]
     prof = comp.profile()
     for p in prof["params"]:
+        assert p["high"] == 1.0
         layer = next(lay for lay in prof["layers"] if lay["name"] == p["name"])
         n, m = layer["shape"]
-        r_high = kept(p["high"], p["size"])
-        assert r_high * (m + n) >= n * m  # at high: the dense layer
-        assert (r_high - 1) * (m + n) < n * m  # one rank below: a cheaper factorization
-        out = comp.apply({q["name"]: (q["high"] if q is p else THETA_MIN) for q in prof["params"]})
-        assert isinstance(out.get_submodule(p["name"]), nn.Linear)
+        r_dense = kept(p["dense_from"] + 1e-9, p["size"])
+        assert r_dense * (m + n) >= n * m  # at dense_from: the dense layer
+        assert (r_dense - 1) * (m + n) < n * m  # one rank below: a cheaper factorization
+        for t in (p["dense_from"] + 1e-9, 0.5 * (1 + p["dense_from"]), 1.0):
+            theta = {q["name"]: (t if q is p else THETA_MIN) for q in prof["params"]}
+            out = comp.apply(theta)
+            assert isinstance(out.get_submodule(p["name"]), nn.Linear)
+            assert ratio(prof, theta) == comp.count_params(out) / prof["totals"]["params"]
+    for which in ("tucker2", "magnitude", "mapping"):
+        assert all(p["high"] == 1.0 and 0 < p["dense_from"] <= 1.0 for p in compressors[which].profile()["params"])
 
 
 def test_mapping_builds_a_composite(compressors: dict) -> None:

@@ -7,17 +7,21 @@ A method's module is imported only when that method is asked for, so a missing o
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib
 from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
+from bocompress.schemas import split_layer_patterns
 from worker.methods.base import (
     TYPE_CLASSES,
     CompositeCompressor,
     CompressionError,
     Compressor,
+    CompressorOptions,
     CostMismatch,
     LayerwiseCompressor,
     NoLayerMatched,
@@ -28,6 +32,7 @@ __all__ = [
     "METHOD_MODULES",
     "STRUCTURAL_METHODS",
     "Compressor",
+    "CompressorOptions",
     "CompositeCompressor",
     "CompressionError",
     "CostMismatch",
@@ -97,9 +102,10 @@ def get_compressor_class(method: str) -> type[Compressor]:
 def build_compressor(
     model: nn.Module,
     method: str | Mapping[str, str],
-    layer_patterns: list[str],
+    layer_patterns: Any,
     theta_min: float,
     example_input: Tensor,
+    options: CompressorOptions | None = None,
 ) -> Compressor:
     """Build the compressor of a job: one method, or one per layer type combined.
 
@@ -107,21 +113,36 @@ def build_compressor(
         model: the trained network (not modified).
         method: a method name, or a mapping layer type -> method name, e.g.
             ``{"Conv2d": "tucker2", "Linear": "svd"}``.
-        layer_patterns: fnmatch globs over module names; each must match a compressible layer.
+        layer_patterns: the job's ``compression.layers``: fnmatch globs over module names (each
+            must match a compressible layer), where ``"!glob"`` excludes; or
+            ``{"include": [...], "exclude": [...]}``. Excluded layers get no search parameter and
+            stay dense; an exclude pattern must match some module of the model.
         theta_min: the lowest theta searched.
         example_input: ``batch x input shape``, to trace spatial sizes and FLOPs.
+        options: the job's cost kind, calibration inputs, least-squares switch
+            (:class:`CompressorOptions`); the exclusions found in ``layer_patterns`` are added.
 
     Returns:
         A :class:`Compressor` (a :class:`CompositeCompressor` when a mapping names several methods).
 
     Raises:
-        NoLayerMatched: a pattern matches no layer that its method can compress.
+        NoLayerMatched: a pattern matches no layer that its method can compress, or an exclude
+            pattern matches no module.
         CompressionError: unknown method or type, or channel pruning mixed with another method.
     """
-    if isinstance(layer_patterns, str):
-        layer_patterns = [layer_patterns]
+    try:
+        include, exclude = split_layer_patterns(layer_patterns)
+    except ValueError as exc:
+        raise CompressionError(str(exc)) from exc
+    names = [n for n, _ in model.named_modules() if n]
+    stray = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if stray:
+        raise NoLayerMatched(f"exclude pattern(s) {stray} match no module of the model", stray, method)
+    options = options or CompressorOptions()
+    options = dataclasses.replace(options, exclude=tuple(dict.fromkeys([*options.exclude, *exclude])))
+    layer_patterns = include
     if isinstance(method, str):
-        return get_compressor_class(method)(model, list(layer_patterns), theta_min, example_input, method)
+        return get_compressor_class(method)(model, list(layer_patterns), theta_min, example_input, method, options)
     mapping = dict(method)
     if not mapping:
         raise CompressionError("the method mapping is empty")
@@ -132,7 +153,7 @@ def build_compressor(
             raise CompressionError(f"method mapping {k!r}: unknown method {v!r}; known: {sorted(METHOD_MODULES)}")
     methods = list(dict.fromkeys(mapping.values()))
     if len(methods) == 1:
-        return get_compressor_class(methods[0])(model, list(layer_patterns), theta_min, example_input, mapping)
+        return get_compressor_class(methods[0])(model, list(layer_patterns), theta_min, example_input, mapping, options)
     structural = [m for m in methods if m in STRUCTURAL_METHODS]
     if structural:
         raise CompressionError(
@@ -154,7 +175,7 @@ def build_compressor(
             raise CompressionError(f"method {meth!r} cannot be combined with others in a mapping")
         try:
             with lenient_patterns():
-                parts.append(cls(model, pats, theta_min, example_input, mapping))
+                parts.append(cls(model, pats, theta_min, example_input, mapping, options))
         except NoLayerMatched:
             continue
     covered = [n for part in parts for n in part.plans]

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bocompress.costs import kept
 from bocompress.schemas import ProfileReport
+from worker import batch as B
 
 __all__ = [
     "CompressionError",
@@ -54,7 +55,11 @@ __all__ = [
     "theta_value",
     "set_submodule",
     "eval_mode",
-    "rank_search",
+    "break_even",
+    "signal_grid",
+    "importance_curves",
+    "signals_dict",
+    "CompressorOptions",
     "lenient_patterns",
     "check_patterns",
     "form",
@@ -108,6 +113,33 @@ class CostMismatch(CompressionError):
         self.exact = exact
 
 
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class CompressorOptions:
+    """What a job tells a compressor beyond the method, the layers and theta_min.
+
+    Attributes:
+        cost_kind: the job's cost (``params``, ``flops``...). A factorized layer is left dense
+            where its factorization is no cheaper in THIS cost, so the job's cost form is exact
+            for every theta in [theta_min, 1] (see :func:`break_even`).
+        exclude: fnmatch globs of layers never compressed (no search parameter; left dense).
+        calib_inputs: calibration inputs (``N x ...`` or a dict batch) for data-aware steps (the
+            least-squares corrections); None: the example input.
+        ls_correction: least-squares reconstruction after compressing; None: the method's default.
+        n_points: sampled output positions per layer for the least squares.
+        seed: seed of that sampling.
+    """
+
+    cost_kind: str = "params"
+    exclude: tuple[str, ...] = ()
+    calib_inputs: Any = None
+    ls_correction: bool | None = None
+    n_points: int = 2000
+    seed: int = 0
+
+
 # --------------------------------------------------------------------------- the protocol
 
 
@@ -139,6 +171,7 @@ class Compressor(ABC):
         theta_min: float,
         example_input: Tensor,
         method_map: str | dict[str, str],
+        options: CompressorOptions | None = None,
     ) -> None:
         if isinstance(layer_patterns, str):
             layer_patterns = [layer_patterns]
@@ -151,6 +184,20 @@ class Compressor(ABC):
         self.theta_min = float(theta_min)
         self.example_input = example_input
         self.method_map = method_map
+        self.options = options or CompressorOptions()
+        self.exclude = list(self.options.exclude)
+
+    def excluded(self, name: str) -> bool:
+        """Whether module ``name`` matches one of the job's exclude patterns."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """Names of the modules ``apply(theta)`` changes (default: every layer of the table).
+
+        The BatchNorm re-estimation after compressing resets only the BatchNorm layers that run
+        after the first changed module, so an unchanged model is measured as it is.
+        """
+        return [lay["name"] for lay in self.profile()["layers"]]
 
     @abstractmethod
     def profile(self) -> dict:
@@ -207,10 +254,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
-def _batch_size(inputs: Tensor) -> int:
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise CompressionError(f"inputs must be a non-empty batch, got shape {tuple(inputs.shape)}")
-    return int(inputs.shape[0])
+def _batch_size(inputs: B.Batch) -> int:
+    try:
+        n = B.n_samples(inputs)
+    except B.BatchError as exc:
+        raise CompressionError(f"inputs must be a non-empty batch: {exc}") from exc
+    if n == 0:
+        raise CompressionError("inputs must be a non-empty batch, got 0 samples")
+    return n
 
 
 def measure_flops(module: nn.Module, inputs: Tensor) -> float:
@@ -226,7 +277,7 @@ def measure_flops(module: nn.Module, inputs: Tensor) -> float:
     b = _batch_size(inputs)
     counter = FlopCounterMode(display=False)
     with eval_mode(module), torch.no_grad(), counter:
-        module(inputs)
+        B.call(module, inputs)
     return float(counter.get_total_flops()) / b
 
 
@@ -291,7 +342,7 @@ def trace_layers(model: nn.Module, example_input: Tensor, names: Sequence[str]) 
     counter = FlopCounterMode(display=False)
     try:
         with eval_mode(model), torch.no_grad(), counter:
-            model(example_input)
+            B.call(model, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -395,66 +446,109 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def rank_search(
+def break_even(
     sizes: Sequence[int],
     cost: Callable[[tuple[int, ...]], tuple[float, float]],
     dense: tuple[float, float],
     theta_min: float,
-) -> tuple[float, bool] | str:
-    """The useful theta range of a factorized layer, and whether its FLOPs form may be capped.
+    rule: str = "params",
+) -> tuple[float, dict[str, bool]] | str:
+    """Where a factorized layer stops saving, for a search range of [theta_min, 1] ("leave it dense").
 
-    The layer's ranks are ``kept(theta, s)`` for each ``s`` in ``sizes``; the factorization is used
-    only where it has fewer parameters than the dense layer (``cost(ranks)[0] < dense[0]``), so the
-    ``params`` form ``min(terms, cap=dense)`` is exact for every theta. The ``flops`` form with the
-    same cap is exact for every theta only if, for every rank tuple, ``min(fact, dense)`` equals
-    the FLOPs actually run (true whenever a layer's input and output spatial sizes agree); when it
-    is not, the flops form is left uncapped and the search range stops at the last rank tuple that
-    factorizes, so it is exact over the searched range.
+    The layer's ranks are ``kept(theta, s)`` for each ``s`` in ``sizes``. It is factorized only
+    where that is cheaper than the dense layer in the ``rule`` cost (the job's cost kind:
+    ``params`` or ``flops``), and left dense from there on (costs grow with the ranks, so the
+    dense thetas are ``[dense_from, 1]``). The ``rule`` form ``min(terms, cap=dense)`` is then
+    exact for every theta. The other kind's capped form is exact too whenever, for every rank
+    tuple, "cheaper in params" and "cheaper in flops" agree (true when a layer's input and output
+    spatial sizes agree); where they do not (a strided k x k conv under tucker2), the other kind
+    is exact outside a narrow band of theta below the break-even, and ``exact[kind]`` says so.
 
     Args:
         sizes: the counts theta multiplies (e.g. ``[c_in, c_out]``).
         cost: rank tuple -> ``(params, flops)`` of the factorized layer.
         dense: ``(params, flops)`` of the dense layer.
         theta_min: the lowest theta searched.
+        rule: ``params`` or ``flops``: which cost decides "cheaper".
 
     Returns:
-        ``(high, cap_flops)``: ``high`` is the smallest point of the ``1/max(sizes)`` grid whose
-        ranks are no cheaper than dense (so ``[theta_min, high]`` reaches the dense layer and
-        nothing changes beyond), or with an uncapped flops form the last grid point that still
-        factorizes. A string (the reason) when no theta in ``[theta_min, high)`` saves anything.
+        ``(dense_from, exact)``: the smallest theta at which the layer is left dense (a rank
+        breakpoint; 1.0 when only full rank is) and ``{"params": bool, "flops": bool}``, whether
+        each capped form is exact for every theta. A string (the reason) when the factorization
+        saves nothing at theta_min.
     """
+    d = 1 if rule == "flops" else 0
+
     def ranks(theta: float) -> tuple[int, ...]:
         return tuple(kept(theta, s) for s in sizes)
 
     def cheap(r: tuple[int, ...]) -> bool:
-        return cost(r)[0] < dense[0]
+        return cost(r)[d] < dense[d]
 
     # Every rank tuple reachable: at 0, 1, each breakpoint and between consecutive breakpoints.
     bps = sorted({(j + 0.5) / s for s in sizes for j in range(1, s)})
     probes = [0.0, 1.0, *bps] + [(a + b) / 2 for a, b in zip(bps, bps[1:])]
-    consistent = True
+    exact = {"params": True, "flops": True}
     for t in probes:
         r = ranks(t)
-        fp, ff = cost(r)
-        actual = ff if fp < dense[0] else dense[1]
-        if min(ff, dense[1]) != actual:
-            consistent = False
-            break
-    big = max(sizes)
-    first_dense = next((k for k in range(1, big + 1) if not cheap(ranks(k / big))), None)
-    if first_dense is None:  # cheaper even at full rank (cannot happen for svd/tucker2, kept for safety)
-        high, cap_flops = 1.0, consistent
-    elif consistent:
-        high, cap_flops = first_dense / big, True
-    else:
-        if first_dense <= 1:
-            return "the factorization never has fewer parameters than the dense layer"
-        high, cap_flops = (first_dense - 1) / big, False
+        c = cost(r)
+        is_cheap = cheap(r)
+        for i, kind in enumerate(("params", "flops")):
+            actual = c[i] if is_cheap else dense[i]
+            if min(c[i], dense[i]) != actual:
+                exact[kind] = False
     if not cheap(ranks(theta_min)):
-        return f"the factorization has no fewer parameters than the dense layer at theta_min={theta_min}"
-    if high <= theta_min:
-        return f"the factorization saves parameters only below theta_min={theta_min}"
-    return high, cap_flops
+        return f"the factorization is no cheaper ({rule}) than the dense layer even at theta_min={theta_min}"
+    # ranks just past a breakpoint (a breakpoint itself may round either way in floating point)
+    dense_from = next((b for b in bps if b > theta_min and not cheap(ranks(b + 1e-12))), 1.0)
+    return float(min(dense_from, 1.0)), exact
+
+
+def signal_grid(theta_min: float, points: int = 33) -> list[float]:
+    """The theta grid of the allocator signals: ``points`` evenly spaced values in [theta_min, 1], ending at 1.0."""
+    k = points - 1
+    grid = [theta_min + (1.0 - theta_min) * i / k for i in range(k)] + [1.0]
+    return [float(x) for x in grid]
+
+
+def importance_curves(values_desc: Tensor, kept_counts: Sequence[int]) -> tuple[list[float], list[float]]:
+    """Energy kept and the LAMP score of the first unit removed, for several kept counts.
+
+    Args:
+        values_desc: ``n`` non-negative unit importances (sigma^2, w^2, a group score), largest first.
+        kept_counts: how many of the largest units are kept, one per grid point (``n``: all).
+
+    Returns:
+        ``(energy, lamp)``: ``energy[k] = sum(v[:c]) / sum(v)`` (1.0 when ``c = n``) and
+        ``lamp[k] = v[c] / sum(v[:c + 1])`` (LAMP, Lee et al. 2021: a unit's importance relative to
+        every unit at least as important; 0.0 when nothing is removed). Made monotone over the
+        grid (energy non-decreasing, lamp non-increasing) against float rounding.
+    """
+    v = values_desc.detach().to("cpu", torch.float64).clamp_min(0).flatten()
+    n = v.numel()
+    csum = torch.cumsum(v, 0)
+    total = float(csum[-1]) if n else 0.0
+    energy, lamp = [], []
+    for c in kept_counts:
+        c = int(min(max(c, 0), n))
+        if c >= n:
+            energy.append(1.0)
+            lamp.append(0.0)
+            continue
+        energy.append(float(csum[c - 1]) / total if c > 0 and total > 0 else 0.0)
+        denom = float(csum[c])
+        lamp.append(float(v[c]) / denom if denom > 0 else 0.0)
+    for i in range(1, len(energy)):
+        energy[i] = max(energy[i], energy[i - 1])
+        lamp[i] = min(lamp[i], lamp[i - 1])
+    return energy, lamp
+
+
+def signals_dict(grid: Sequence[float], energy: Sequence[float], lamp: Sequence[float]) -> dict[str, list[float]]:
+    """A LayerSignals dict; the last point (theta = 1) keeps everything: energy 1, lamp 0."""
+    e, s = [float(x) for x in energy], [float(x) for x in lamp]
+    e[-1], s[-1] = 1.0, 0.0
+    return {"grid": [float(t) for t in grid], "energy": e, "lamp": s}
 
 
 # --------------------------------------------------------------------------- layer-wise methods
@@ -506,19 +600,29 @@ class LayerwiseCompressor(Compressor):
         theta_min: float,
         example_input: Tensor,
         method_map: str | dict[str, str],
+        options: CompressorOptions | None = None,
     ) -> None:
-        super().__init__(model, layer_patterns, theta_min, example_input, method_map)
+        super().__init__(model, layer_patterns, theta_min, example_input, method_map, options)
         types = method_types(self.method, method_map, self.supported)
         candidates = select_modules(model, self.layer_patterns, types)
+        self.skipped: dict[str, str] = {}
+        for name, _ in candidates:
+            if self.excluded(name):
+                self.skipped[name] = "excluded by the job's layer patterns (left dense)"
+        candidates = [(n, m) for n, m in candidates if n not in self.skipped]
         self.traces, flops_total = trace_layers(model, example_input, [n for n, _ in candidates])
         self.plans: dict[str, LayerPlan] = {}
-        self.skipped: dict[str, str] = {}
+        self.grid = signal_grid(self.theta_min)
         for name, mod in candidates:
             with torch.no_grad():
                 plan = self.plan_layer(name, mod, self.traces[name])
             if isinstance(plan, str):
                 self.skipped[name] = plan
             else:
+                with torch.no_grad():
+                    energy, lamp = self.layer_curves(plan, self.grid)
+                plan.info["signals"] = signals_dict(self.grid, energy, lamp)
+                plan.param.setdefault("dense_from", 1.0)
                 self.plans[name] = plan
         check_patterns(self.layer_patterns, list(self.plans), method_map, self.skipped)
         self.totals: dict[str, float] = {
@@ -553,6 +657,18 @@ class LayerwiseCompressor(Compressor):
         ``module`` is the layer in the copy being compressed (same weights as the original); a
         method may modify it in place and return it.
         """
+
+    @abstractmethod
+    def layer_curves(self, plan: LayerPlan, grid: Sequence[float]) -> tuple[list[float], list[float]]:
+        """``(energy, lamp)`` of one layer over ``grid`` (see :class:`bocompress.schemas.LayerSignals`)."""
+
+    def layer_changed(self, plan: LayerPlan, theta: float) -> bool:
+        """Whether ``compress_layer`` changes the layer at ``theta`` (default: unless theta keeps all)."""
+        return float(theta) < float(plan.param.get("dense_from") or 1.0)
+
+    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """The planned layers that ``apply(theta)`` changes."""
+        return [n for n, p in self.plans.items() if self.layer_changed(p, theta_value(theta, p.param["name"]))]
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -612,7 +728,7 @@ class CompositeCompressor(Compressor):
         if not parts:
             raise CompressionError("a composite compressor needs at least one part")
         first = parts[0]
-        super().__init__(model, first.layer_patterns, first.theta_min, first.example_input, dict(method_map))
+        super().__init__(model, first.layer_patterns, first.theta_min, first.example_input, dict(method_map), first.options)
         self.parts = list(parts)
         profiles = [p.profile() for p in self.parts]
         names: set[str] = set()
@@ -642,6 +758,10 @@ class CompositeCompressor(Compressor):
     def profile(self) -> dict:
         """The merged layer table of all parts."""
         return copy.deepcopy(self._profile)
+
+    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """The layers any part changes."""
+        return [n for part in self.parts for n in part.changed_layers(theta)]
 
     def apply(self, theta: dict[str, float]) -> nn.Module:
         """A deep copy of the model compressed by every part in turn."""

@@ -35,16 +35,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
+from worker import batch as B
 from worker.methods.base import (
     TYPE_CLASSES,
     CompressionError,
     Compressor,
+    CompressorOptions,
     CostMismatch,
     check_patterns,
     eval_mode,
+    importance_curves,
     method_types,
+    signal_grid,
+    signals_dict,
     theta_value,
 )
+from worker.methods.lsq import Site, refit_in_forward, sample_sites, site_problem
 
 __all__ = [
     "ChannelAnalysis",
@@ -58,6 +64,11 @@ __all__ = [
     "group_l1_importance",
     "prune_plan",
 ]
+
+#: Least-squares correction of the pruned layers' consumers on by default (see docs/proxy.md).
+DEFAULT_LS = True
+#: Calibration samples the least-squares correction samples positions from.
+LS_SAMPLES = 256
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -160,10 +171,16 @@ class ChannelAnalysis:
     output_layers: list[str]
 
 
-def _one_sample(example_input: Tensor) -> Tensor:
-    if not isinstance(example_input, Tensor) or example_input.dim() == 0:
-        raise CompressionError("example_input must be a tensor with a leading batch dimension")
-    return example_input[:1]
+def _one_sample(example_input: B.Batch) -> B.Batch:
+    try:
+        B.n_samples(example_input)
+    except B.BatchError as exc:
+        raise CompressionError(f"example_input must have a leading batch dimension: {exc}") from exc
+    return B.head(example_input, 1)
+
+
+def _shape(x: B.Batch) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else {k: tuple(v.shape) for k, v in x.items()}
 
 
 def _dim_size(module: nn.Module, dim: str) -> int | None:
@@ -242,9 +259,9 @@ def analyze_channel_groups(model: nn.Module, example_input: Tensor) -> ChannelAn
         with torch.no_grad():
             flop_counter = FlopCounterMode(display=False)
             with flop_counter:
-                out = work(x)
+                out = B.call(work, x)
     except Exception as exc:  # the model's own error, reported with context
-        raise CompressionError(f"the model failed on example_input of shape {tuple(x.shape)}: {exc}") from exc
+        raise CompressionError(f"the model failed on example_input of shape {_shape(x)}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -606,13 +623,37 @@ class ChannelCompressorBase(Compressor):
         self._skipped: dict[str, str] = {}
         self._matchable: list[str] = []
 
+    def _excluded_group(self, g: ChannelGroup) -> list[str]:
+        """The Conv/Linear layers of ``g`` that the job excludes (pruning ``g`` would change them)."""
+        if not self.exclude:
+            return []
+        out = []
+        for n in dict.fromkeys(g.member_modules()):
+            if isinstance(self.model.get_submodule(n), _CONV | nn.Linear) and self.excluded(n):
+                out.append(n)
+        return out
+
+    def group_scores(self, g: ChannelGroup) -> Tensor:
+        """Importance of each channel of a searchable group (the signals' unit scores); L1 norms by default."""
+        return group_l1_importance(self.model, g)
+
     def _finish_profile(self) -> None:
         """Check the patterns, build and validate the layer table, and check it on a pruned copy."""
         check_patterns(self.layer_patterns, self._matchable, self.method_map, self._skipped)
         layers, totals = build_cost_table(self.model, self._analysis, self._groups, self.method, self.count_params)
+        grid = signal_grid(self.theta_min)
+        rows = {lay["name"]: lay for lay in layers}
+        for g in self._groups:
+            scores = torch.sort(self.group_scores(g).to(torch.float64), descending=True).values
+            energy, lamp = importance_curves(scores, [kept(t, g.size) for t in grid])
+            if g.name in rows:
+                rows[g.name]["signals"] = signals_dict(grid, energy, lamp)
         report = {
             "layers": layers,
-            "params": [{"name": g.name, "low": self.theta_min, "high": 1.0, "size": g.size} for g in self._groups],
+            "params": [
+                {"name": g.name, "low": self.theta_min, "high": 1.0, "size": g.size, "dense_from": 1.0}
+                for g in self._groups
+            ],
             "totals": totals,
             "model_info": {
                 "class": type(self.model).__name__,
@@ -648,6 +689,11 @@ class ChannelCompressorBase(Compressor):
     def _kept(self, theta: Mapping[str, float]) -> dict[str, int]:
         return {g.name: kept(theta_value(theta, g.name), g.size) for g in self._groups}
 
+    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
+        """Every module a group pruned at ``theta`` touches (its producers, norms and consumers)."""
+        ks = self._kept(theta)
+        return list(dict.fromkeys(m for g in self._groups if ks[g.name] < g.size for m in g.member_modules()))
+
     def _check_structure(self, seed: int = 0) -> None:
         """Prune (first channels) at a random theta; the measured size must equal the forms'."""
         rng = random.Random(seed)
@@ -681,7 +727,7 @@ class ChannelCompressorBase(Compressor):
         mods = {n: module.get_submodule(n) for n in names}
         if kind == "channels":
             return float(sum(_dim_size(m, "out") or 0 for m in mods.values()))
-        batch = int(inputs.shape[0])
+        batch = B.n_samples(inputs)
         volume = [0]
 
         def hook(m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
@@ -690,7 +736,7 @@ class ChannelCompressorBase(Compressor):
         handles = [m.register_forward_hook(hook) for m in mods.values()]
         try:
             with eval_mode(module), torch.no_grad():
-                module(inputs)
+                B.call(module, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -731,15 +777,20 @@ class ChannelL1Compressor(ChannelCompressorBase):
         theta_min: float,
         example_input: Tensor,
         method_map: str | dict[str, str] = "channel_l1",
+        options: CompressorOptions | None = None,
     ) -> None:
-        super().__init__(model, layer_patterns, theta_min, example_input, method_map)
+        super().__init__(model, layer_patterns, theta_min, example_input, method_map, options)
         self._setup(model, example_input)
         for g in self._analysis.groups:
             typed = [n for n in g.out_layers if _is_type(model.get_submodule(n), self._types)]
             matched = [n for n in typed if match_any(n, self.layer_patterns)]
             if not matched:
                 continue
-            if g.touches_output:
+            excluded = self._excluded_group(g)
+            if excluded:
+                for n in matched:
+                    self._skipped[n] = f"excluded by the job's layer patterns (its group touches {excluded}; left dense)"
+            elif g.touches_output:
                 for n in matched:
                     self._skipped[n] = "its output channels are the model's outputs"
             elif g.problem:
@@ -750,6 +801,25 @@ class ChannelL1Compressor(ChannelCompressorBase):
                 self._matchable.extend(typed)
         self._order = {g.name: torch.argsort(-group_l1_importance(model, g), stable=True) for g in self._groups}
         self._finish_profile()
+        self.ls_correction = bool(DEFAULT_LS if self.options.ls_correction is None else self.options.ls_correction)
+        self._sites: dict[str, Site] | None = None
+
+    def _refit_sites(self) -> dict[str, Site]:
+        """The consumers of searchable groups that least squares can refit, sampled once (lazily)."""
+        if self._sites is None:
+            calls = self._analysis.calls
+            names = []
+            for g in self._groups:
+                for m in g.members:
+                    mod = self.model.get_submodule(m.module)
+                    if (m.dim == "in" and not site_problem(mod) and len(calls.get(m.module, ModuleCalls()).out_shapes) == 1
+                            and m.module not in names):
+                        names.append(m.module)
+            inputs = self.options.calib_inputs if self.options.calib_inputs is not None else self.example_input
+            inputs = B.head(inputs, min(B.n_samples(inputs), LS_SAMPLES))
+            self._ls_inputs = inputs
+            self._sites = sample_sites(self.model, names, inputs, self.options.n_points, self.options.seed)
+        return self._sites
 
     def importance_order(self, name: str) -> Tensor:
         """Group ``name``'s channels, most important (largest filter L1 norm) first."""
@@ -766,7 +836,36 @@ class ChannelL1Compressor(ChannelCompressorBase):
         """
         ks = self._kept(theta)
         plan = prune_plan((g, self._order[g.name][ks[g.name] :].tolist()) for g in self._groups)
-        return execute_prune_plan(copy.deepcopy(self.model), plan)
+        pruned = execute_prune_plan(copy.deepcopy(self.model), plan)
+        if self.ls_correction and plan:
+            self.reconstruct(pruned, plan)
+        return pruned
+
+    def reconstruct(self, pruned: nn.Module, plan: Mapping[tuple[str, str], tuple[GroupMember, list[int]]]) -> list[str]:
+        """Refit, by least squares, each consumer whose input channels were removed (He et al.'s step 2).
+
+        The refit layer reproduces the original network's output (its kept output channels) from
+        the inputs it now receives, layer after layer in forward order (:mod:`worker.methods.lsq`).
+
+        Returns:
+            The names of the refitted layers.
+        """
+        sites = self._refit_sites()
+        cut_in = {name for (name, _), (m, idxs) in plan.items() if m.dim == "in" and idxs}
+        removed_out: dict[str, set[int]] = {}
+        for (name, _), (m, idxs) in plan.items():
+            if m.dim == "out" and idxs:
+                removed_out.setdefault(name, set()).update(idxs)
+        todo = {n: s for n, s in sites.items() if n in cut_in}
+
+        def out_keep(name: str) -> Tensor | None:
+            gone = removed_out.get(name)
+            if not gone:
+                return None
+            size = self._analysis.dim_sizes[(name, "out")]
+            return torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+
+        return refit_in_forward(pruned, todo, self._ls_inputs, out_keep)
 
 
 def with_name(group: ChannelGroup, name: str) -> ChannelGroup:

@@ -35,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bocompress.costs import kept
-from worker.methods.base import CompressionError, eval_mode, theta_value
+from worker import batch as B
+from worker.methods.base import CompressionError, CompressorOptions, eval_mode, theta_value
+from worker.methods.lsq import PatchStats, Stop, conv_patches, refit
 from worker.methods.channel_l1 import (
     _BN,
     _PER_CHANNEL,
@@ -68,6 +69,8 @@ __all__ = [
 
 #: Default number of sampled output positions per layer (the LASSO and the least squares).
 DEFAULT_POINTS = 2000
+#: Calibration samples the positions are drawn from (and that each trial's forward pass runs on).
+CALIB_SAMPLES = 256
 
 
 # --------------------------------------------------------------------------- baselines
@@ -121,72 +124,6 @@ def relative_error(pred: Tensor, target: Tensor) -> float:
 # --------------------------------------------------------------------------- sampling
 
 
-def conv_patches(conv: nn.Conv2d, x: Tensor, b: Tensor, oh: Tensor, ow: Tensor) -> Tensor:
-    """The input volumes a convolution sees at some output positions.
-
-    Args:
-        conv: the convolution (zero padding, ``groups == 1``).
-        x: its input, ``batch x in_channels x H x W``.
-        b: sample image indices, ``N`` (long).
-        oh: output rows, ``N`` (long).
-        ow: output columns, ``N`` (long).
-
-    Returns:
-        ``N x in_channels x (kh * kw)``: ``conv(x)[b, :, oh, ow] == einsum(patches, weight) + bias``.
-    """
-    kh, kw = conv.kernel_size
-    ph, pw = conv.padding
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    c = x.shape[1]
-    xp = F.pad(x, (pw, pw, ph, ph))
-    hp, wp = xp.shape[2], xp.shape[3]
-    rows = xp.permute(0, 2, 3, 1).reshape(-1, c)  # (B Hp Wp) x c
-    base = (b * hp + oh * sh) * wp + ow * sw  # top-left corner of each window
-    taps = torch.tensor([i * dh * wp + j * dw for i in range(kh) for j in range(kw)], device=x.device)
-    idx = (base.to(x.device)[:, None] + taps[None, :]).reshape(-1)
-    return rows.index_select(0, idx).reshape(b.numel(), kh * kw, c).transpose(1, 2)
-
-
-@dataclass
-class PatchStats:
-    """Sufficient statistics of sampled input volumes ``X`` (``N x c*q``) and outputs ``Y`` (``N x n``).
-
-    Both the selection LASSO and the least-squares refit need only these, so one pass over the
-    samples serves both. All float64.
-
-    Attributes:
-        xx: ``cq x cq``, ``X'X`` (channel-major: column ``i*q + t`` is channel ``i``, tap ``t``).
-        xy: ``cq x n``, ``X'Y``.
-        xs: ``cq``, column sums of ``X`` (for a bias).
-        ys: ``n``, column sums of ``Y``.
-        count: ``N``.
-        channels: ``c``.
-        taps: ``q = kh * kw``.
-    """
-
-    xx: Tensor
-    xy: Tensor
-    xs: Tensor
-    ys: Tensor
-    count: int
-    channels: int
-    taps: int
-
-    @classmethod
-    def of(cls, patches: Tensor, target: Tensor) -> "PatchStats":
-        """Statistics of ``patches`` (``N x c x q``) and ``target`` (``N x n``)."""
-        n_s, c, q = patches.shape
-        X = patches.reshape(n_s, c * q).to(torch.float64)
-        Y = target.to(torch.float64)
-        return cls(xx=X.T @ X, xy=X.T @ Y, xs=X.sum(0), ys=Y.sum(0), count=n_s, channels=c, taps=q)
-
-    def columns(self, keep: Tensor) -> Tensor:
-        """The ``X`` columns of the kept channels."""
-        q = self.taps
-        return (keep.to(self.xx.device)[:, None] * q + torch.arange(q, device=self.xx.device)).reshape(-1)
-
-
 def selection_problem(stats: PatchStats, weight: Tensor, bias: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations of the channel-selection LASSO, from the patch statistics.
 
@@ -212,37 +149,6 @@ def selection_problem(stats: PatchStats, weight: Tensor, bias: Tensor | None) ->
     r = (xy * w.T).reshape(c, q * n).sum(dim=1)
     scale = float(stats.count * n)
     return (G / scale).cpu().numpy(), (r / scale).cpu().numpy()
-
-
-def refit(stats: PatchStats, keep: Tensor, with_bias: bool, ridge: float = 1e-6) -> tuple[Tensor, Tensor | None]:
-    """Least squares for the kept part of a layer's weight (and bias), from the statistics.
-
-    Args:
-        stats: statistics of the layer's sampled inputs and original outputs.
-        keep: kept input channels (``k`` indices).
-        with_bias: also fit a bias (only when the layer has one).
-        ridge: Tikhonov weight relative to the mean diagonal of ``X'X`` (keeps the solve stable
-            when ``N < k q`` or channels are collinear).
-
-    Returns:
-        ``(weight, bias)``: ``n x k x q`` and ``n`` (or None), float32.
-    """
-    cols = stats.columns(keep)
-    A = stats.xx[cols][:, cols]
-    B = stats.xy[cols]
-    if with_bias:
-        top = torch.cat([A, stats.xs[cols, None]], dim=1)
-        corner = torch.tensor([[float(stats.count)]], dtype=A.dtype, device=A.device)
-        A = torch.cat([top, torch.cat([stats.xs[None, cols], corner], dim=1)], dim=0)
-        B = torch.cat([B, stats.ys[None, :]], dim=0)
-    A = A.clone()
-    lam = ridge * float(A.diagonal().mean().clamp_min(1e-300))
-    A.diagonal().add_(lam)
-    sol = torch.linalg.solve(A, B)  # (kq [+1]) x n
-    kq = cols.numel()
-    w = sol[:kq].T.reshape(-1, keep.numel(), stats.taps).to(torch.float32)
-    bias = sol[kq].to(torch.float32) if with_bias else None
-    return w, bias
 
 
 def _nonneg_lasso(G: np.ndarray, r: np.ndarray, alphas: np.ndarray, max_sweeps: int, tol: float) -> np.ndarray:
@@ -398,10 +304,6 @@ class _LayerCache:
 _KEEP_STATS_UP_TO = 2048
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the last layer of interest has run."""
-
-
 class ChannelLassoCompressor(ChannelCompressorBase):
     """He et al. 2017 channel pruning: LASSO channel selection + least-squares reconstruction.
 
@@ -434,25 +336,34 @@ class ChannelLassoCompressor(ChannelCompressorBase):
         theta_min: float,
         example_input: Tensor,
         method_map: str | dict[str, str] = "channel_lasso",
+        options: CompressorOptions | None = None,
         *,
         calib_inputs: Tensor | None = None,
-        n_points: int = DEFAULT_POINTS,
-        seed: int = 0,
+        n_points: int | None = None,
+        seed: int | None = None,
     ) -> None:
-        super().__init__(model, layer_patterns, theta_min, example_input, method_map)
+        super().__init__(model, layer_patterns, theta_min, example_input, method_map, options)
+        n_points = DEFAULT_POINTS if n_points is None else n_points
         if n_points < 1:
             raise CompressionError(f"n_points must be >= 1, got {n_points}")
         self._setup(model, example_input)
+        if calib_inputs is None:
+            calib_inputs = self.options.calib_inputs
+        if calib_inputs is not None:
+            calib_inputs = B.head(calib_inputs, min(B.n_samples(calib_inputs), CALIB_SAMPLES))
         self.calib_inputs = example_input if calib_inputs is None else calib_inputs
         self.n_points = int(n_points)
-        self.seed = int(seed)
+        self.seed = int(self.options.seed if seed is None else seed)
         rank = {n: i for i, n in enumerate(self._analysis.order)}
         found: list[tuple[str, str, ChannelGroup]] = []
         for g in self._analysis.groups:
             for consumer, problem in self._consumers(g):
                 if not match_any(consumer, self.layer_patterns):
                     continue
-                if problem:
+                touched = [consumer, *g.out_layers]
+                if any(self.excluded(n) for n in touched):
+                    self._skipped[consumer] = "excluded by the job's layer patterns (it or its producer; left dense)"
+                elif problem:
                     self._skipped[consumer] = problem
                 else:
                     found.append((consumer, g.out_layers[0], g))
@@ -543,7 +454,7 @@ class ChannelLassoCompressor(ChannelCompressorBase):
             handles.append(mod.register_forward_hook(hook))
         try:
             with eval_mode(self.model), torch.no_grad():
-                self.model(x)
+                B.call(self.model, x)
         except Exception as exc:
             raise CompressionError(f"channel_lasso: the model failed on the calibration inputs: {exc}") from exc
         finally:
@@ -552,6 +463,15 @@ class ChannelLassoCompressor(ChannelCompressorBase):
         missing = [c for c in byname if c not in self._layers]
         if missing:
             raise CompressionError(f"channel_lasso: layers {missing} did not run on the calibration inputs")
+
+    def group_scores(self, g: ChannelGroup) -> Tensor:
+        """Each input channel's contribution energy to the layer's output on the calibration samples.
+
+        ``|X_i W_i'|^2``: the diagonal of the selection LASSO's Gram matrix.
+        """
+        conv = self.model.get_submodule(g.name)
+        G, _ = selection_problem(self._original_stats(g.name), conv.weight, conv.bias)
+        return torch.from_numpy(np.ascontiguousarray(np.diag(G)))
 
     def _original_stats(self, name: str) -> PatchStats:
         cache = self._layers[name]
@@ -622,14 +542,14 @@ class ChannelLassoCompressor(ChannelCompressorBase):
             return hook
 
         def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
-            raise _Stop
+            raise Stop
 
         handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n, i == 0)) for i, n in enumerate(todo)]
         handles.append(model.get_submodule(todo[-1]).register_forward_hook(stop))
         try:
             with eval_mode(model), torch.no_grad():
-                model(self.calib_inputs)
-        except _Stop:
+                B.call(model, self.calib_inputs)
+        except Stop:
             pass
         finally:
             for h in handles:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.base import LayerPlan, LayerTrace, LayerwiseCompressor, dense_costs, form
+from worker.methods.base import LayerPlan, LayerTrace, LayerwiseCompressor, dense_costs, form, importance_curves
 
 __all__ = ["MagnitudeCompressor"]
 
@@ -52,8 +52,18 @@ class MagnitudeCompressor(LayerwiseCompressor):
             },
             "dense": {"params": float(numel + b), "flops": flops_dense},
         }
-        param = {"name": name, "low": self.theta_min, "high": 1.0, "size": numel}
+        param = {"name": name, "low": self.theta_min, "high": 1.0, "size": numel, "dense_from": 1.0}
         return LayerPlan(name, info, param, {"order": order, "numel": numel, "per_weight": per_weight})
+
+    def layer_changed(self, plan: LayerPlan, theta: float) -> bool:
+        """Whether some weight is zeroed at ``theta``."""
+        return kept(theta, plan.cache["numel"]) < plan.cache["numel"]
+
+    def layer_curves(self, plan: LayerPlan, grid) -> tuple[list[float], list[float]]:
+        """Squared-weight energy kept, and the LAMP score (Lee et al. 2021) of the largest weight pruned."""
+        w = self.model.get_submodule(plan.name).weight.detach().flatten()
+        v = w[plan.cache["order"].long().to(w.device)].to(torch.float64).pow(2)
+        return importance_curves(v, [kept(t, plan.cache["numel"]) for t in grid])
 
     def density_mask(self, name: str, theta: float) -> torch.Tensor:
         """The boolean keep-mask (weight shape) of layer ``name`` at density ``theta``."""

@@ -4,9 +4,10 @@ A weight ``W`` (``n x m``: out x in) becomes two layers of rank ``r = kept(theta
 ``x -> B x`` (``r x m``, no bias) then ``-> A (B x) + bias`` (``n x r``), with ``A B`` the best
 rank-``r`` approximation of ``W`` (Eckart-Young): ``A = U_r D_r``, ``B = D_r^-1 U_r^T W`` where
 ``U`` holds the left singular vectors and ``D = sqrt(S)`` balances the two factors (1 for null
-directions, so the product stays exact). Parameters ``r (m + n) + bias``; the dense layer is kept
-whenever that is not fewer than ``n m`` (so the cap of the cost form is exact), and the search
-range stops at the break-even rank.
+directions, so the product stays exact). Parameters ``r (m + n) + bias``. theta ranges over
+[theta_min, 1] ("leave it dense"): the dense layer is kept wherever the factorization is not
+cheaper in the job's cost (``options.cost_kind``; parameters by default), so the cap of the cost
+form (the dense cost) is exact, and ``dense_from`` is the break-even theta.
 
 The singular vectors come once per layer from the eigendecomposition (float64) of the smaller
 Gram matrix (``W W^T`` or ``W^T W``): an order of magnitude faster than a LAPACK SVD on CPU for
@@ -19,7 +20,15 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.base import LayerPlan, LayerTrace, LayerwiseCompressor, dense_costs, form, rank_search
+from worker.methods.base import (
+    LayerPlan,
+    LayerTrace,
+    LayerwiseCompressor,
+    break_even,
+    dense_costs,
+    form,
+    importance_curves,
+)
 
 __all__ = ["SVDCompressor"]
 
@@ -68,16 +77,18 @@ class SVDCompressor(LayerwiseCompressor):
         size = min(n, m)
         w_numel, b, flops_dense = dense_costs(module, trace)
         p = trace.pos_out
-        search = rank_search(
-            [size],
-            lambda r: (r[0] * (m + n) + b, 2.0 * p * r[0] * (m + n)),
-            (w_numel + b, flops_dense),
-            self.theta_min,
-        )
+
+        def cost(r: tuple[int, ...]) -> tuple[float, float]:
+            return r[0] * (m + n) + b, 2.0 * p * r[0] * (m + n)
+
+        rule = 1 if self.options.cost_kind == "flops" else 0
+        search = break_even([size], cost, (w_numel + b, flops_dense), self.theta_min, self.options.cost_kind)
         if isinstance(search, str):
             return search
-        high, cap_flops = search
+        dense_from, _exact = search
         a, bmat = svd_factors(_reshape_weight(module).to(torch.float64))
+        # sigma_i = |A_i| |B_i| for the balanced factors (A_i = u_i d_i, B_i = u_i' W / d_i)
+        sigma2 = (a.norm(dim=0) * bmat.norm(dim=1)).pow(2)
         dtype = module.weight.dtype
         a, bmat = a.to(dtype), bmat.to(dtype)  # n x size, size x m
         f = [(name, size)]
@@ -89,22 +100,41 @@ class SVDCompressor(LayerwiseCompressor):
             "params": [name],
             "costs": {
                 "params": form([(m + n, f), (b, [])], w_numel + b),
-                "flops": form([(2.0 * p * (m + n), f)], flops_dense if cap_flops else None),
+                "flops": form([(2.0 * p * (m + n), f)], flops_dense),
             },
             "dense": {"params": float(w_numel + b), "flops": flops_dense},
         }
-        param = {"name": name, "low": self.theta_min, "high": high, "size": size}
-        return LayerPlan(name, info, param, {"a": a, "b": bmat, "size": size, "n": n, "m": m, "bias": b})
+        param = {"name": name, "low": self.theta_min, "high": 1.0, "size": size, "dense_from": dense_from}
+        cache = {"a": a, "b": bmat, "size": size, "n": n, "m": m, "bias": b, "sigma2": sigma2,
+                 "cost": cost, "dense": (w_numel + b, flops_dense), "rule": rule}
+        return LayerPlan(name, info, param, cache)
+
+    @staticmethod
+    def _cheap(c: dict, r: int) -> bool:
+        return c["cost"]((r,))[c["rule"]] < c["dense"][c["rule"]]
+
+    def layer_changed(self, plan: LayerPlan, theta: float) -> bool:
+        """Whether the layer is factorized at ``theta`` (cheaper than dense in the job's cost)."""
+        return self._cheap(plan.cache, kept(theta, plan.cache["size"]))
+
+    def layer_curves(self, plan: LayerPlan, grid) -> tuple[list[float], list[float]]:
+        """Singular-value energy kept, and the LAMP score of the first singular value dropped."""
+        c = plan.cache
+        counts = []
+        for t in grid:
+            r = kept(t, c["size"])
+            counts.append(r if self._cheap(c, r) else c["size"])
+        return importance_curves(c["sigma2"], counts)
 
     def rank(self, name: str, theta: float) -> int:
         """The rank used for layer ``name`` at ``theta``."""
         return kept(theta, self.plans[name].cache["size"])
 
     def compress_layer(self, plan: LayerPlan, module: nn.Module, theta: float) -> nn.Module | None:
-        """Two layers of rank ``kept(theta, min(n, m))``, or ``None`` when not cheaper than dense."""
+        """Two layers of rank ``kept(theta, min(n, m))``, or ``None`` (dense) where that is not cheaper."""
         c = plan.cache
         r = kept(theta, c["size"])
-        if r * (c["m"] + c["n"]) >= c["n"] * c["m"]:
+        if not self._cheap(c, r):
             return None
         return self._build(plan, module, r)
 

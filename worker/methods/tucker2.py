@@ -11,8 +11,10 @@ the leading eigenvectors of the mode unfoldings' Gram matrices and the core
 with ``r_in = kept(theta, c_in)`` and ``r_out = kept(theta, c_out)`` (one theta per layer).
 Because ``U_out`` and ``U_in`` are orthonormal, the core for any ranks is a slice of the full core,
 computed once: a trial costs a slice and three small copies. Parameters
-``c_in r_in + r_in r_out kh kw + r_out c_out + bias``; the dense layer is kept whenever that is not
-fewer than the original's.
+``c_in r_in + r_in r_out kh kw + r_out c_out + bias``. theta ranges over [theta_min, 1] ("leave it
+dense"): the dense conv is kept wherever the block is not cheaper in the job's cost
+(``options.cost_kind``, parameters by default), so the capped form of that cost is exact;
+``dense_from`` is the break-even theta.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.base import LayerPlan, LayerTrace, LayerwiseCompressor, dense_costs, form, rank_search
+from worker.methods.base import (
+    LayerPlan,
+    LayerTrace,
+    LayerwiseCompressor,
+    break_even,
+    dense_costs,
+    form,
+    importance_curves,
+)
 
 __all__ = ["Tucker2Compressor", "mode_basis"]
 
@@ -71,10 +81,10 @@ class Tucker2Compressor(LayerwiseCompressor):
             flops = 2.0 * p_in * c_in * ri + 2.0 * p_out * (ri * ro * k2 + ro * c_out)
             return params, flops
 
-        search = rank_search([c_in, c_out], cost, (w_numel + b, flops_dense), self.theta_min)
+        search = break_even([c_in, c_out], cost, (w_numel + b, flops_dense), self.theta_min, self.options.cost_kind)
         if isinstance(search, str):
             return search
-        high, cap_flops = search
+        dense_from, exact = search
         w64 = module.weight.detach().to(torch.float64)
         u_out = mode_basis(w64.reshape(c_out, -1))  # c_out x c_out
         u_in = mode_basis(w64.transpose(0, 1).reshape(c_in, -1))  # c_in x c_in
@@ -91,13 +101,21 @@ class Tucker2Compressor(LayerwiseCompressor):
                 "params": form([(c_in, [fi]), (k2, [fi, fo]), (c_out, [fo]), (b, [])], w_numel + b),
                 "flops": form(
                     [(2.0 * p_in * c_in, [fi]), (2.0 * p_out * k2, [fi, fo]), (2.0 * p_out * c_out, [fo])],
-                    flops_dense if cap_flops else None,
+                    flops_dense,
                 ),
             },
             "dense": {"params": float(w_numel + b), "flops": flops_dense},
         }
-        param = {"name": name, "low": self.theta_min, "high": high, "size": max(c_in, c_out)}
+        param = {"name": name, "low": self.theta_min, "high": 1.0, "size": max(c_in, c_out), "dense_from": dense_from}
         cache = {
+            "cost": cost,
+            "dense": (w_numel + b, flops_dense),
+            "rule": 1 if self.options.cost_kind == "flops" else 0,
+            "exact": exact,
+            # energy of each out / in direction (rows / columns of the core: the mode eigenvalues)
+            "e_out": core.pow(2).sum(dim=(1, 2, 3)),
+            "e_in": core.pow(2).sum(dim=(0, 2, 3)),
+            "e_core": core.pow(2).sum(dim=(2, 3)),
             "u_out": u_out.to(dtype),
             "u_in": u_in.to(dtype),
             "core": core.to(dtype),
@@ -117,9 +135,41 @@ class Tucker2Compressor(LayerwiseCompressor):
         """The three-conv Tucker-2 block, or ``None`` when it is not cheaper than the dense conv."""
         c = plan.cache
         ri, ro = kept(theta, c["c_in"]), kept(theta, c["c_out"])
-        if c["c_in"] * ri + ri * ro * c["k2"] + ro * c["c_out"] >= c["c_in"] * c["c_out"] * c["k2"]:
+        if not self._cheap(c, ri, ro):
             return None
         return self._build(plan, module, ri, ro)
+
+    @staticmethod
+    def _cheap(c: dict, ri: int, ro: int) -> bool:
+        return c["cost"]((ri, ro))[c["rule"]] < c["dense"][c["rule"]]
+
+    def layer_changed(self, plan: LayerPlan, theta: float) -> bool:
+        """Whether the conv is decomposed at ``theta`` (cheaper than dense in the job's cost)."""
+        c = plan.cache
+        return self._cheap(c, kept(theta, c["c_in"]), kept(theta, c["c_out"]))
+
+    def layer_curves(self, plan: LayerPlan, grid) -> tuple[list[float], list[float]]:
+        """Core energy kept ``|core[:r_out, :r_in]|^2 / |W|^2``; LAMP score of the first mode direction dropped.
+
+        The LAMP score is the larger of the two modes' scores (each mode's directions ranked by
+        their energy); 0 where the conv is left dense.
+        """
+        c = plan.cache
+        total = float(c["e_core"].sum())
+        energy, lamp = [], []
+        full_in, full_out = c["c_in"], c["c_out"]
+        for t in grid:
+            ri, ro = kept(t, full_in), kept(t, full_out)
+            if not self._cheap(c, ri, ro):
+                ri, ro = full_in, full_out
+            energy.append(float(c["e_core"][:ro, :ri].sum()) / total if total > 0 and (ri, ro) != (full_in, full_out) else 1.0)
+            s_out = importance_curves(c["e_out"], [ro])[1][0]
+            s_in = importance_curves(c["e_in"], [ri])[1][0]
+            lamp.append(max(s_out, s_in))
+        for i in range(1, len(energy)):
+            energy[i] = max(energy[i], energy[i - 1])
+            lamp[i] = min(lamp[i], lamp[i - 1])
+        return energy, lamp
 
     def factorize(self, name: str, r_in: int, r_out: int) -> nn.Module:
         """The Tucker-2 block of layer ``name`` of the original model at the given ranks, cheaper or not."""
