@@ -23,8 +23,8 @@ JobState = Literal["profiling", "running", "completed", "cancelled", "failed"]
 TaskKind = Literal["profile", "evaluate", "export"]
 Role = Literal["admin", "client", "worker"]
 
-ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56")
-ZOO_DATA = ("digits", "synthetic")
+ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56", "mobilenet", "transformer")
+ZOO_DATA = ("digits", "digits-train", "digits32", "digits32-train", "digits-tokens", "digits-tokens-train", "synthetic")
 IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 METHODS = ("svd", "tucker2", "magnitude", "channel_l1", "channel_lasso")
 MethodName = Literal["svd", "tucker2", "magnitude", "channel_l1", "channel_lasso"]
