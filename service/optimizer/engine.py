@@ -245,6 +245,7 @@ class _Ctx:
     center: bool = False
     init: str = "sobol"
     alloc: list[dict[str, float]] | None = None
+    trust_region: bool = False
 
     @property
     def compression(self) -> bool:
@@ -334,6 +335,7 @@ def _compile(problem: Problem) -> _Ctx:
         boltzmann=bool(opts.get("starts", "best" if compression else "boltzmann") == "boltzmann"),
         center=bool(opts.get("center", not compression)),
         init=str(opts.get("init", "sobol")),
+        trust_region=bool(opts.get("trust_region", False)),
         alloc=_alloc_points(problem) if compression else None,
     )
 
@@ -818,6 +820,58 @@ def _eval_acqf(acqf: Any, U: Tensor, chunk: int = 128) -> Tensor:
         return torch.cat([acqf(U[i : i + chunk].unsqueeze(-2)) for i in range(0, U.shape[0], chunk)])
 
 
+# TuRBO-style trust region (Eriksson et al. 2019), sized for budgets of tens of trials: the box
+# side in unit coordinates starts at TR_INIT, doubles after TR_SUCC improvements in a row (up to
+# TR_MAX), halves after TR_FAIL trials without one (down to TR_MIN, then restarts at TR_INIT).
+TR_INIT, TR_MIN, TR_MAX = 0.4, 0.02, 1.6
+TR_SUCC, TR_FAIL = 2, 3
+
+
+def _trust_region(ctx: _Ctx, J: Tensor, tr: dict | None) -> dict:
+    """Update the trust region's state from the observations since the last call (``J`` in trial order)."""
+    tr = dict(tr or {"length": TR_INIT, "succ": 0, "fail": 0, "seen": 0, "best": None})
+    seen = int(tr.get("seen", 0))
+    best = tr.get("best")
+    if best is None and seen == 0:
+        # The first GP call: the initial design sets the incumbent.
+        tr["best"] = float(J.min()) if J.numel() else None
+        tr["seen"] = int(J.numel())
+        return tr
+    for v in J[seen:].tolist():
+        if best is None or v < best - 1e-3 * abs(best):
+            tr["succ"], tr["fail"], best = tr["succ"] + 1, 0, v
+        else:
+            tr["succ"], tr["fail"] = 0, tr["fail"] + 1
+        if tr["succ"] >= TR_SUCC:
+            tr["length"], tr["succ"] = min(TR_MAX, 2.0 * tr["length"]), 0
+        elif tr["fail"] >= TR_FAIL:
+            tr["length"], tr["fail"] = tr["length"] / 2.0, 0
+            if tr["length"] < TR_MIN:
+                tr["length"] = TR_INIT
+    tr["best"], tr["seen"] = best, int(J.numel())
+    return tr
+
+
+def _tr_box(X: Tensor, J: Tensor, length: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(centre, lower, upper)`` of the trust region around the best observation (unit coordinates)."""
+    centre = X[int(torch.argmin(J))]
+    lo = (centre - length / 2).clamp(0.0, 1.0)
+    hi = (centre + length / 2).clamp(0.0, 1.0)
+    return centre, lo, hi
+
+
+def _tr_candidates(ctx: _Ctx, centre: Tensor, lo: Tensor, hi: Tensor, n: int, g: torch.Generator) -> Tensor:
+    """TuRBO's candidates: Sobol points in the box, each moving only a random ~20-coordinate subset."""
+    d = ctx.space.d
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    pert = lo + (hi - lo) * sobol_points(d, seed, 0, n)
+    prob = min(1.0, 20.0 / d)
+    mask = torch.rand(n, d, generator=g, dtype=centre.dtype) < prob
+    none = ~mask.any(dim=-1)
+    mask[none, torch.randint(0, d, (int(none.sum()),), generator=g)] = True
+    return ctx.repair(torch.where(mask, pert, centre.expand(n, d)))
+
+
 def _gp_stage(
     ctx: _Ctx,
     obs: list[Observation],
@@ -844,11 +898,20 @@ def _gp_stage(
     pend = [space.snap(space.to_unit(p)) for p in pending[-MAX_PENDING:]] + list(chosen_sobol)
     g = torch.Generator().manual_seed(mix)
     bounds = torch.stack([torch.zeros(space.d), torch.ones(space.d)]).to(torch.float64)
+    box = None
+    if ctx.trust_region:
+        tr = _trust_region(ctx, J_all, gp_state.get("tr") if gp_state else None)
+        new_gp_state = {**new_gp_state, "tr": tr}
+        box = _tr_box(X_all, J_all, float(tr["length"]))
+        bounds = torch.stack([box[1], box[2]])
     out: list[list[float]] = []
     for _ in range(n):
         Xp = torch.tensor(pend + out, dtype=torch.float64) if (pend or out) else None
         acqf = _build_acqf(ctx, model, X, Y, Xp, b.mc_samples, mix)
-        raw = _raw_candidates(ctx, X, J, b.raw_samples, g)
+        if box is not None:
+            raw = _tr_candidates(ctx, *box, b.raw_samples, g)
+        else:
+            raw = _raw_candidates(ctx, X, J, b.raw_samples, g)
         raw_val = _eval_acqf(acqf, raw)
         order = torch.argsort(raw_val, descending=True, stable=True)
         if ctx.boltzmann and b.num_restarts > 1:
