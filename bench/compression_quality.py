@@ -6,7 +6,7 @@ same black box, in process:
 
 - the worker's compressor (``worker.methods.build_compressor``) applies theta;
 - BatchNorm statistics are re-estimated on the calibration inputs (``--no-bn`` turns it off);
-- L is the relative distillation error on the calibration inputs (512 images of the zoo model's
+- L is the relative distillation error on the calibration inputs (256 images of the zoo model's
   training split); measurements are cached by the kept counts of theta, so a compressed model is
   paid for once per cell whichever optimizer asks for it;
 - the best feasible theta of each search is then fine-tuned by distillation for a fixed
@@ -57,12 +57,19 @@ MODELS = ("resnet20", "resnet56", "mobilenet", "transformer")
 METHODS = ("lowrank", "channel_l1", "magnitude")
 BUDGETS = (0.5, 0.25)
 OPTIMIZERS = ("random", "tpe", "ax", "bocompress", "uniform", "energy", "global", "knapsack")
+#: Engine variants measured against the default (``--optimizers bocompress+tr ...``).
+VARIANTS = {
+    "bocompress+tr": {"trust_region": True},
+    "bocompress+perturb": {"init": "perturb"},
+    "bocompress+tr+perturb": {"trust_region": True, "init": "perturb"},
+    "bocompress-alloc": {"seed_allocators": False},
+}
 ALLOCATOR_NAMES = ("uniform", "energy", "global", "knapsack")
-N_CALIBRATION = 512
+N_CALIBRATION = 256
 N_INITIAL = 8
 #: The fixed fine-tune's Adam learning rate (batch 32 on the calibration inputs).
 FT_LR = 3e-4
-SENS_GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
+SENS_GRID = (0.1, 0.3, 0.55, 0.8)
 
 
 def _quiet() -> None:
@@ -369,6 +376,8 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
                 hist = run_ax(cell, seed, trials)
             elif opt == "bocompress":
                 hist = run_bocompress(cell, seed, trials, options)
+            elif opt.startswith("bocompress+"):  # an engine variant under test: bocompress+tr, +perturb
+                hist = run_bocompress(cell, seed, trials, {**(options or {}), **VARIANTS[opt]})
             else:
                 hist = run_allocator(cell, opt)
             seconds = time.perf_counter() - t0
@@ -543,9 +552,16 @@ def main() -> None:
     _quiet()
     torch.set_num_threads(args.threads)
     optimizers = list(args.optimizers or OPTIMIZERS)
+    if args.from_json and not args.optimizers:
+        optimizers = list(dict.fromkeys(r["optimizer"] for path in args.from_json.split(",")
+                                        for res in json.loads(Path(path).read_text())["results"] for r in res["runs"]))
     if args.from_json:
-        blob = json.loads(Path(args.from_json).read_text())
-        results, argv, total = blob["results"], blob["argv"], blob["seconds"]
+        results, argv, total = [], [], 0.0
+        for path in args.from_json.split(","):  # several runs (e.g. one process per cell) on one page
+            blob = json.loads(Path(path).read_text())
+            results += blob["results"]
+            argv = argv + (["+"] if argv else []) + blob["argv"]
+            total += blob["seconds"]
     else:
         models = args.models or (["resnet20", "transformer"] if args.quick else list(MODELS))
         methods = args.methods or (["lowrank", "channel_l1"] if args.quick else list(METHODS))

@@ -15,9 +15,15 @@ Stages (``Problem.engine``):
     candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
   * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
   * generic: qLogNEI on the metric (negated when minimizing).
-- ``auto``: Sobol for the first ``n_initial`` trials, then the GP. The Sobol sequence goes on past
-  ``n_initial`` until at least half of the initial design has been observed (``min_gp_obs``):
-  with several workers, the first GP batch would otherwise come from a fit on two or three points.
+- ``uniform`` | ``energy`` | ``global`` | ``knapsack`` (compression jobs): one one-shot allocation
+  (:mod:`service.optimizer.allocators`) per target R (the budget of ``constrained``, else 0.25,
+  0.5, 0.75), each once; then nothing is left to propose and the job completes.
+- ``auto``: for compression jobs, first every available allocator's point at each target
+  (``seed_allocators``, default True; the initial design is then ``max(n_initial, #points)``
+  long), then Sobol for the rest of the first ``n_initial`` trials (``init="perturb"``:
+  perturbations of the allocators' points instead), then the GP. Generic jobs: Sobol, then the GP.
+  The Sobol sequence goes on past ``n_initial`` until at least half of the initial design has
+  been observed (``min_gp_obs``): with several workers, the first GP batch would otherwise come from a fit on two or three points.
 
 Choices measured on the benchmarks (``bench/bo_quality.py``, ``docs/benchmarks.md``):
 
@@ -113,7 +119,11 @@ class Problem:
         n_initial: How many trials the Sobol stage makes (``auto``).
         seed: The job's seed.
         engine: ``auto``, ``sobol`` or ``gp``.
-        options: Optional tuning: ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
+        options: Optional tuning: ``seed_allocators`` (compression ``auto`` jobs start with the
+            one-shot allocators' points; default True), ``init`` (``sobol`` | ``perturb``: the rest
+            of a compression job's initial design), ``trust_region`` (a TuRBO-style box around
+            the incumbent for the GP stage's candidates and acquisition optimizer; default False),
+            ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
             ``mean`` (``constant`` | ``linear``; default linear for compression jobs, constant
             for generic ones), ``min_gp_obs`` (observations before the GP stage; default
             ``max(2, ceil(n_initial / 2))``), ``rank_snapped`` (default True), ``center``
