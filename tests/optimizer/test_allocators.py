@@ -92,3 +92,43 @@ def test_an_unreachable_target_gives_the_smallest_point() -> None:
     r_min = smallest_ratio(ls.profile, ls.params)
     a = allocate("uniform", ls.profile, ls.params, r_min / 2)
     assert a is not None and not a.feasible and a.ratio == pytest.approx(r_min)
+
+
+def _chain_profile(d: int = 6) -> tuple[dict, list[dict], list[float]]:
+    """Channel pruning of a chain of convs: layer i costs c_i * keep(g_{i-1}) * keep(g_i) (coupled groups)."""
+    layers, params, weights = [], [], []
+    total = 0.0
+    for i in range(d):
+        name, size = f"conv{i}", 16 * (1 + i % 3)
+        params.append({"name": name, "low": 0.05, "high": 1.0, "size": size})
+        factors = [{"param": name, "size": size}]
+        prev = params[i - 1] if i else None
+        cin = prev["size"] if prev else 3
+        if prev:
+            factors.append({"param": prev["name"], "size": prev["size"]})
+        coef = 9.0 * (1 if prev else cin)
+        dense = coef * size * (prev["size"] if prev else 1)
+        total += dense
+        weights.append(0.05 + 0.1 * ((i * 5) % 4))
+        sg = [0.1, 0.3, 0.55, 0.8]
+        layers.append({"name": name, "type": "Conv2d", "method": "channel_l1", "shape": [size, cin, 3, 3],
+                       "params": [p["name"] for p in ([prev] if prev else [])] + [name],
+                       "costs": {"params": {"terms": [{"coef": coef, "factors": factors}], "cap": None}},
+                       "dense": {"params": dense},
+                       "signals": {"grid": [0.05, 1.0], "energy": [0.0, 1.0], "lamp": [1.0, 0.0], "sens_grid": sg,
+                                   "sensitivity": [weights[-1] * (1 - t) ** 2 for t in sg]}})
+    return {"layers": layers, "params": params, "totals": {"params": total * 1.02}}, params, weights
+
+
+def test_knapsack_fits_coupled_channel_costs() -> None:
+    prof, params, w = _chain_profile()
+
+    def loss(theta: dict) -> float:
+        return sum(wi * (1 - theta[p["name"]]) ** 2 for wi, p in zip(w, params))
+
+    for target in (0.25, 0.5):
+        k = allocate("knapsack", prof, params, target)
+        u = allocate("uniform", prof, params, target)
+        assert k is not None and u is not None and k.feasible
+        assert costs.ratio(prof, k.theta, "params") <= target and target - k.ratio < 0.05
+        assert loss(k.theta) <= loss(u.theta) + 1e-9
