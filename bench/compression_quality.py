@@ -580,6 +580,9 @@ def main() -> None:
                                                 not args.no_bn, args.ft_steps, args.spearman, args.options))
                     except Exception as e:  # noqa: BLE001 - one cell that cannot run (no such layer) is reported
                         print(f"  cell failed: {type(e).__name__}: {e}", flush=True)
+                    if args.json:  # after every cell, so a long run that is stopped keeps what it measured
+                        Path(args.json).write_text(json.dumps({"results": results, "argv": sys.argv[1:],
+                                                               "seconds": time.perf_counter() - t0}, default=str))
         total = time.perf_counter() - t0
         if args.json:
             Path(args.json).write_text(json.dumps({"results": results, "argv": argv, "seconds": total}, default=str))
