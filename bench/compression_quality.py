@@ -67,6 +67,8 @@ VARIANTS = {
 ALLOCATOR_NAMES = ("uniform", "energy", "global", "knapsack")
 N_CALIBRATION = 256
 N_INITIAL = 8
+#: Where run_cell writes the runs of the cell in progress after each search (``--json`` + ``.partial``).
+PARTIAL: Path | None = None
 #: The fixed fine-tune's Adam learning rate (batch 32 on the calibration inputs).
 FT_LR = 3e-4
 SENS_GRID = (0.1, 0.3, 0.55, 0.8)
@@ -368,18 +370,13 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
     for opt in optimizers:
         for seed in seeds if opt not in ALLOCATOR_NAMES else seeds[:1]:
             t0 = time.perf_counter()
-            if opt == "random":
-                hist = run_random(cell, seed, trials)
-            elif opt == "tpe":
-                hist = run_tpe(cell, seed, trials)
-            elif opt == "ax":
-                hist = run_ax(cell, seed, trials)
-            elif opt == "bocompress":
-                hist = run_bocompress(cell, seed, trials, options)
-            elif opt.startswith("bocompress+"):  # an engine variant under test: bocompress+tr, +perturb
-                hist = run_bocompress(cell, seed, trials, {**(options or {}), **VARIANTS[opt]})
-            else:
-                hist = run_allocator(cell, opt)
+            try:
+                hist = _search(cell, opt, seed, trials, options)
+            except Exception as e:  # noqa: BLE001 - one optimizer's failure is reported, the cell goes on
+                print(f"  {cell.name} {opt} seed {seed} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                runs.append({"optimizer": opt, "seed": seed, "seconds": time.perf_counter() - t0, "n": 0,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
             seconds = time.perf_counter() - t0
             best = best_feasible(hist)
             row: dict[str, Any] = {"optimizer": opt, "seed": seed, "seconds": seconds, "n": len(hist)}
@@ -387,9 +384,34 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
                 p, m = best
                 row.update({"theta": p, "L": m["L"], "R": m["R"], **cell.finetune(p)})
             runs.append(row)
+            if PARTIAL is not None:
+                PARTIAL.write_text(json.dumps({"model": model, "method": method, "budget": budget, "runs": runs},
+                                              default=str))
             print(f"  {cell.name} {opt} seed {seed}: L={row.get('L', math.nan):.4g} R={row.get('R', math.nan):.3f} "
                   f"acc {row.get('acc_before', math.nan):.3f} -> {row.get('acc_after', math.nan):.3f} "
                   f"({seconds:.0f} s)", flush=True)
+    return _finish_cell(cell, runs, sig, t_cell, model, method, budget, seeds, trials, device, bn, ft_steps,
+                        n_spearman)
+
+
+def _search(cell: Cell, opt: str, seed: int, trials: int, options: dict | None) -> list[tuple[dict, dict]]:
+    """One search (or one allocation) of the cell: its (theta, measurement) history."""
+    if opt == "random":
+        return run_random(cell, seed, trials)
+    if opt == "tpe":
+        return run_tpe(cell, seed, trials)
+    if opt == "ax":
+        return run_ax(cell, seed, trials)
+    if opt == "bocompress":
+        return run_bocompress(cell, seed, trials, options)
+    if opt.startswith("bocompress+") or opt.startswith("bocompress-"):  # an engine variant under test
+        return run_bocompress(cell, seed, trials, {**(options or {}), **VARIANTS[opt]})
+    return run_allocator(cell, opt)
+
+
+def _finish_cell(cell: Cell, runs: list[dict[str, Any]], sig: dict, t_cell: float, model: str, method: str,
+                 budget: float, seeds: list[int], trials: int, device: str, bn: bool, ft_steps: int,
+                 n_spearman: int) -> dict[str, Any]:
     # Proxy quality: distinct feasible points spread over L, fine-tuned with and without BN re-estimation.
     corr: dict[str, float] = {}
     if n_spearman > 0:
@@ -552,6 +574,8 @@ def main() -> None:
     _quiet()
     torch.set_num_threads(args.threads)
     optimizers = list(args.optimizers or OPTIMIZERS)
+    global PARTIAL
+    PARTIAL = Path(args.json + ".partial") if args.json else None
     if args.from_json and not args.optimizers:
         optimizers = list(dict.fromkeys(r["optimizer"] for path in args.from_json.split(",")
                                         for res in json.loads(Path(path).read_text())["results"] for r in res["runs"]))

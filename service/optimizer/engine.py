@@ -928,6 +928,8 @@ def _gp_stage(
             starts = raw[_boltzmann_pick(raw_val, b.num_restarts, g)].unsqueeze(-2)
         else:
             starts = raw[order[: b.num_restarts]].unsqueeze(-2)  # restarts x 1 x d
+        if box is not None:  # the constrained repair may move a start below the box: clamp it in
+            starts = torch.maximum(torch.minimum(starts, box[2]), box[1])
         cand, cand_val = optimize_acqf(
             acqf, bounds=bounds, q=1, num_restarts=starts.shape[0], batch_initial_conditions=starts,
             options={"maxiter": b.maxiter, "batch_limit": starts.shape[0]}, return_best_only=False,
