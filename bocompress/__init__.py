@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from .client import DEFAULT_URL, JOB_DONE_STATES, Client, Job
+from .client import DEFAULT_URL, JOB_DONE_STATES, Client, CollapseWarning, Job
 from .errors import (
     APIConnectionError,
     APIError,
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "Job",
+    "CollapseWarning",
     "JobCreate",
     "load_compressed",
     "save_compressed",

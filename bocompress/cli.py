@@ -444,7 +444,8 @@ def status(
             rows = []
             for job in itertools.islice(client.jobs(limit=min(limit, 100)), limit):
                 rows.append([str(job["id"]), job.get("name", ""), job.get("state", ""), job.get("kind", ""),
-                             _fmt_counts(job.get("counts") or {}), _best_value(job),
+                             _fmt_counts(job.get("counts") or {}),
+                             _best_value(job) + (" COLLAPSED" if job.get("collapsed") else ""),
                              str(job.get("created_at", ""))[:19]])
             typer.echo(_table(rows, ["id", "name", "state", "kind", "trials", "best", "created"]) if rows
                        else "no jobs")
@@ -455,7 +456,7 @@ def status(
         if data.get("reason"):
             lines.append(f"reason: {data['reason']}")
         lines.append(f"trials: {_fmt_counts(job.counts) or 'none'} (max {job.max_trials})")
-        best = job.best(refresh=False)
+        best = data.get("best")  # not job.best(): its CollapseWarning would repeat the WARNING lines below
         if best:
             values = ", ".join(f"{k}={v:.4g}" for k, v in (best.get("values") or {}).items())
             lines.append(f"best: trial {best['id']} (#{best.get('number')}): {values}")
@@ -463,6 +464,8 @@ def status(
             lines.append(f"  params: {params}")
         else:
             lines.append("best: none yet")
+        for w in data.get("warnings") or []:
+            lines.append(f"WARNING: {w}")
         typer.echo("\n".join(lines))
 
 

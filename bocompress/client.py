@@ -34,6 +34,7 @@ import email.utils
 import math
 import os
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -82,6 +83,10 @@ def _retry_after_seconds(headers: httpx.Headers) -> float | None:
 def _sleep(seconds: float) -> None:
     """Sleep between retries (a module function so tests can record the backoff)."""
     time.sleep(seconds)
+
+
+class CollapseWarning(UserWarning):
+    """The service flagged a job's best trial (``Job.warnings``): e.g. its outputs collapsed."""
 
 
 class Client:
@@ -616,6 +621,11 @@ class Job:
                     bar.n = finished
                     bar.refresh()
                 if self.done:
+                    if progress and self.warnings:
+                        if bar is not None:
+                            bar.close()
+                            bar = None
+                        print(f"job {self.id} WARNING: " + "\n  ".join(self.warnings), file=sys.stderr)
                     return self
                 if deadline is not None and time.monotonic() >= deadline:
                     raise WaitTimeoutError(
@@ -681,7 +691,25 @@ class Job:
         """
         if refresh:
             self.refresh()
-        return self.data.get("best")
+        best = self.data.get("best")
+        if best is not None and self.data.get("warnings"):
+            import warnings
+
+            key = (best.get("id"), tuple(self.data["warnings"]))
+            if key != getattr(self, "_warned", None):  # once per best trial, not on every call
+                self._warned = key
+                warnings.warn(f"job {self.id}: " + "; ".join(self.data["warnings"]), CollapseWarning, stacklevel=2)
+        return best
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the service says a user must know about the best trial (e.g. that it collapsed)."""
+        return list(self.data.get("warnings") or [])
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the best trial lost the model's function (L >= 0.9, or accuracy near chance)."""
+        return bool(self.data.get("collapsed", False))
 
     def pareto(self) -> list[dict[str, Any]]:
         """The non-dominated completed trials in (L, R) (``GET /jobs/{id}/pareto``)."""

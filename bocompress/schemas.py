@@ -32,8 +32,8 @@ JobState = Literal["profiling", "running", "completed", "cancelled", "failed"]
 TaskKind = Literal["profile", "evaluate", "export"]
 Role = Literal["admin", "client", "worker"]
 
-ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56")
-ZOO_DATA = ("digits", "synthetic")
+ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56", "mobilenet", "transformer")
+ZOO_DATA = ("digits", "digits-train", "digits32", "digits32-train", "digits-tokens", "digits-tokens-train", "synthetic")
 IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 METHODS = ("svd", "tucker2", "magnitude", "channel_l1", "channel_lasso")
 MethodName = Literal["svd", "tucker2", "magnitude", "channel_l1", "channel_lasso"]
@@ -352,8 +352,11 @@ class Budget(_Strict):
 class OptimizerSpec(_Strict):
     n_initial: Int = Field(default=8, ge=1, le=10_000)
     seed: Int = Field(default=0, ge=0, le=2**31 - 1)
-    engine: Literal["auto", "sobol", "gp"] = Field(
-        default="auto", description="'auto': Sobol for n_initial trials, then the GP; 'sobol': Sobol only"
+    engine: Literal["auto", "sobol", "gp", "uniform", "energy", "global", "knapsack"] = Field(
+        default="auto",
+        description="'auto': the one-shot allocators' points and Sobol for n_initial trials, then the GP; "
+        "'sobol': Sobol only; 'uniform' | 'energy' | 'global' | 'knapsack' (compression jobs): one "
+        "one-shot allocation per target R (the budget of 'constrained', else R = 0.25, 0.5, 0.75), then done",
     )
 
 
@@ -520,6 +523,9 @@ class JobOut(BaseModel):
     layers: list[LayerInfo] | None = None
     search_space: list[dict[str, Any]] | None = None
     totals: dict[str, float] | None = None
+    warnings: list[str] = Field(default_factory=list, description="what a user must know about the best trial")
+    collapsed: bool = Field(default=False, description="the best trial lost the model's function (L >= 0.9 or "
+                            "held-out accuracy near chance)")
 
 
 class Page(BaseModel):

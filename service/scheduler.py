@@ -353,6 +353,7 @@ class Scheduler:
     def fill(self, job_id: int) -> int:
         """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
         from service.optimizer import initial_design_only, point_key, propose
+        from service.optimizer.allocators import ALLOCATORS
 
         secs = self.settings.generator_lease_seconds
         if not self._acquire(job_id, secs):
@@ -398,8 +399,10 @@ class Scheduler:
                         job = s.get(Job, job_id)
                         assert job is not None
                         if job.state == "running":
-                            set_job_state(s, job, "completed", ("running",),
-                                          reason=f"search space exhausted after {created} trials")
+                            reason = (f"one-shot allocator {problem.engine!r}: its {created} point(s) proposed"
+                                      if problem.engine in ALLOCATORS
+                                      else f"search space exhausted after {created} trials")
+                            set_job_state(s, job, "completed", ("running",), reason=reason)
                         return 0
 
                     run_tx(self.factory, _exhausted)

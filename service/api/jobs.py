@@ -91,6 +91,10 @@ def _check_refs(s: Session, body: JobCreate, p: Principal) -> None:
                           f"({', '.join(ZOO_DATA)})")
 
 
+#: The optimizer engines that allocate from a compression job's profile (service.optimizer.allocators).
+ONE_SHOT_ENGINES = ("uniform", "energy", "global", "knapsack")
+
+
 def _same_request(prior: Job, spec: dict[str, Any], key: str) -> None:
     """A reused ``Idempotency-Key`` must come with the same job: else 409 ``idempotency_mismatch``
     (as payment APIs answer), never the first job in silence."""
@@ -118,6 +122,9 @@ def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Response,
                 response.status_code = 200
                 return job_out(s, prior)
         now = utcnow()
+        if not body.is_compression and body.optimizer.engine in ONE_SHOT_ENGINES:
+            raise bad_request("optimizer.engine", f"{body.optimizer.engine!r} is a one-shot allocator for "
+                              "compression jobs; a generic job takes 'auto', 'sobol' or 'gp'")
         if body.is_compression:
             _check_refs(s, body, p)
             job = Job(name=body.name, owner=p.owner, kind="compression", state="profiling", spec=spec,

@@ -71,11 +71,58 @@ def trial_page_sql() -> Any:
             .order_by(t.seq).limit(bindparam("n")))
 
 
+#: A best trial whose relative distillation error is at least this has lost the model's function
+#: (L = 1 is what outputs of zero, or of the wrong scale, score).
+COLLAPSE_L = 0.9
+#: Held-out accuracy within this many points of chance (``model_info.chance_accuracy``) is collapsed.
+CHANCE_MARGIN = 0.05
+
+
+def job_warnings(kind: str, spec: dict[str, Any], profile: dict[str, Any] | None,
+                 best: dict[str, Any] | None) -> tuple[list[str], bool]:
+    """What a user must know about a compression job's best trial: ``(warnings, collapsed)``.
+
+    ``collapsed`` when the best trial's L is at least :data:`COLLAPSE_L`, or its held-out accuracy
+    is within :data:`CHANCE_MARGIN` of chance; a warning too when a ``constrained`` job's best
+    does not fit the budget.
+    """
+    if kind != "compression" or not best:
+        return [], False
+    values = best.get("values") or {}
+    out: list[str] = []
+    collapsed = False
+    obj = spec.get("objective") or {}
+    L = values.get("distill_l2")
+    if L is not None and float(L) >= COLLAPSE_L:
+        collapsed = True
+        out.append(f"collapsed: the best trial (#{best.get('number')}) has distill_l2 = {float(L):.3g} >= "
+                   f"{COLLAPSE_L}: its outputs no longer resemble the original's")
+    info = (profile or {}).get("model_info") or {}
+    acc, chance = values.get("accuracy"), info.get("chance_accuracy")
+    if acc is not None and chance is not None and float(acc) <= float(chance) + CHANCE_MARGIN:
+        collapsed = True
+        out.append(f"collapsed: the best trial (#{best.get('number')}) has held-out accuracy {float(acc):.3f}, "
+                   f"within {CHANCE_MARGIN:.2f} of chance ({float(chance):.3f})")
+    if collapsed:
+        if obj.get("kind") == "scalarized":
+            out.append(f"with kappa = {obj.get('kappa', 1.0)} a destroyed model can score better than an "
+                       "uncompressed one: raise kappa, or use a 'constrained' budget (docs/objectives.md)")
+        elif obj.get("kind") == "constrained":
+            out.append("no trial within the budget kept the model's function: try a larger budget, fewer "
+                       "layers, or another method (docs/objectives.md)")
+    if obj.get("kind") == "constrained" and values.get("feasible") == 0.0:
+        out.append(f"the best trial's R = {float(values.get('ratio', float('nan'))):.4f} does not fit the "
+                   f"budget R <= {obj.get('budget')}")
+    return out, collapsed
+
+
 def _job_view(static: Any, state: str, reason: str | None, updated_at: datetime, seq: int, n_created: int,
               counts: dict[str, int], best: dict[str, Any] | None) -> dict[str, Any]:
     """A job as the contract shows it, from its unchanging part (a Job or a cached JobInfo) and its state."""
     profile = static.profile or {}
+    warnings, collapsed = job_warnings(static.kind, static.spec or {}, profile, best)
     return {
+        "warnings": warnings, "collapsed": collapsed,
         "id": static.id, "name": static.name, "state": state, "owner": static.owner, "kind": static.kind,
         "counts": counts, "best": best, "created_at": iso(static.created_at), "updated_at": iso(updated_at),
         "reason": reason, "seq": seq, "spec": static.spec, "layers": profile.get("layers"),

@@ -200,6 +200,25 @@ def _validate_profile(job: Job, body: CompleteRequest) -> tuple[dict[str, Any], 
     return prof, space
 
 
+def _unreachable_budget(job: Job, prof: dict[str, Any], space: list[dict[str, Any]]) -> str | None:
+    """Why a ``constrained`` job's budget cannot be met, or None: its budget is below the smallest R
+    the space allows (every parameter at its lowest ``k / size`` step, as the engine rounds)."""
+    obj = job.spec["objective"]
+    if obj.get("kind") != "constrained" or obj.get("budget") is None:
+        return None
+    low = {}
+    for sp in space:
+        size = int(sp.get("size") or 0)
+        low[sp["name"]] = (max(1, math.ceil(sp["low"] * size - 1e-9)) / size) if size > 0 else sp["low"]
+    r_min = costs.ratio(prof, low, obj.get("cost", "params"))
+    budget = float(obj["budget"])
+    if r_min <= budget + 1e-12:
+        return None
+    return (f"the budget R <= {budget:g} is unreachable: the smallest R this search space allows "
+            f"(theta_min everywhere) is {r_min:.4f}; raise objective.budget to at least {r_min:.4f}, "
+            f"lower compression.theta_min, or select more layers")
+
+
 def _evaluate_values(job: Any, params: dict[str, Any], values: dict[str, float]) -> dict[str, float]:
     """An evaluation's stored values: checked against the job's metric; for compression jobs, R and
     the objective computed here, exactly, from the layer table (a function of the report, so the
@@ -286,6 +305,11 @@ async def complete_route(trial_id: RowId, body: CompleteRequest, ctx: CtxDep, p:
             prof, space = _validate_profile(job, body)
             complete(s, t, {}, {}, tok, extra={"profile": prof})
             if job.state == "profiling":
+                unreachable = _unreachable_budget(job, prof, space)
+                if unreachable:
+                    set_job_state(s, job, "failed", ("profiling",), reason=unreachable, profile=prof,
+                                  search_space=space)
+                    return trial_out(t)
                 set_job_state(s, job, "running", ("profiling",), profile=prof, search_space=space)
                 add_event(s, job.id, "profiled", detail=f"{len(prof['layers'])} layers, {len(space)} parameters")
             return trial_out(t)

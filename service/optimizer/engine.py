@@ -15,9 +15,15 @@ Stages (``Problem.engine``):
     candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
   * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
   * generic: qLogNEI on the metric (negated when minimizing).
-- ``auto``: Sobol for the first ``n_initial`` trials, then the GP. The Sobol sequence goes on past
-  ``n_initial`` until at least half of the initial design has been observed (``min_gp_obs``):
-  with several workers, the first GP batch would otherwise come from a fit on two or three points.
+- ``uniform`` | ``energy`` | ``global`` | ``knapsack`` (compression jobs): one one-shot allocation
+  (:mod:`service.optimizer.allocators`) per target R (the budget of ``constrained``, else 0.25,
+  0.5, 0.75), each once; then nothing is left to propose and the job completes.
+- ``auto``: for compression jobs, first every available allocator's point at each target
+  (``seed_allocators``, default True; the initial design is then ``max(n_initial, #points)``
+  long), then Sobol for the rest of the first ``n_initial`` trials (``init="perturb"``:
+  perturbations of the allocators' points instead), then the GP. Generic jobs: Sobol, then the GP.
+  The Sobol sequence goes on past ``n_initial`` until at least half of the initial design has
+  been observed (``min_gp_obs``): with several workers, the first GP batch would otherwise come from a fit on two or three points.
 
 Choices measured on the benchmarks (``bench/bo_quality.py``, ``docs/benchmarks.md``):
 
@@ -50,6 +56,12 @@ Choices measured on the benchmarks (``bench/bo_quality.py``, ``docs/benchmarks.m
   scalarized task (seeds 0-2: 0.382, 0.382, 0.188 vs 0.190, 0.388, 0.175) and is not used; the
   break-even bound on each theta_l is already the SearchParam's ``high`` in the worker's profile.
 
+- on trained deep nets (``bench/compression_quality.py``, ResNet-20 at R <= 0.5, one seed, two
+  cells) the allocators' points as the first trials gave bocompress the best allocator's L at
+  once (0.0249 tucker2+svd, 0.0570 channel_l1; TPE 0.040 / 0.221, Ax 0.045 / 0.206), and the
+  GP stage found nothing better in 26 more trials; with ``trust_region`` it did (0.0216, 0.0451).
+  One seed per cell is too little to change the default, so ``trust_region`` stays off.
+
 Every call is reproducible: same inputs, same outputs (all randomness is seeded from the job's
 seed and the history's size). Budgets are capped and adapt to the size of the problem, so a
 call stays within about a second for a hundred observations in 16 dims and a few seconds for a
@@ -77,12 +89,13 @@ from botorch.optim import optimize_acqf
 from botorch.sampling.normal import SobolQMCNormalSampler
 from torch import Tensor
 
+from .allocators import ALLOCATORS, Allocation, allocations
 from .gp import KERNELS, MEANS, MIN_YVAR, fit_gp
 from .objectives import CostModel, composite
 from .sobol import MAX_SOBOL_DIM, sobol_points
 from .space import Space
 
-ENGINES = ("auto", "sobol", "gp")
+ENGINES = ("auto", "sobol", "gp") + ALLOCATORS
 DEFAULT_KERNEL = "rbf"
 DEFAULT_MAX_FIT_POINTS = 300
 # Above this many (observations x dims) the additive kernel falls back to the plain one.
@@ -112,7 +125,11 @@ class Problem:
         n_initial: How many trials the Sobol stage makes (``auto``).
         seed: The job's seed.
         engine: ``auto``, ``sobol`` or ``gp``.
-        options: Optional tuning: ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
+        options: Optional tuning: ``seed_allocators`` (compression ``auto`` jobs start with the
+            one-shot allocators' points; default True), ``init`` (``sobol`` | ``perturb``: the rest
+            of a compression job's initial design), ``trust_region`` (a TuRBO-style box around
+            the incumbent for the GP stage's candidates and acquisition optimizer; default False),
+            ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
             ``mean`` (``constant`` | ``linear``; default linear for compression jobs, constant
             for generic ones), ``min_gp_obs`` (observations before the GP stage; default
             ``max(2, ceil(n_initial / 2))``), ``rank_snapped`` (default True), ``center``
@@ -242,6 +259,9 @@ class _Ctx:
     local_frac: float = 0.5
     boltzmann: bool = False
     center: bool = False
+    init: str = "sobol"
+    alloc: list[dict[str, float]] | None = None
+    trust_region: bool = False
 
     @property
     def compression(self) -> bool:
@@ -330,6 +350,9 @@ def _compile(problem: Problem) -> _Ctx:
         local_frac=float(opts.get("local_frac", 0.5 if compression else 0.0)),
         boltzmann=bool(opts.get("starts", "best" if compression else "boltzmann") == "boltzmann"),
         center=bool(opts.get("center", not compression)),
+        init=str(opts.get("init", "sobol")),
+        trust_region=bool(opts.get("trust_region", False)),
+        alloc=_alloc_points(problem) if compression else None,
     )
 
 
@@ -358,8 +381,62 @@ def composite_value(problem: Problem, params: Mapping[str, float], value: float)
     return composite(kind, float(obj.get("kappa", 1.0) or 1.0), float(value), ratio(problem, params), obj.get("budget"))
 
 
+_ALLOC_CACHE: dict[str, list[dict[str, float]]] = {}
+
+
+def _alloc_points(problem: Problem) -> list[dict[str, float]]:
+    """The one-shot allocators' points of a compression job, distinct, in order (cached per job).
+
+    ``auto`` jobs start with every available allocator at each target (``seed_allocators``, on
+    by default); an allocator engine (``uniform`` ...) gets its own points only.
+    """
+    obj = problem.objective or {}
+    if obj.get("kind") is None or problem.profile is None:
+        return []
+    if problem.engine in ALLOCATORS:
+        methods: list[str] | None = [problem.engine]
+    elif problem.engine == "auto" and bool((problem.options or {}).get("seed_allocators", True)):
+        methods = None
+    else:
+        return []
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([problem.params, obj, problem.profile, methods], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    hit = _ALLOC_CACHE.get(key)
+    if hit is None:
+        space = Space(problem.params, compression=True)
+        hit, keys = [], set()
+        for a in allocations(problem.profile, problem.params, obj, methods):
+            k = space.key(a.theta)
+            if k not in keys:
+                keys.add(k)
+                hit.append(dict(a.theta))
+        if len(_ALLOC_CACHE) > 256:
+            _ALLOC_CACHE.clear()
+        _ALLOC_CACHE[key] = hit
+    return [dict(p) for p in hit]
+
+
+def allocations_of(problem: Problem) -> list[Allocation]:
+    """Every available one-shot allocation of a compression job, labelled (for reports)."""
+    obj = problem.objective or {}
+    if obj.get("kind") is None or problem.profile is None:
+        return []
+    return allocations(problem.profile, problem.params, obj)
+
+
+def _n_initial(problem: Problem) -> int:
+    if problem.engine == "auto" and (problem.objective or {}).get("kind") is not None:
+        return max(problem.n_initial, len(_alloc_points(problem)))
+    return problem.n_initial
+
+
 def _in_initial_design(problem: Problem, index: int) -> bool:
-    return problem.engine == "sobol" or (problem.engine == "auto" and index < problem.n_initial)
+    if problem.engine in ALLOCATORS:
+        return True
+    return problem.engine == "sobol" or (problem.engine == "auto" and index < _n_initial(problem))
 
 
 def initial_design_only(problem: Problem, n_existing: int, n: int) -> bool:
@@ -442,8 +519,18 @@ def propose(
         # wide buffer's refill of hundreds of Sobol points would otherwise scramble hundreds).
         drawn = (sobol_points(ctx.space.d, problem.seed, n_existing, n)
                  if slots_sobol and ctx.space.d <= MAX_SOBOL_DIM else None)
+        if problem.engine in ALLOCATORS:
+            # A one-shot job: its allocator's points in order, each once; then nothing is left.
+            todo = [ctx.space.snap(ctx.space.to_unit(p)) for p in ctx.alloc or []]
+            todo = [u for u in todo if ctx.space.unit_key(u) not in seen][: len(slots_sobol)]
+            for j, u in zip(slots_sobol, todo):
+                chosen[j] = u
+                seen.add(ctx.space.unit_key(u))
+            slots_sobol = []
         for j in slots_sobol:
-            u = _sobol_slot(ctx, n_existing + j, seen, mix, None if drawn is None else drawn[j:j + 1])
+            u = _initial_slot(ctx, n_existing + j, seen, mix, obs)
+            if u is None:
+                u = _sobol_slot(ctx, n_existing + j, seen, mix, None if drawn is None else drawn[j:j + 1])
             if u is not None:
                 chosen[j] = u
                 seen.add(ctx.space.unit_key(u))
@@ -459,6 +546,38 @@ def propose(
 
 
 # --------------------------------------------------------------------------- Sobol stage
+
+
+def _initial_slot(ctx: _Ctx, index: int, seen: set[tuple[int, ...]], mix: int,
+                  obs: list[Observation]) -> list[float] | None:
+    """A compression job's initial-design point other than Sobol's, or None to take Sobol's.
+
+    Trials ``0 .. len(alloc) - 1`` take the allocators' points (unless already seen). Later
+    initial trials take Sobol points, or with ``init="perturb"`` perturbations of the allocators'
+    points (a random ~20-coordinate subset moved, as the GP stage's local candidates), which stay
+    near the informative region a Sobol design in 20+ dimensions misses.
+    """
+    alloc = ctx.alloc or []
+    if index < len(alloc):
+        u = _accept(ctx, torch.tensor([ctx.space.to_unit(alloc[index])], dtype=torch.float64), seen)
+        if u is not None:
+            return u
+        return None
+    if ctx.init != "perturb" or not alloc:
+        return None
+    d = ctx.space.d
+    g = torch.Generator().manual_seed((mix + 7717 * index) % (2**31 - 1))
+    base = torch.tensor([ctx.space.to_unit(p) for p in alloc], dtype=torch.float64)
+    for _ in range(8):
+        centres = base[torch.randint(0, base.shape[0], (16,), generator=g)]
+        prob = min(1.0, 20.0 / d)
+        mask = torch.rand(16, d, generator=g, dtype=torch.float64) < prob
+        scale = torch.tensor([0.05, 0.1, 0.2, 0.3], dtype=torch.float64)[torch.arange(16) % 4].unsqueeze(-1)
+        U = (centres + mask * scale * torch.randn(16, d, generator=g, dtype=torch.float64)).clamp(0.0, 1.0)
+        u = _accept(ctx, U, seen)
+        if u is not None:
+            return u
+    return None
 
 
 def _ensure_feasible(ctx: _Ctx, p: dict[str, float]) -> dict[str, float]:
@@ -717,6 +836,58 @@ def _eval_acqf(acqf: Any, U: Tensor, chunk: int = 128) -> Tensor:
         return torch.cat([acqf(U[i : i + chunk].unsqueeze(-2)) for i in range(0, U.shape[0], chunk)])
 
 
+# TuRBO-style trust region (Eriksson et al. 2019), sized for budgets of tens of trials: the box
+# side in unit coordinates starts at TR_INIT, doubles after TR_SUCC improvements in a row (up to
+# TR_MAX), halves after TR_FAIL trials without one (down to TR_MIN, then restarts at TR_INIT).
+TR_INIT, TR_MIN, TR_MAX = 0.4, 0.02, 1.6
+TR_SUCC, TR_FAIL = 2, 3
+
+
+def _trust_region(ctx: _Ctx, J: Tensor, tr: dict | None) -> dict:
+    """Update the trust region's state from the observations since the last call (``J`` in trial order)."""
+    tr = dict(tr or {"length": TR_INIT, "succ": 0, "fail": 0, "seen": 0, "best": None})
+    seen = int(tr.get("seen", 0))
+    best = tr.get("best")
+    if best is None and seen == 0:
+        # The first GP call: the initial design sets the incumbent.
+        tr["best"] = float(J.min()) if J.numel() else None
+        tr["seen"] = int(J.numel())
+        return tr
+    for v in J[seen:].tolist():
+        if best is None or v < best - 1e-3 * abs(best):
+            tr["succ"], tr["fail"], best = tr["succ"] + 1, 0, v
+        else:
+            tr["succ"], tr["fail"] = 0, tr["fail"] + 1
+        if tr["succ"] >= TR_SUCC:
+            tr["length"], tr["succ"] = min(TR_MAX, 2.0 * tr["length"]), 0
+        elif tr["fail"] >= TR_FAIL:
+            tr["length"], tr["fail"] = tr["length"] / 2.0, 0
+            if tr["length"] < TR_MIN:
+                tr["length"] = TR_INIT
+    tr["best"], tr["seen"] = best, int(J.numel())
+    return tr
+
+
+def _tr_box(X: Tensor, J: Tensor, length: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(centre, lower, upper)`` of the trust region around the best observation (unit coordinates)."""
+    centre = X[int(torch.argmin(J))]
+    lo = (centre - length / 2).clamp(0.0, 1.0)
+    hi = (centre + length / 2).clamp(0.0, 1.0)
+    return centre, lo, hi
+
+
+def _tr_candidates(ctx: _Ctx, centre: Tensor, lo: Tensor, hi: Tensor, n: int, g: torch.Generator) -> Tensor:
+    """TuRBO's candidates: Sobol points in the box, each moving only a random ~20-coordinate subset."""
+    d = ctx.space.d
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    pert = lo + (hi - lo) * sobol_points(d, seed, 0, n)
+    prob = min(1.0, 20.0 / d)
+    mask = torch.rand(n, d, generator=g, dtype=centre.dtype) < prob
+    none = ~mask.any(dim=-1)
+    mask[none, torch.randint(0, d, (int(none.sum()),), generator=g)] = True
+    return ctx.repair(torch.where(mask, pert, centre.expand(n, d)))
+
+
 def _gp_stage(
     ctx: _Ctx,
     obs: list[Observation],
@@ -743,17 +914,28 @@ def _gp_stage(
     pend = [space.snap(space.to_unit(p)) for p in pending[-MAX_PENDING:]] + list(chosen_sobol)
     g = torch.Generator().manual_seed(mix)
     bounds = torch.stack([torch.zeros(space.d), torch.ones(space.d)]).to(torch.float64)
+    box = None
+    if ctx.trust_region:
+        tr = _trust_region(ctx, J_all, gp_state.get("tr") if gp_state else None)
+        new_gp_state = {**new_gp_state, "tr": tr}
+        box = _tr_box(X_all, J_all, float(tr["length"]))
+        bounds = torch.stack([box[1], box[2]])
     out: list[list[float]] = []
     for _ in range(n):
         Xp = torch.tensor(pend + out, dtype=torch.float64) if (pend or out) else None
         acqf = _build_acqf(ctx, model, X, Y, Xp, b.mc_samples, mix)
-        raw = _raw_candidates(ctx, X, J, b.raw_samples, g)
+        if box is not None:
+            raw = _tr_candidates(ctx, *box, b.raw_samples, g)
+        else:
+            raw = _raw_candidates(ctx, X, J, b.raw_samples, g)
         raw_val = _eval_acqf(acqf, raw)
         order = torch.argsort(raw_val, descending=True, stable=True)
         if ctx.boltzmann and b.num_restarts > 1:
             starts = raw[_boltzmann_pick(raw_val, b.num_restarts, g)].unsqueeze(-2)
         else:
             starts = raw[order[: b.num_restarts]].unsqueeze(-2)  # restarts x 1 x d
+        if box is not None:  # the constrained repair may move a start below the box: clamp it in
+            starts = torch.maximum(torch.minimum(starts, box[2]), box[1])
         cand, cand_val = optimize_acqf(
             acqf, bounds=bounds, q=1, num_restarts=starts.shape[0], batch_initial_conditions=starts,
             options={"maxiter": b.maxiter, "batch_limit": starts.shape[0]}, return_best_only=False,

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import LiveServer, start_server
 from tests.dashboard.conftest import Tab, wait_for
 from tests.dashboard.helpers import create_compression_job, insert_history, work
+from tests.service.helpers import lease
 
 PAINTED = """(sel) => {
   const c = document.querySelector(sel);
@@ -377,3 +378,31 @@ def test_auth_off_needs_no_sign_in_and_cancels_without_token(browser: Any, tmp_p
         ctx.close()
     finally:
         srv.stop()
+
+
+def test_a_collapsed_job_is_flagged_on_both_pages(tab: Tab) -> None:
+    """A job whose best trial lost the model's function says so on its page and in the job list."""
+    srv = tab.server
+    with srv.client(srv.admin_token) as c:
+        job = create_compression_job(c, "collapsed-svd", max_trials=2)
+        n = 0
+        while n < 2:
+            got = lease(c, worker="gpu0", kinds=["evaluate"])
+            if got is None:
+                time.sleep(0.05)
+                continue
+            r = c.post(f"/api/v1/trials/{got['trial']['id']}/complete",
+                       json={"values": {"distill_l2": 0.99 + 0.01 * n}, "lease_token": got["lease"]["token"]})
+            assert r.status_code == 200, r.text
+            n += got["job"]["id"] == job["id"]
+    tab.login(srv.admin_token)
+    tab.goto(f"/jobs/{job['id']}")
+    tab.wait_ready()
+    page = tab.page
+    page.wait_for_selector("#job-warnings:not(.hidden)")
+    assert "collapsed" in page.inner_text("#job-warnings") and "kappa" in page.inner_text("#job-warnings")
+    tab.goto("/")
+    page.wait_for_selector(f"a.job-link[href='/jobs/{job['id']}']")
+    row = page.locator("tr", has=page.locator(f"a.job-link[href='/jobs/{job['id']}']"))
+    assert "collapsed" in row.inner_text()
+    tab.assert_clean()

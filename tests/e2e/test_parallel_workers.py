@@ -84,9 +84,14 @@ def test_four_workers_share_one_gp_job(sqlite_server: LiveServer, tmp_path: Path
     # The work really was spread over the workers.
     by_worker = {t["worker"] for t in done}
     assert len(by_worker) >= 2, by_worker
-    # The GP stage improves on the Sobol design.
-    sobol = [t["values"]["objective"] for t in done if t["number"] < N_INITIAL]
+    # The initial design starts with the one-shot allocators' points (the profile's signals give
+    # uniform, energy and global at R = 0.25, 0.5, 0.75), each within its target R.
+    initial = [t for t in done if t["number"] < N_INITIAL]
     gp = [t["values"]["objective"] for t in done if t["number"] >= N_INITIAL]
-    assert len(sobol) == N_INITIAL and len(gp) == N_TRIALS - N_INITIAL
-    assert min(gp) < min(sobol), (min(gp), min(sobol))
+    assert len(initial) == N_INITIAL and len(gp) == N_TRIALS - N_INITIAL
+    targets = [0.25] * 3 + [0.5] * 3 + [0.75] * 3
+    for t, target in zip(sorted(initial, key=lambda t: t["number"]), targets):
+        assert t["values"]["ratio"] <= target + 1e-9, (t["number"], t["values"]["ratio"], target)
+    # The GP stage explores beyond them (its points are new, see above); whether it beats the best
+    # allocator on this 5-layer net is measured in docs/benchmarks.md, not asserted here.
     assert elapsed < 180.0, elapsed

@@ -312,3 +312,40 @@ def test_scalarized_gp_stage_finds_a_better_j_than_its_sobol_stage() -> None:
         obs.append(Observation(p, *ls.measure(p, g)))
         js.append(ls.true_l(p) + costs.ratio(ls.profile, p, "params"))
     assert min(js[8:]) < min(js[:8])
+
+
+def test_auto_compression_jobs_start_with_the_allocators_and_allocator_engines_stop() -> None:
+    from service.optimizer.allocators import allocate
+
+    ls = make_landscape(d=6, seed=2)
+    budget = 0.3
+    obj = {"kind": "constrained", "budget": budget, "cost": "params"}
+    uni = allocate("uniform", ls.profile, ls.params, budget)
+    assert uni is not None
+    first, _ = propose(Problem(ls.params, obj, ls.profile, 4, 0), [], [], 0, 2)
+    assert first[0] == uni.theta  # the profile has no signals: uniform is the only allocator
+    one, _ = propose(Problem(ls.params, obj, ls.profile, 4, 0, engine="uniform"), [], [], 0, 3)
+    assert one == [uni.theta]
+    none, _ = propose(Problem(ls.params, obj, ls.profile, 4, 0, engine="uniform"), [], [uni.theta], 1, 3)
+    assert none == []
+    sc, _ = propose(Problem(ls.params, {"kind": "scalarized", "cost": "params"}, ls.profile, 4, 0, engine="uniform"),
+                    [], [], 0, 5)
+    assert [round(costs.ratio(ls.profile, p, "params"), 2) <= t for p, t in zip(sc, (0.25, 0.5, 0.75))] == [True] * 3
+
+
+def test_trust_region_stays_feasible_and_adapts() -> None:
+    ls = make_landscape(d=10, seed=4)
+    budget = 0.3
+    prob = Problem(ls.params, {"kind": "constrained", "budget": budget, "cost": "params"}, ls.profile, 4, 0,
+                   options={"trust_region": True})
+    g = torch.Generator().manual_seed(0)
+    obs: list[Observation] = []
+    state = None
+    lengths = []
+    for i in range(12):
+        (p,), state = propose(prob, obs, [], i, 1, state)
+        assert costs.ratio(ls.profile, p, "params") <= budget
+        obs.append(Observation(p, *ls.measure(p, g)))
+        if state.get("gp", {}).get("tr"):
+            lengths.append(state["gp"]["tr"]["length"])
+    assert lengths and len(set(lengths)) >= 1 and all(0.0 < v <= 1.6 for v in lengths)

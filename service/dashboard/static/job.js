@@ -90,6 +90,12 @@
     const reason = $("job-reason");
     reason.textContent = j.reason || "";
     show(reason, j.state === "failed" && !!j.reason);
+    // The service's warnings about the best trial (a collapsed model must never look like a result).
+    const warn = $("job-warnings");
+    const ws = j.warnings || [];
+    warn.textContent = "";
+    for (const w of ws) warn.appendChild(el("div", null, "⚠ " + w));
+    show(warn, ws.length > 0);
     show($("cancel"), !TERMINAL.includes(j.state));
     document.title = j.name + " · job " + j.id + " · bocompress";
   }

@@ -26,7 +26,8 @@
       el("td", null, [el("a", { href: "/jobs/" + job.id, className: "job-link" }, job.name),
                       el("span", { className: "muted small" }, "  " + (job.kind === "compression"
                         ? ((job.spec.compression || {}).method || "") : "ask/tell"))]),
-      el("td", null, badge(job.state)),
+      el("td", null, [badge(job.state), job.collapsed
+        ? el("span", { className: "badge s-failed", title: (job.warnings || []).join("\n") }, "collapsed") : null]),
       el("td", null, el("div", { className: "progress" }, [
         el("div", { className: "bar" }, fill), el("span", { className: "small muted num" }, done + " / " + max)])),
       el("td", { className: "num", title: best === null || best === undefined ? "" : String(best) },
