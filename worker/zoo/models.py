@@ -231,22 +231,23 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res else out
 
 
-#: MobileNetV2 stages for 32x32 inputs: (expansion t, channels c, blocks n, first stride s).
-_MOBILENET_CFG: tuple[tuple[int, int, int, int], ...] = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 2), (6, 96, 1, 1))
+#: MobileNetV2 stages after the stride-2 stem: (expansion t, channels c, blocks n, first stride s).
+_MOBILENET_CFG: tuple[tuple[int, int, int, int], ...] = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 1), (6, 96, 1, 1))
 
 
 class MobileNetV2(nn.Module):
     """A small MobileNetV2-style net for ``batch x 3 x 32 x 32`` inputs (Sandler et al., 2018).
 
-    Stem 3x3 conv (16 channels, stride 1) + BN + ReLU6, then 8 :class:`InvertedResidual` blocks
-    (stages of :data:`_MOBILENET_CFG`: 32 -> 16 -> 8 -> 4 pixels), a 1x1 conv to ``head`` channels
+    Stem 3x3 conv (16 channels, stride 2: ``digits32`` images are upsampled 8x8 ones, so 16x16
+    loses nothing and trains 4x faster on a CPU) + BN + ReLU6, then 8 :class:`InvertedResidual`
+    blocks (stages of :data:`_MOBILENET_CFG`: 16 -> 8 -> 4 pixels), a 1x1 conv to ``head`` channels
     with a :class:`BatchNormAct2d`, global average pooling and a linear classifier. The first block
     uses a plain ``BatchNorm2d`` + ``nn.ReLU6``; all others the fused :class:`BatchNormAct2d`.
     """
 
     def __init__(self, num_classes: int = 10, head: int = 256) -> None:
         super().__init__()
-        self.conv_stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.conv_stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
         self.bn_stem = nn.BatchNorm2d(16)
         self.act_stem = nn.ReLU6()
         blocks: list[nn.Module] = []

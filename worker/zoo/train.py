@@ -42,7 +42,7 @@ TRAIN_CONFIG: dict[str, dict[str, float | str]] = {
                  "batch_size": 64, "warmup": 1, "augment": 3, "label_smoothing": 0.0},
     "resnet56": {"data": "digits32", "optimizer": "sgd", "epochs": 20, "lr": 0.1, "weight_decay": 5e-4,
                  "batch_size": 64, "warmup": 2, "augment": 3, "label_smoothing": 0.0},
-    "mobilenet": {"data": "digits32", "optimizer": "sgd", "epochs": 30, "lr": 0.1, "weight_decay": 4e-5,
+    "mobilenet": {"data": "digits32", "optimizer": "sgd", "epochs": 40, "lr": 0.05, "weight_decay": 4e-5,
                   "batch_size": 64, "warmup": 1, "augment": 3, "label_smoothing": 0.0},
     "transformer": {"data": "digits-tokens", "optimizer": "adamw", "epochs": 80, "lr": 1e-3, "weight_decay": 0.05,
                     "batch_size": 64, "warmup": 5, "augment": 1, "label_smoothing": 0.0},
