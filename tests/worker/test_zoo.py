@@ -123,7 +123,7 @@ def _readme_accuracy(name: str) -> float:
     return float(m.group(1)) / 100
 
 
-@pytest.mark.parametrize("name", ["mobilenet", "resnet20"])  # the others: once trained
+@pytest.mark.parametrize("name", ["mobilenet", "resnet20", "resnet56"])  # the transformer: once trained
 def test_deep_models_ship_trained_weights(name: str) -> None:
     """Every deep model loads its shipped weights and has the held-out accuracy the README states."""
     from safetensors import safe_open
