@@ -7,7 +7,7 @@ Three views of the same fixed 75/25 split (:func:`digits_split`, seed 0, stratif
   standardized with :data:`DIGITS32_MEAN` / :data:`DIGITS32_STD`: ``N x 3 x 32 x 32`` float32
   (the CIFAR-style zoo models: ResNet-20/56, the MobileNet-style net);
 * ``digits-tokens``: each image as 64 integer token ids, its 17 grey levels ``0..16`` in raster order
-  (the transformer; it prepends its own CLS token, id :data:`TOKEN_CLS`): ``N x 64`` int64.
+  (the transformer): ``N x 64`` int64.
 
 Augmentation (random shifts) lives only in training (:func:`shift32`, :func:`shift_tokens`), never
 in these sets.
@@ -27,8 +27,6 @@ __all__ = [
     "DIGITS32_MEAN",
     "DIGITS32_STD",
     "TOKEN_LEVELS",
-    "TOKEN_CLS",
-    "TOKEN_VOCAB",
     "digits_split",
     "digits32_split",
     "digits_tokens_split",
@@ -47,10 +45,8 @@ DIGITS_TEST_FRACTION = 0.25
 DIGITS32_MEAN = 0.305
 DIGITS32_STD = 0.324
 
-#: The 8x8 digits have 17 grey levels (0..16): token ids 0..16; the transformer's CLS token is 17.
+#: The 8x8 digits have 17 grey levels (0..16): token ids 0..16.
 TOKEN_LEVELS = 17
-TOKEN_CLS = 17
-TOKEN_VOCAB = 18
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +113,15 @@ def shift32(x: Tensor, gen: torch.Generator, max_shift: int = 3) -> Tensor:
     return _shift(x, max_shift, -DIGITS32_MEAN / DIGITS32_STD, gen)
 
 
-def shift_tokens(tokens: Tensor, gen: torch.Generator, max_shift: int = 1) -> Tensor:
-    """Training augmentation for ``digits-tokens`` batches ``N x 64``: shift each 8x8 image by up to one pixel."""
+def shift_tokens(tokens: Tensor, gen: torch.Generator, max_shift: int = 1, p: float = 1.0) -> Tensor:
+    """Training augmentation for ``digits-tokens`` batches ``N x 64``: shift 8x8 images by up to one pixel.
+
+    A pixel is an eighth of the image, so only a fraction ``p`` of the samples (drawn from ``gen``)
+    is shifted; the others are returned as they are.
+    """
     img = tokens.reshape(-1, 1, 8, 8).float()
-    return _shift(img, max_shift, 0.0, gen).reshape(-1, 64).to(torch.int64)
+    out = _shift(img, max_shift, 0.0, gen).reshape(-1, 64).to(torch.int64)
+    if p < 1.0:
+        keep = torch.rand(len(tokens), generator=gen) >= p
+        out[keep] = tokens[keep]
+    return out
