@@ -30,10 +30,11 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from service.api.deps import ClientDep, Context, CtxDep
 from service.api.jobs import visible_job
-from service.api.serialize import iso, job_out
+from service.api.serialize import iso, job_out, job_warnings, trial_out
 from service.auth import LOCAL_ADMIN, Principal
 from service.db.models import Trial
 from service.db.session import read_session
+from service.db.trials import best_trial
 
 COOKIE = "bocompress_token"
 HERE = Path(__file__).resolve().parent
@@ -258,6 +259,10 @@ def snapshot(job_id: int, ctx: CtxDep, p: ClientDep, trials: bool = True) -> Res
     with read_session(ctx.factory) as s:
         job = visible_job(s, job_id, p)
         meta = job_out(s, job, with_best=False)
+        # the service's warnings about the best trial (a collapsed model must never look like a result)
+        best = best_trial(s, job) if job.kind == "compression" else None
+        meta["warnings"], meta["collapsed"] = job_warnings(job.kind, job.spec or {}, job.profile or {},
+                                                           trial_out(best) if best else None)
         head = '{"job":' + json.dumps(meta, separators=(",", ":")) + ',"seq":' + str(int(job.seq))
         if not trials:
             return Response(head + "}", media_type="application/json", headers={"Cache-Control": "no-store"})

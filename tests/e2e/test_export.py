@@ -12,7 +12,6 @@ import torch
 import bocompress
 from tests.conftest import LiveServer, start_server
 from tests.e2e.helpers import REPO_ROOT, worker_process
-from worker.methods import build_compressor
 from worker.zoo import load_data, load_model
 
 
@@ -49,13 +48,15 @@ def test_quickstart_example_end_to_end(sqlite_server: LiveServer, tmp_path: Path
         assert exp["finetune_steps"] == 0 and exp["state"] == "completed", exp
         model = bocompress.load_compressed(path)
         theta = {k: float(v) for k, v in best["params"].items()}
-        spec = job.spec["compression"]
+        # the worker's own path for this job: the same calibration part, compression and repairs
+        from worker.evaluate import prepare
+        from worker.runtime import build_context
+
+        ctx = build_context(client, {"id": job.id, "spec": job.spec}, "cpu", [])
+        reference, _ = prepare(ctx.compressor, theta, ctx.inputs, ctx.teacher, ctx.proxy)
         x, _ = load_data("digits", 450)
-        original = load_model("digits-cnn")
-        comp = build_compressor(original, spec["method"], spec.get("layers", ["*"]), spec["theta_min"], x[:64])
-        reference = comp.apply(theta).eval()
         with torch.no_grad():
-            diff = (model(x) - reference(x)).abs().max().item()
+            diff = (model.eval()(x) - reference.eval()(x)).abs().max().item()
         assert diff < 1e-5, diff
         n_params = sum(p.numel() for p in model.parameters())
         assert n_params == int(best["values"]["params"]) == int(exp["values"]["params"])

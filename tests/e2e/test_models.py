@@ -121,13 +121,14 @@ def mnet() -> tuple[nn.Module, Tensor, Tensor]:
 
 
 def _job(client: bocompress.Client, name: str, model_id: str, data_id: str, method: Any, n: int = 4,
-         **comp: Any) -> Any:
+         engine: str = "sobol", **comp: Any) -> Any:
     spec = {"name": name,
+            # no held-out share: L is then measured on every sample the test measures the export on
             "compression": {"model": model_id, "data": data_id, "method": method, "n_calibration": N_CAL,
-                            "theta_min": 0.2, **comp},
+                            "theta_min": 0.2, "holdout_fraction": 0.0, **comp},
             "objective": {"kind": "scalarized", "kappa": 1.0},
             "budget": {"max_trials": n, "max_parallel": 2},
-            "optimizer": {"n_initial": n, "seed": 0, "engine": "sobol"}}
+            "optimizer": {"n_initial": n, "seed": 0, "engine": engine}}
     return client.create_job(spec)
 
 
@@ -141,7 +142,8 @@ def _export_and_check(client: bocompress.Client, job: Any, log: Path, tmp: Path,
     """Export the best trial (lowest ``by``), download it, load it; its L equals the trial's L."""
     final = wait_job(client, job.id, timeout=300, log_path=log)
     assert final["state"] == "completed", (final, log_tail(log))
-    done = [t for t in trials(client, job.id) if t["state"] == "completed"]
+    # a trial may leave every layer dense (theta at or above break-even): export a compressed one
+    done = [t for t in trials(client, job.id) if t["state"] == "completed" and t["values"]["ratio"] < 1.0]
     assert done, trials(client, job.id)
     best = min(done, key=lambda t: t["values"][by])
     job.export(best["id"], finetune_steps=0)
@@ -153,7 +155,8 @@ def _export_and_check(client: bocompress.Client, job: Any, log: Path, tmp: Path,
         l2 = _relative_l2(forward(model), forward(None))
     assert abs(l2 - best["values"]["distill_l2"]) <= 1e-5 * max(1.0, best["values"]["distill_l2"]), (
         l2, best["values"])
-    assert 0 < best["values"]["distill_l2"] and best["values"]["ratio"] < 1.0
+    # L may be 0 to float precision: least squares can rebuild a factorized layer exactly
+    assert 0 <= best["values"]["distill_l2"] and best["values"]["ratio"] < 1.0
     assert best["values"]["eval_seconds"] == pytest.approx(
         best["values"]["apply_seconds"] + best["values"]["measure_seconds"])
     return model, best, path
@@ -279,7 +282,9 @@ def test_job_whose_every_trial_fails_is_failed(live: tuple[LiveServer, Path], cl
 
     model_id = client.upload_model(weight_reader(), arch="tests.fixtures.mymodels:weight_reader")["id"]
     data_id = client.upload_dataset(torch.randn(32, 64))["id"]
-    job = _job(client, "all-fail", model_id, data_id, "svd", n=3)
+    # no sensitivity scan at profiling (it would compress the model there and fail the profile)
+    # the uniform allocator's three points (R = 0.25, 0.5, 0.75) factorize the layer in every trial
+    job = _job(client, "all-fail", model_id, data_id, "svd", n=3, engine="uniform", sensitivity=False)
     final = wait_job(client, job.id, timeout=120, log_path=live[1])
     assert final["state"] == "failed", (final, trials(client, job.id))
     assert final["reason"].startswith("every trial failed (3 of 3: AttributeError"), final["reason"]
