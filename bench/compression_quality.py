@@ -34,12 +34,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,13 +73,9 @@ SENS_GRID = (0.1, 0.3, 0.55, 0.8)
 
 
 def _quiet() -> None:
-    import optuna
+    from bench.bo_quality import _quiet as quiet_peers  # the same quieting of Optuna, Ax and BoTorch
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name in ("ax", "ax.api", "ax.service", "ax.modelbridge", "ax.generation_strategy", "botorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_peers()
 
 
 def method_spec(model: str, method: str) -> Any:
