@@ -142,10 +142,13 @@ _CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
                             "objective": {"properties": {"metric": {"type": "null"}}}}},
             {"title": "generic job", "required": ["parameters"],
              "properties": {"parameters": {"type": "array"}, "compression": {"type": "null"},
-                            "objective": {"properties": {"kind": {"type": "null"}}}}},
+                            "objective": {"properties": {"kind": {"type": "null"}}},
+                            "optimizer": {"properties": {"engine": {"enum": ["auto", "sobol", "gp"]}}}}},
         ],
         "description": "Exactly one of `compression` (a compression job, evaluated by workers) or `parameters` "
-                       "(a generic job, evaluated by its client with ask/tell). Parameter names must be unique.",
+                       "(a generic job, evaluated by its client with ask/tell; its `optimizer.engine` is "
+                       "'auto', 'sobol' or 'gp': the one-shot allocators need a compression profile). "
+                       "Parameter names must be unique.",
     },
     "Objective": {
         "anyOf": [{"properties": {"kind": {"enum": ["scalarized", "pareto", None]}}},
