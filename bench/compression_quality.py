@@ -333,26 +333,10 @@ def best_feasible(history: list[tuple[dict, dict]]) -> tuple[dict, dict] | None:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
+    """Spearman's rank correlation (proxy_quality's, average ranks for ties); NaN below 3 points."""
+    from bench.proxy_quality import spearman as rank_correlation
 
-    if len(xs) < 3:
-        return math.nan
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.mean(rx), statistics.mean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den > 0 else math.nan
+    return rank_correlation(xs, ys) if len(xs) >= 3 else math.nan
 
 
 def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: int, optimizers: list[str],
