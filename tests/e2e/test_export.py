@@ -12,7 +12,7 @@ import torch
 import bocompress
 from tests.conftest import LiveServer, start_server
 from tests.e2e.helpers import REPO_ROOT, worker_process
-from worker.zoo import load_data, load_model
+from worker.zoo import load_data
 
 
 @pytest.fixture
