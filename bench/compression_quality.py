@@ -6,11 +6,12 @@ same black box, in process:
 
 - the worker's compressor (``worker.methods.build_compressor``) applies theta;
 - BatchNorm statistics are re-estimated on the calibration inputs (``--no-bn`` turns it off);
-- L is the relative distillation error on the calibration inputs (256 images of the zoo model's
-  training split); measurements are cached by the kept counts of theta, so a compressed model is
-  paid for once per cell whichever optimizer asks for it;
+- L is the relative distillation error on the calibration inputs (``--calibration``, 128 images of
+  the zoo model's training split); measurements are cached by the kept counts of theta, so a
+  compressed model is paid for once per (model, method) whichever optimizer or budget asks for it;
 - the best feasible theta of each search is then fine-tuned by distillation for a fixed
-  ``--ft-steps`` (Adam, lr 3e-4, pruned weights kept at zero, batch 32, on the calibration inputs, BN re-estimated again), and
+  ``--ft-steps`` (50; Adam, lr 3e-4, pruned weights kept at zero, batch 32, on the calibration inputs, BN
+  re-estimated again), and
   the held-out accuracy (the 450 digits the zoo models never saw) is measured before and after.
 
 Optimizers: ``random`` (uniform in the box), ``tpe`` (Optuna's TPESampler with the constraint),
@@ -21,7 +22,9 @@ from the profile's signals; signals the worker's profile lacks are measured here
 definitions, see :func:`ensure_signals`).
 
 Also the rank correlation (Spearman) between -L and held-out accuracy after the fine-tune, with and
-without BN re-estimation, over the distinct points of a cell.
+without BN re-estimation, over ``--spearman`` distinct points of each (model, method) at its first
+budget; the page (``bench/compression_report.py``) also pools them per model. A budget below the
+smallest R the space allows is reported as unreachable, as the service does, and not searched.
 
 Run: ``python bench/compression_quality.py --quick`` (one seed, two models, fewer cells) or
 without ``--quick`` for the full grid; ``--models``, ``--methods``, ``--budgets``, ``--seeds``,
@@ -35,7 +38,6 @@ import argparse
 import copy
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +51,6 @@ from torch import nn  # noqa: E402
 
 from bocompress.costs import kept, ratio  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 MODELS = ("resnet20", "resnet56", "mobilenet", "transformer")
 #: method label -> the method spec per model family (svd for the transformer's Linear layers).
 METHODS = ("lowrank", "channel_l1", "magnitude")
@@ -63,7 +64,8 @@ VARIANTS = {
     "bocompress-alloc": {"seed_allocators": False},
 }
 ALLOCATOR_NAMES = ("uniform", "energy", "global", "knapsack")
-N_CALIBRATION = 256
+#: Calibration images (of the zoo model's training split) for BN re-estimation, L and the fine-tune.
+N_CALIBRATION = 128
 N_INITIAL = 8
 #: Where run_cell writes the runs of the cell in progress after each search (``--json`` + ``.partial``).
 PARTIAL: Path | None = None
@@ -142,6 +144,10 @@ class Cell:
         self.acc_original = self._accuracy(self.model)
         self.evals = 0
         self.eval_seconds = 0.0
+        #: Fine-tune results by (kept counts, bn): a point two optimizers found is fine-tuned once.
+        self.ft_cache: dict[tuple, dict[str, float]] = {}
+        #: The smallest R the search space allows (every parameter at its lower bound).
+        self.min_ratio = float(ratio(self.profile, {p["name"]: float(p["low"]) for p in self.params}, "params"))
 
     @property
     def name(self) -> str:
@@ -181,6 +187,12 @@ class Cell:
     def finetune(self, theta: dict[str, float], bn: bool | None = None) -> dict[str, float]:
         """Held-out accuracy before and after the fixed distillation fine-tune, and L after it."""
         bn = self.bn if bn is None else bn
+        fk = (self.key(theta), bn)
+        if fk not in self.ft_cache:
+            self.ft_cache[fk] = self._finetune(theta, bn)
+        return dict(self.ft_cache[fk])
+
+    def _finetune(self, theta: dict[str, float], bn: bool) -> dict[str, float]:
         m = self._build(theta, bn)
         before = self._accuracy(m)
         L_before = self._l(m)[0]
@@ -339,10 +351,34 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return rank_correlation(xs, ys) if len(xs) >= 3 else math.nan
 
 
+#: The cell of the (model, method) in progress: its budgets share the black box, its measurement and
+#: fine-tune caches and the sensitivity curves (one model in memory at a time).
+_CELLS: dict[tuple, Cell] = {}
+
+
+def get_cell(model: str, method: str, budget: float, device: str, bn: bool, ft_steps: int) -> Cell:
+    k = (model, method, device, bn, ft_steps)
+    if k not in _CELLS:
+        _CELLS.clear()
+        _CELLS[k] = Cell(model, method, budget, device=device, bn=bn, ft_steps=ft_steps)
+    cell = _CELLS[k]
+    cell.budget = budget
+    return cell
+
+
 def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: int, optimizers: list[str],
              device: str, bn: bool, ft_steps: int, n_spearman: int, options: dict | None) -> dict[str, Any]:
+    """One cell; ``n_spearman`` > 0 also measures the proxy's rank correlation on that many points."""
     t_cell = time.perf_counter()
-    cell = Cell(model, method, budget, device=device, bn=bn, ft_steps=ft_steps)
+    cell = get_cell(model, method, budget, device, bn, ft_steps)
+    n0, s0 = cell.evals, cell.eval_seconds
+    if cell.min_ratio > budget + 1e-12:  # as the service does: an unreachable budget is said at once
+        print(f"  {cell.name}: unreachable, the smallest R this space allows is {cell.min_ratio:.3f}", flush=True)
+        return {"model": model, "method": method, "budget": budget, "runs": [], "spearman": {},
+                "unreachable": cell.min_ratio, "acc_original": cell.acc_original, "d": len(cell.params),
+                "signals": {"layers": 0, "evals": 0, "seconds": 0.0}, "evals": 0, "eval_seconds": 0.0,
+                "seconds": time.perf_counter() - t_cell, "device": device, "bn": bn, "ft_steps": ft_steps,
+                "trials": trials, "seeds": seeds, "n_calibration": N_CALIBRATION}
     sig = ensure_signals(cell) if "knapsack" in optimizers else {"layers": 0, "evals": 0, "seconds": 0.0}
     runs: list[dict[str, Any]] = []
     for opt in optimizers:
@@ -368,8 +404,12 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
             print(f"  {cell.name} {opt} seed {seed}: L={row.get('L', math.nan):.4g} R={row.get('R', math.nan):.3f} "
                   f"acc {row.get('acc_before', math.nan):.3f} -> {row.get('acc_after', math.nan):.3f} "
                   f"({seconds:.0f} s)", flush=True)
-    return _finish_cell(cell, runs, sig, t_cell, model, method, budget, seeds, trials, device, bn, ft_steps,
-                        n_spearman)
+    corr = proxy_correlation(cell, runs, n_spearman) if n_spearman > 0 else {}
+    return {"model": model, "method": method, "budget": budget, "runs": runs, "spearman": corr,
+            "acc_original": cell.acc_original, "d": len(cell.params), "signals": sig,
+            "evals": cell.evals - n0, "eval_seconds": cell.eval_seconds - s0,
+            "seconds": time.perf_counter() - t_cell, "device": device, "bn": bn, "ft_steps": ft_steps,
+            "trials": trials, "seeds": seeds, "n_calibration": N_CALIBRATION}
 
 
 def _search(cell: Cell, opt: str, seed: int, trials: int, options: dict | None) -> list[tuple[dict, dict]]:
@@ -387,162 +427,42 @@ def _search(cell: Cell, opt: str, seed: int, trials: int, options: dict | None) 
     return run_allocator(cell, opt)
 
 
-def _finish_cell(cell: Cell, runs: list[dict[str, Any]], sig: dict, t_cell: float, model: str, method: str,
-                 budget: float, seeds: list[int], trials: int, device: str, bn: bool, ft_steps: int,
-                 n_spearman: int) -> dict[str, Any]:
-    # Proxy quality: distinct feasible points spread over L, fine-tuned with and without BN re-estimation.
-    corr: dict[str, float] = {}
-    if n_spearman > 0:
-        pts = sorted({cell.key(r["theta"]): r["theta"] for r in runs if "theta" in r}.values(),
-                     key=lambda th: cell.measure(th)["L"])
-        rnd = [p for p, m in run_random(cell, 12345, 3 * n_spearman) if m["feasible"]]
-        pool = (pts + rnd)[: 2 * n_spearman]
-        step = max(1, len(pool) // n_spearman)
-        pool = pool[::step][:n_spearman]
-        for use_bn in (True, False):
-            Ls, accs = [], []
-            for th in pool:
-                ft = cell.finetune(th, bn=use_bn)
-                Ls.append(ft["L_before"])
-                accs.append(ft["acc_after"])
-            corr["bn" if use_bn else "no_bn"] = spearman([-x for x in Ls], accs)
-        corr["n"] = len(pool)
-    return {"model": model, "method": method, "budget": budget, "runs": runs, "spearman": corr,
-            "acc_original": cell.acc_original, "d": len(cell.params), "signals": sig,
-            "evals": cell.evals, "eval_seconds": cell.eval_seconds, "seconds": time.perf_counter() - t_cell,
-            "device": device, "bn": bn, "ft_steps": ft_steps, "trials": trials, "seeds": seeds}
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _med(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.median(xs) if xs else math.nan
-
-
-def _f(x: float, nd: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{nd}g}" if nd > 3 else f"{x:.{nd}f}"
-
-
-def cell_table(res: dict[str, Any], optimizers: list[str]) -> str:
-    lines = ["| optimizer | L (median) | held-out acc before FT | after FT | R | seconds |",
-             "|---|---|---|---|---|---|"]
-    for opt in optimizers:
-        rows = [r for r in res["runs"] if r["optimizer"] == opt]
-        if not rows:
-            continue
-        if not any("L" in r for r in rows):
-            lines.append(f"| {opt} | not available (no signals) or none feasible | | | | |")
-            continue
-        lines.append(f"| {opt} | {_f(_med([r.get('L', math.nan) for r in rows]), 4)} | "
-                     f"{_f(_med([r.get('acc_before', math.nan) for r in rows]))} | "
-                     f"{_f(_med([r.get('acc_after', math.nan) for r in rows]))} | "
-                     f"{_f(_med([r.get('R', math.nan) for r in rows]))} | "
-                     f"{_med([r['seconds'] for r in rows]):.0f} |")
-    return "\n".join(lines)
-
-
-def verdict(res: dict[str, Any]) -> list[str]:
-    """Plain statements of where bocompress does not meet the goal in this cell."""
-    def med(opt: str, key: str) -> float:
-        return _med([r.get(key, math.nan) for r in res["runs"] if r["optimizer"] == opt])
-
-    out = []
-    bo_acc, bo_l = med("bocompress", "acc_after"), med("bocompress", "L")
-    allocs = {a: med(a, "acc_after") for a in ALLOCATOR_NAMES if math.isfinite(med(a, "acc_after"))}
-    if allocs and math.isfinite(bo_acc):
-        best_a = max(allocs, key=lambda a: allocs[a])
-        if bo_acc < allocs[best_a]:
-            out.append(f"bocompress's accuracy after the fine-tune ({bo_acc:.3f}) is **below** the best allocator's "
-                       f"({best_a}, {allocs[best_a]:.3f}).")
-    for other in ("tpe", "ax"):
-        o = med(other, "L")
-        if math.isfinite(o) and math.isfinite(bo_l) and not bo_l < o:
-            out.append(f"bocompress's L ({bo_l:.4g}) is **not lower** than {other}'s ({o:.4g}).")
-    return out
-
-
-def plot_model(model: str, results: list[dict[str, Any]], optimizers: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = [r for r in results if r["model"] == model]
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False)
-    for ax, res in zip(axes[0], cells):
-        for i, opt in enumerate(optimizers):
-            rows = [r for r in res["runs"] if r["optimizer"] == opt and "L" in r]
-            if not rows:
-                continue
-            ax.scatter([r["L"] for r in rows], [r["acc_after"] for r in rows], label=opt, s=28,
-                       marker="o*sD^v<>"[i % 8])
-        ax.set_xscale("log")
-        ax.set_xlabel("L (best feasible)")
-        ax.set_ylabel("held-out accuracy after fine-tune")
-        ax.axhline(res["acc_original"], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{res['method']}, R <= {res['budget']}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{model}: compression quality per optimizer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def render(results: list[dict[str, Any]], optimizers: list[str], argv: list[str], total_s: float,
-           write_docs: bool) -> str:
-    parts = []
-    dev = {r["device"] for r in results}
-    parts.append(f"Command: `python bench/compression_quality.py {' '.join(argv)}`, total {total_s / 60:.1f} min on "
-                 f"{', '.join(sorted(dev))}" + (" (a CUDA run: labelled as such; the product is tested on CPU)"
-                                                if "cuda" in dev else " (2 cores shared with other work)") + ".")
-    r0 = results[0]
-    parts.append(f"Per cell: {r0['trials']} trials per search, seeds {r0['seeds']}; the allocators are one "
-                 f"evaluation each (deterministic, one seed). Black box: the worker's compressor, BatchNorm "
-                 f"re-estimated on {N_CALIBRATION} training images ({'on' if r0['bn'] else 'off'}), L on them; "
-                 f"the best feasible theta of each search fine-tuned {r0['ft_steps']} distillation steps, held-out "
-                 f"accuracy on the 450 digits the zoo models never saw. Medians over seeds.")
-    notes = []
-    for res in results:
-        parts.append(f"### {res['model']}, {res['method']}, R <= {res['budget']} ({res['d']} parameters; original "
-                     f"held-out accuracy {res['acc_original']:.3f}; {res['evals']} distinct models measured, "
-                     f"cell {res['seconds'] / 60:.1f} min)")
-        parts.append(cell_table(res, optimizers))
-        s = res["spearman"]
-        if s:
-            parts.append(f"Spearman(-L, held-out accuracy after fine-tune) over {s.get('n')} points: "
-                         f"{_f(s.get('bn', math.nan), 2)} with BN re-estimation, {_f(s.get('no_bn', math.nan), 2)} without.")
-        if res["signals"]["layers"]:
-            parts.append(f"Sensitivity curves measured here for the knapsack: {res['signals']['layers']} parameters, "
-                         f"{res['signals']['evals']} evaluations, {res['signals']['seconds']:.0f} s (not counted as trials).")
-        v = verdict(res)
-        if v:
-            parts.append("**Where bocompress falls short here:** " + " ".join(v))
-            notes.extend(f"{res['model']}/{res['method']}/R<={res['budget']}: {x}" for x in v)
-    if write_docs:
-        for model in sorted({r["model"] for r in results}):
-            path = DOCS / f"compression_quality_{model}.png"
-            plot_model(model, results, optimizers, path)
-            parts.append(f"![{model}]({path.name})")
-    parts.insert(2, "**Summary.** " + (f"bocompress falls short of a goal in {len(notes)} place(s), listed under "
-                                        "each cell." if notes else "in the cells run here (and only those: see which below), bocompress's "
-                                        "held-out accuracy after the fine-tune is at least the best allocator's and "
-                                        "uniform's, and its L is below TPE's and Ax's."))
-    return "\n\n".join(parts)
+def proxy_correlation(cell: Cell, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Spearman(-L, held-out accuracy after the fine-tune) over ``n`` distinct feasible points spread over L
+    (the searches' bests, then random points), with and without BN re-estimation; the points are kept
+    so the page can also pool them per model."""
+    pts = sorted({cell.key(r["theta"]): r["theta"] for r in runs if "theta" in r}.values(),
+                 key=lambda th: cell.measure(th)["L"])
+    rnd = [p for p, m in run_random(cell, 12345, 3 * n) if m["feasible"]]
+    pool = (pts + rnd)[: 2 * n]
+    step = max(1, len(pool) // n)
+    pool = pool[::step][:n]
+    corr: dict[str, Any] = {"n": len(pool)}
+    for use_bn in (True, False):
+        pairs = []
+        for th in pool:
+            ft = cell.finetune(th, bn=use_bn)
+            pairs.append((ft["L_before"], ft["acc_after"]))
+        tag = "bn" if use_bn else "no_bn"
+        corr[tag] = spearman([-x for x, _ in pairs], [y for _, y in pairs])
+        corr[f"points_{tag}"] = pairs
+    return corr
 
 
 def main() -> None:
+    global N_CALIBRATION, PARTIAL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, two models, fewer cells (<= 20 min on 2 cores)")
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--budgets", nargs="*", type=float)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--optimizers", nargs="*")
-    ap.add_argument("--ft-steps", type=int, default=100)
-    ap.add_argument("--spearman", type=int, default=8, help="points per cell for the proxy's rank correlation")
+    ap.add_argument("--ft-steps", type=int, default=50)
+    ap.add_argument("--spearman", type=int, default=6,
+                    help="points per (model, method), at its first budget, for the proxy's rank correlation")
+    ap.add_argument("--calibration", type=int, default=N_CALIBRATION, help="calibration images per model")
     ap.add_argument("--no-bn", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -553,8 +473,8 @@ def main() -> None:
     args = ap.parse_args()
     _quiet()
     torch.set_num_threads(args.threads)
+    N_CALIBRATION = args.calibration
     optimizers = list(args.optimizers or OPTIMIZERS)
-    global PARTIAL
     PARTIAL = Path(args.json + ".partial") if args.json else None
     if args.from_json and not args.optimizers:
         optimizers = list(dict.fromkeys(r["optimizer"] for path in args.from_json.split(",")
@@ -567,21 +487,22 @@ def main() -> None:
             argv = argv + (["+"] if argv else []) + blob["argv"]
             total += blob["seconds"]
     else:
-        models = args.models or (["resnet20", "transformer"] if args.quick else list(MODELS))
+        models = args.models or (["resnet20", "mobilenet"] if args.quick else list(MODELS))
         methods = args.methods or (["lowrank", "channel_l1"] if args.quick else list(METHODS))
         budgets = args.budgets or ([0.5] if args.quick else list(BUDGETS))
         seeds = list(range(1 if args.quick else args.seeds))
-        trials = 30 if args.quick and args.trials == 40 else args.trials
+        trials = args.trials
         argv = sys.argv[1:]
         t0 = time.perf_counter()
         results = []
         for model in models:
             for method in methods:
-                for budget in budgets:
+                for i, budget in enumerate(budgets):
                     print(f"cell {model}/{method}/R<={budget}", flush=True)
                     try:
                         results.append(run_cell(model, method, budget, seeds, trials, optimizers, args.device,
-                                                not args.no_bn, args.ft_steps, args.spearman, args.options))
+                                                not args.no_bn, args.ft_steps, args.spearman if i == 0 else 0,
+                                                args.options))
                     except Exception as e:  # noqa: BLE001 - one cell that cannot run (no such layer) is reported
                         print(f"  cell failed: {type(e).__name__}: {e}", flush=True)
                     if args.json:  # after every cell, so a long run that is stopped keeps what it measured
@@ -590,6 +511,8 @@ def main() -> None:
         total = time.perf_counter() - t0
         if args.json:
             Path(args.json).write_text(json.dumps({"results": results, "argv": argv, "seconds": total}, default=str))
+    from bench.compression_report import render
+
     body = render(results, optimizers, argv, total, not args.no_docs)
     print(body)
     if not args.no_docs:
