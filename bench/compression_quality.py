@@ -449,6 +449,29 @@ def proxy_correlation(cell: Cell, runs: list[dict[str, Any]], n: int) -> dict[st
     return corr
 
 
+def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (model, method, budget): runs of the same cell from several invocations (more
+    seeds, more optimizers) are pooled, in first-seen cell order; a run (optimizer, seed) seen twice
+    keeps its first measurement."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for res in results:
+        k = (res["model"], res["method"], float(res["budget"]))
+        if k not in out:
+            out[k] = {**res, "runs": list(res["runs"]), "seeds": list(res.get("seeds", []))}
+            continue
+        cell = out[k]
+        have = {(r["optimizer"], r["seed"]) for r in cell["runs"]}
+        cell["runs"] += [r for r in res["runs"] if (r["optimizer"], r["seed"]) not in have]
+        cell["seeds"] = sorted(set(cell["seeds"]) | set(res.get("seeds", [])))
+        for key in ("evals", "eval_seconds", "seconds"):
+            cell[key] = cell.get(key, 0) + res.get(key, 0)
+        if not (cell.get("spearman") or {}).get("n") and (res.get("spearman") or {}).get("n"):
+            cell["spearman"] = res["spearman"]
+        if not cell["signals"].get("layers") and res["signals"].get("layers"):
+            cell["signals"] = res["signals"]
+    return list(out.values())
+
+
 def main() -> None:
     global N_CALIBRATION, PARTIAL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -457,6 +480,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--budgets", nargs="*", type=float)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed .. first-seed+seeds-1 (more seeds later; --from-json a,b pools them)")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--optimizers", nargs="*")
     ap.add_argument("--ft-steps", type=int, default=50)
@@ -486,11 +511,12 @@ def main() -> None:
             results += blob["results"]
             argv = argv + (["+"] if argv else []) + blob["argv"]
             total += blob["seconds"]
+        results = merge_cells(results)
     else:
         models = args.models or (["resnet20", "mobilenet"] if args.quick else list(MODELS))
         methods = args.methods or (["lowrank", "channel_l1"] if args.quick else list(METHODS))
         budgets = args.budgets or ([0.5] if args.quick else list(BUDGETS))
-        seeds = list(range(1 if args.quick else args.seeds))
+        seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
         trials = args.trials
         argv = sys.argv[1:]
         t0 = time.perf_counter()
