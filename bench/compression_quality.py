@@ -475,7 +475,7 @@ def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> None:
     global N_CALIBRATION, PARTIAL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, two models, fewer cells (<= 20 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="one seed; resnet20 and mobilenet; lowrank and channel_l1; R <= 0.5")
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--budgets", nargs="*", type=float)
