@@ -9,13 +9,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bocompress.schemas import ExportOut, ExportRequest
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep
+from service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep, viewer
 from service.api.errors import APIError, bad_request
-from service.api.jobs import ERRORS, visible_job
+from service.api.jobs import ERRORS
 from service.api.uploads import _read_limited, checked_safetensors, new_blob
 from service.db.models import Blob, Trial, utcnow
 from service.db.session import read_session, run_tx
-from service.db.trials import NotFound, add_event, bump_seq, check_lease, lock_trial
+from service.db.errors import NotFound
+from service.db.queries import visible_job
+from service.db.trials import add_event, bump_seq, check_lease, lock_trial
 
 router = APIRouter(prefix="/api/v1", tags=["export"])
 
@@ -44,7 +46,7 @@ def request_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep,
     body = body or ExportRequest()
 
     def _req(s: Session) -> dict[str, Any]:
-        job = visible_job(s, job_id, p)
+        job = visible_job(s, job_id, viewer(p))
         if job.kind != "compression":
             raise APIError(409, f"job {job_id} is not a compression job: nothing to export", "not_compression")
         src = _source_trial(s, job_id, trial_id)
@@ -79,7 +81,7 @@ def get_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Any
 
 def _visible_export(s: Session, job_id: int, trial_id: int, p: Any) -> Trial:
     """The export asked for last of a trial the caller may see; else 404."""
-    visible_job(s, job_id, p)
+    visible_job(s, job_id, viewer(p))
     _source_trial(s, job_id, trial_id)
     t = _latest_export(s, job_id, trial_id)
     if t is None:
@@ -131,7 +133,7 @@ async def upload_artifact(task_id: RowId, request: Request, ctx: CtxDep, p: Work
         if t.state != "running":
             raise APIError(409, f"export task {task_id} is {t.state}: upload refused", "lease_lost")
         check_lease(t, x_lease_token)
-        job = visible_job(s, t.job_id, p)
+        job = visible_job(s, t.job_id, viewer(p))
         blob = new_blob("artifact", job.owner, data, tensors,
                         meta={"task_id": task_id, "trial_id": t.params.get("trial_id")})
         s.add(blob)
