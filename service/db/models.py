@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from bocompress.states import JobState, TrialState, check_sql
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -77,6 +80,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
+        CheckConstraint(check_sql("state", JobState), name="ck_jobs_state"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_owner_id", "owner", "id"),
     )
@@ -85,7 +89,7 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))  # compression | generic
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # bocompress.states, kept so by a CHECK
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     search_space: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     profile: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -105,19 +109,20 @@ class Trial(Base):
     __tablename__ = "trials"
     __table_args__ = (
         UniqueConstraint("job_id", "kind", "number"),
+        CheckConstraint(check_sql("state", TrialState), name="ck_trials_state"),
         Index("ix_trials_job_id_seq", "job_id", "seq"),
         Index("ix_trials_job_id_state", "job_id", "state"),
         Index(
             "ix_trials_queued",
             "id",
-            postgresql_where=text("state = 'queued'"),
-            sqlite_where=text("state = 'queued'"),
+            postgresql_where=text(f"state = '{TrialState.QUEUED.value}'"),
+            sqlite_where=text(f"state = '{TrialState.QUEUED.value}'"),
         ),
         Index(
             "ix_trials_running_lease",
             "lease_expires_at",
-            postgresql_where=text("state = 'running'"),
-            sqlite_where=text("state = 'running'"),
+            postgresql_where=text(f"state = '{TrialState.RUNNING.value}'"),
+            sqlite_where=text(f"state = '{TrialState.RUNNING.value}'"),
         ),
     )
 
@@ -126,7 +131,7 @@ class Trial(Base):
     kind: Mapped[str] = mapped_column(String(16))  # profile | evaluate | export
     number: Mapped[int] = mapped_column(Integer)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # bocompress.states, kept so by a CHECK
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     sem: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
