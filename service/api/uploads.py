@@ -21,7 +21,7 @@ from service.api.serialize import iso
 from service.auth import Principal
 from service.db.models import Blob, utcnow
 from service.db.session import read_session, run_tx
-from service.db.trials import NotFound
+from service.db.errors import NotFound
 from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])

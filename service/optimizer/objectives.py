@@ -142,7 +142,7 @@ def composite(
         ``kappa * L + R`` for ``scalarized`` and ``pareto`` (a pareto job is ranked by the
         scalarization with its kappa); ``L`` for ``constrained`` (the engine never proposes an
         infeasible point, so every trial it created is feasible; an infeasible one, if any, ranks
-        after all feasible ones: ``L + 1e6 * (1 + R - budget)``); the value itself for generic jobs.
+        after all feasible ones, by :func:`bocompress.objective.job_objective`); the value itself for generic jobs.
     """
     if kind is None:
         return float(value)
