@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bocompress.schemas import ExportOut, ExportRequest
+from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
 from service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep, viewer
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
@@ -50,22 +51,22 @@ def request_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep,
         if job.kind != "compression":
             raise APIError(409, f"job {job_id} is not a compression job: nothing to export", "not_compression")
         src = _source_trial(s, job_id, trial_id)
-        if src.state != "completed":
+        if src.state != TrialState.COMPLETED:
             raise APIError(409, f"trial {trial_id} is {src.state}: only a completed trial can be exported",
                            "not_completed")
-        if job.state not in ("running", "completed"):
+        if job.state not in (JobState.RUNNING, JobState.COMPLETED):
             raise APIError(409, f"job {job_id} is {job.state}: no worker will build it", "job_state")
         params = {"trial_id": trial_id, "finetune_steps": body.finetune_steps, "lr": body.lr}
         latest = _latest_export(s, job_id, trial_id)
-        if latest is not None and latest.params == params and latest.state in ("queued", "running", "completed"):
+        if latest is not None and latest.params == params and latest.state in (*OPEN_TRIAL_STATES, TrialState.COMPLETED):
             return export_out(latest)
         n = s.execute(select(func.count()).select_from(Trial)
                       .where(Trial.job_id == job_id, Trial.kind == "export")).scalar_one()
-        task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state="queued",
+        task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state=TrialState.QUEUED,
                      params=params, values={}, sem={}, attempt=1, created_at=utcnow())
         s.add(task)
         s.flush()
-        add_event(s, job_id, "export_requested", task.id, None, "queued", f"trial {trial_id}")
+        add_event(s, job_id, "export_requested", task.id, None, TrialState.QUEUED, f"trial {trial_id}")
         return export_out(task)
 
     return run_tx(ctx.factory, _req)
@@ -106,9 +107,9 @@ def download_artifact(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep)
     """
     with read_session(ctx.factory) as s:
         t = _visible_export(s, job_id, trial_id, p)
-        if t.state in ("queued", "running"):
+        if t.state in OPEN_TRIAL_STATES:
             raise APIError(409, f"the export of trial {trial_id} is {t.state}", "export_pending", {"Retry-After": "2"})
-        if t.state != "completed":
+        if t.state != TrialState.COMPLETED:
             raise APIError(409, f"the export of trial {trial_id} {t.state}: {t.error or ''}".strip(), "export_failed")
         art = (t.extra or {}).get("artifact") or {}
         blob = s.get(Blob, art.get("blob_id", ""))
@@ -130,7 +131,7 @@ async def upload_artifact(task_id: RowId, request: Request, ctx: CtxDep, p: Work
         t = lock_trial(s, task_id, ctx.dialect)
         if t.kind != "export":
             raise APIError(409, f"trial {task_id} is not an export task", "not_export")
-        if t.state != "running":
+        if t.state != TrialState.RUNNING:
             raise APIError(409, f"export task {task_id} is {t.state}: upload refused", "lease_lost")
         check_lease(t, x_lease_token)
         job = visible_job(s, t.job_id, viewer(p))
