@@ -101,7 +101,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TransitionError)
     async def _conflict(_: Request, exc: TransitionError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409, headers=exc.headers)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:

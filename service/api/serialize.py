@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from service.api.errors import APIError
 from service.db.views import iso, job_out, job_warnings, trial_out

@@ -10,9 +10,11 @@ from service.db.session import StorageError
 class TransitionError(Exception):
     """A guarded update matched no row, or a request conflicts with a row's state (a 409 at the API)."""
 
-    def __init__(self, message: str, code: str = "conflict") -> None:
+    def __init__(self, message: str, code: str = "conflict", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        #: HTTP headers the answer carries (``Retry-After`` for a conflict that passes).
+        self.headers = headers
 
 
 class NotFound(Exception):

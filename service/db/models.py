@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from datetime import datetime, timezone
 from typing import Any
 
@@ -179,5 +181,13 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def new_blob(kind: str, owner: str, data: bytes, tensors: dict, arch: str | None = None,
+             meta: dict | None = None) -> Blob:
+    """A stored upload or artifact: a fresh id with its kind's prefix, size and sha256 of ``data``."""
+    prefix = {"model": "mdl", "dataset": "ds", "artifact": "art"}[kind]
+    return Blob(id=f"{prefix}_{secrets.token_hex(12)}", kind=kind, owner=owner, arch=arch, size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, meta=meta, data=data, created_at=utcnow())
+
+
 # Float is imported for migrations that may need it.
-__all__ = ["Base", "Token", "Job", "Trial", "Event", "Blob", "UTCDateTime", "utcnow", "Float"]
+__all__ = ["Base", "Token", "Job", "Trial", "Event", "Blob", "UTCDateTime", "new_blob", "utcnow", "Float"]

@@ -26,6 +26,7 @@ from bocompress.spec import JobSpec
 from bocompress.states import FINISHED_JOB_STATES, JobState, TrialState
 from service.db import hot
 from service.db.errors import Invalid, NotFound, TransitionError
+from service.db.exports import ExportsMixin
 from service.db.models import Blob, Job, Trial, utcnow
 from service.db.queries import pareto_trials, visible_job
 from service.db.session import read_session, run_conn, run_tx
@@ -86,7 +87,7 @@ def hot_values(info: Any, t: Any, result: Result) -> tuple[dict[str, float], dic
     return values, sem, result_hash(values, sem, None)
 
 
-class OrmStore(Store):
+class OrmStore(ExportsMixin, Store):
     """Every :class:`Store` method through the ORM (see the module docstring)."""
 
     def __init__(self, engine: Engine, factory: sessionmaker[Session], jobs: hot.JobInfoCache | None = None) -> None:

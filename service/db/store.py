@@ -140,6 +140,26 @@ class Store(ABC):
                    failed: bool, error: str | None) -> dict[str, Any]:
         """A client's result (or failure) of a trial it asked for: the trial."""
 
+    # -------------------------------------------------------------- exports (tasks leased like trials)
+
+    @abstractmethod
+    async def request_export(self, job_id: int, trial_id: int, viewer: Viewer, finetune_steps: int,
+                             lr: float) -> dict[str, Any]:
+        """Queue an export task for a completed trial; the same request again returns the same task."""
+
+    @abstractmethod
+    async def get_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:
+        """The export asked for last of a trial."""
+
+    @abstractmethod
+    async def artifact(self, job_id: int, trial_id: int, viewer: Viewer) -> tuple[bytes, str]:
+        """The exported model (bytes, sha256); TransitionError ``export_pending`` / ``export_failed``."""
+
+    @abstractmethod
+    async def store_artifact(self, task_id: int, token: str | None, viewer: Viewer, data: bytes,
+                             tensors: dict[str, Any]) -> dict[str, Any]:
+        """Keep the compressed model of an export task whose lease the caller holds."""
+
     # -------------------------------------------------------------- the scheduler (its own thread)
 
     @abstractmethod
