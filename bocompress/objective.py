@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bocompress.spec import JobSpec
+
 #: R may exceed the budget by this much and still be feasible (float summation noise).
 FEASIBILITY_TOL = 1e-12
 #: The penalty per unit of R over the budget, on top of a unit step.
@@ -55,12 +57,12 @@ def job_objective(kind: str | None, loss: Any, r: Any, kappa: float = 1.0, budge
     raise ValueError(f"unknown objective kind {kind!r}")
 
 
-def compression_values(objective: Mapping[str, Any], ratio: float, values: Mapping[str, Any]) -> dict[str, float]:
+def compression_values(spec: JobSpec, ratio: float, values: Mapping[str, Any]) -> dict[str, float]:
     """A compression trial's stored values: the worker's report with the exact ``ratio`` (its own
     measurement kept as ``ratio_measured``), ``objective`` (J) and, for ``constrained``, ``feasible``.
 
     Args:
-        objective: the job's ``objective`` spec (``kind``, ``kappa``, ``budget``).
+        spec: the job's spec (:class:`~bocompress.spec.JobSpec`: objective kind, kappa, budget).
         ratio: R, computed by the service from the layer table.
         values: what the worker reported (``distill_l2`` at least).
     """
@@ -68,13 +70,10 @@ def compression_values(objective: Mapping[str, Any], ratio: float, values: Mappi
     if "ratio" in values:
         out["ratio_measured"] = float(values["ratio"])
     out["ratio"] = float(ratio)
-    loss = float(values["distill_l2"])
-    kind = objective.get("kind")
-    budget = objective.get("budget")
-    if kind == "constrained":
-        out["feasible"] = 1.0 if feasible(ratio, budget) else 0.0
-    out["objective"] = float(job_objective(kind, loss, float(ratio), float(objective.get("kappa", 1.0)),
-                                           None if budget is None else float(budget)))
+    if spec.constrained:
+        out["feasible"] = 1.0 if feasible(ratio, spec.budget) else 0.0
+    out["objective"] = float(job_objective(spec.objective_kind, float(values["distill_l2"]), float(ratio), spec.kappa,
+                                           spec.budget))
     return out
 
 

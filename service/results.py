@@ -19,9 +19,8 @@ from service.db.errors import Invalid
 
 def compression_values(job: Any, params: dict[str, float], values: dict[str, float]) -> dict[str, float]:
     """Fill ``ratio`` (exact, from the layer table) and ``objective`` from the worker's L."""
-    spec = job.spec
-    r = costs.ratio(job.profile, params, JobSpec.of(spec).cost)
-    return _values(spec["objective"], r, values)
+    spec = JobSpec.of(job.spec)
+    return _values(spec, costs.ratio(job.profile, params, spec.cost), values)
 
 
 def evaluate_values(job: Any, params: dict[str, Any], values: dict[str, float]) -> dict[str, float]:

@@ -61,10 +61,8 @@ class JobInfo:
     spec: dict[str, Any]
     profile: dict[str, Any] | None
     search_space: list[dict[str, Any]] | None
-
-    @property
-    def view(self) -> JobSpec:
-        return JobSpec.of(self.spec)
+    #: The spec's typed view, built once.
+    view: JobSpec
 
     @property
     def lease_seconds(self) -> float:
@@ -89,7 +87,7 @@ class JobInfoCache:
     def store(self, row: Any) -> JobInfo:
         """The :class:`JobInfo` of a row of :data:`JOB_INFO_COLS`, kept if final."""
         info = JobInfo(int(row.id), row.name, row.owner, row.kind, row.created_at, row.spec, row.profile,
-                       row.search_space)
+                       row.search_space, JobSpec.of(row.spec))
         if info.kind != "compression" or info.profile is not None:  # final: cache it
             with self._lock:
                 if len(self._d) >= self.limit:

@@ -13,6 +13,7 @@ from sqlalchemy import Text, bindparam, case, cast, func, literal, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from bocompress.spec import JobSpec
 from service.db.models import Job, Trial
 
 
@@ -88,7 +89,7 @@ def job_warnings(kind: str, spec: dict[str, Any], profile: dict[str, Any] | None
     values = best.get("values") or {}
     out: list[str] = []
     collapsed = False
-    obj = spec.get("objective") or {}
+    view = JobSpec.of(spec)
     L = values.get("distill_l2")
     if L is not None and float(L) >= COLLAPSE_L:
         collapsed = True
@@ -101,15 +102,15 @@ def job_warnings(kind: str, spec: dict[str, Any], profile: dict[str, Any] | None
         out.append(f"collapsed: the best trial (#{best.get('number')}) has held-out accuracy {float(acc):.3f}, "
                    f"within {CHANCE_MARGIN:.2f} of chance ({float(chance):.3f})")
     if collapsed:
-        if obj.get("kind") == "scalarized":
-            out.append(f"with kappa = {obj.get('kappa', 1.0)} a destroyed model can score better than an "
+        if view.objective_kind == "scalarized":
+            out.append(f"with kappa = {view.kappa} a destroyed model can score better than an "
                        "uncompressed one: raise kappa, or use a 'constrained' budget (docs/objectives.md)")
-        elif obj.get("kind") == "constrained":
+        elif view.constrained:
             out.append("no trial within the budget kept the model's function: try a larger budget, fewer "
                        "layers, or another method (docs/objectives.md)")
-    if obj.get("kind") == "constrained" and values.get("feasible") == 0.0:
+    if view.constrained and values.get("feasible") == 0.0:
         out.append(f"the best trial's R = {float(values.get('ratio', float('nan'))):.4f} does not fit the "
-                   f"budget R <= {obj.get('budget')}")
+                   f"budget R <= {view.budget}")
     return out, collapsed
 
 
