@@ -221,3 +221,41 @@ def test_expired_leases_are_reaped(store: Store) -> None:
         assert (await s.get_job(job["id"], ME))["state"] == JobState.RUNNING  # 1 of 3 created
 
     run(store, go)
+
+
+def test_an_export_task_from_request_to_artifact(store: Store) -> None:
+    profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
+
+    async def go(s: Store) -> None:
+        job = await _compression_job(s, {"kind": "scalarized"})
+        task = await s.lease("w", ["profile"])
+        await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
+        await asyncio.to_thread(s.propose, job["id"], 0, [{"fc0": 0.25, "fc1": 0.5}])
+        a = await s.lease("w", ["evaluate"])
+        with pytest.raises(TransitionError) as early:  # only a completed trial is exported
+            await s.request_export(job["id"], a["trial"]["id"], ME, 0, 1e-4)
+        assert early.value.code == "not_completed"
+        await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.1}))
+        ex = await s.request_export(job["id"], a["trial"]["id"], ME, 10, 1e-3)
+        assert ex["state"] == TrialState.QUEUED and ex["trial_id"] == a["trial"]["id"] and ex["finetune_steps"] == 10
+        assert (await s.request_export(job["id"], a["trial"]["id"], ME, 10, 1e-3))["id"] == ex["id"]  # same again
+        with pytest.raises(NotFound):
+            await s.get_export(job["id"], a["trial"]["id"], OTHER)
+        with pytest.raises(TransitionError) as pending:
+            await s.artifact(job["id"], a["trial"]["id"], ME)
+        assert pending.value.code == "export_pending" and pending.value.headers == {"Retry-After": "2"}
+        e = await s.lease("w", ["export"])
+        assert e is not None and e["task"] == "export" and e["source"]["id"] == a["trial"]["id"]
+        with pytest.raises(TransitionError) as lost:
+            await s.store_artifact(e["trial"]["id"], "stale", ADMIN, b"x", {})
+        assert lost.value.code == "lease_lost"
+        kept = await s.store_artifact(e["trial"]["id"], e["lease"]["token"], ADMIN, b"model bytes", {"w": {}})
+        assert kept["size"] == len(b"model bytes") and kept["blob_id"].startswith("art_")
+        done = await s.complete(e["trial"]["id"], e["lease"]["token"],
+                                Result(values={"distill_l2_before": 0.1}, artifact={"blob_id": kept["blob_id"]}))
+        assert done["state"] == TrialState.COMPLETED
+        got = await s.get_export(job["id"], a["trial"]["id"], ME)
+        assert got["state"] == TrialState.COMPLETED and got["artifact"] == {"blob_id": kept["blob_id"]}
+        assert await s.artifact(job["id"], a["trial"]["id"], ME) == (b"model bytes", kept["sha256"])
+
+    run(store, go)
