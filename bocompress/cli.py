@@ -414,7 +414,9 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 def _best_value(job: dict[str, Any]) -> str:
     best = job.get("best") or {}
-    metric = ((job.get("spec") or {}).get("objective") or {}).get("metric") or "objective"
+    from bocompress.spec import JobSpec
+
+    metric = JobSpec.of(job.get("spec") or {}).metric
     value = (best.get("values") or {}).get(metric)
     return "" if value is None else f"{value:.4g}"
 

@@ -44,7 +44,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .errors import APIConnectionError, APITimeoutError, BocompressError, WaitTimeoutError, status_error
+from .objective import pareto_mask
 from .schemas import API_PREFIX, TERMINAL_TRIAL_STATES, JobCreate
+from .spec import JobSpec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas
@@ -546,11 +548,11 @@ class Job:
     @property
     def metric(self) -> str:
         """The metric the job optimizes: ``objective`` for compression jobs, else the spec's metric."""
-        return (self.spec.get("objective") or {}).get("metric") or "objective"
+        return JobSpec.of(self.spec).metric
 
     @property
     def direction(self) -> str:
-        return (self.spec.get("objective") or {}).get("direction") or "minimize"
+        return JobSpec.of(self.spec).direction
 
     @property
     def max_trials(self) -> int | None:
@@ -875,13 +877,9 @@ def _running_best(x: Any, maximize: bool) -> Any:
 
 
 def _pareto_mask(r: Any, loss: Any) -> Any:
-    """Boolean mask (``n``) of the points not dominated in (minimize r, minimize loss)."""
+    """Boolean mask (``n``) of the points on the front of (minimize loss, minimize r), as the
+    service's ``/pareto`` computes it (:func:`bocompress.objective.pareto_mask`)."""
     import numpy as np
 
-    r, loss = np.asarray(r, dtype=float), np.asarray(loss, dtype=float)
-    mask = np.ones(len(r), dtype=bool)
-    for i in range(len(r)):
-        dominated = (r <= r[i]) & (loss <= loss[i]) & ((r < r[i]) | (loss < loss[i]))
-        mask[i] = not dominated.any()
-    return mask
+    return np.asarray(pareto_mask(list(r), list(loss)), dtype=bool)
 

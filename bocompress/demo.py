@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import BocompressError
+from .spec import JobSpec
 
 __all__ = ["DemoFailed", "DemoResult", "demo_spec", "run_demo", "MAX_RATIO", "MAX_ACCURACY_DROP"]
 
@@ -256,7 +257,7 @@ def report(job: Any, started: float, out: IO[str] | None = None) -> DemoResult:
     if not best:
         raise DemoFailed(f"the demo job has no completed trial ({job.counts})")
     v = best["values"]
-    kind = (job.spec.get("objective") or {}).get("cost", "params")
+    kind = JobSpec.of(job.spec).cost
     layers = job.data.get("layers") or []
     pareto = sorted(job.pareto(), key=lambda t: t["values"].get("ratio", 0.0))
     r, loss = float(v["ratio"]), float(v["distill_l2"])

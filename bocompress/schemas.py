@@ -11,6 +11,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from bocompress import states as _states
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -24,11 +25,12 @@ from pydantic import (
 
 API_PREFIX = "/api/v1"
 
-TRIAL_STATES = ("queued", "running", "completed", "failed", "cancelled", "abandoned")
-TrialState = Literal["queued", "running", "completed", "failed", "cancelled", "abandoned"]
-TERMINAL_TRIAL_STATES = ("completed", "failed", "cancelled", "abandoned")
-JOB_STATES = ("profiling", "running", "completed", "cancelled", "failed")
-JobState = Literal["profiling", "running", "completed", "cancelled", "failed"]
+# The states' strings, from the one enum of each (bocompress.states).
+TRIAL_STATES = tuple(s.value for s in _states.TrialState)
+TrialState = Literal[TRIAL_STATES]  # type: ignore[valid-type]
+TERMINAL_TRIAL_STATES = tuple(s.value for s in _states.TERMINAL_TRIAL_STATES)
+JOB_STATES = tuple(s.value for s in _states.JobState)
+JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
 TaskKind = Literal["profile", "evaluate", "export"]
 Role = Literal["admin", "client", "worker"]
 

@@ -22,6 +22,10 @@ def run_migrations_online() -> None:
     engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Batch migrations rebuild a table (copy, drop, rename): with foreign keys on, dropping
+                # ``jobs`` would cascade to every trial. Off for this connection, outside any transaction.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
             context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
                               compare_type=True)
             with context.begin_transaction():

@@ -22,8 +22,8 @@ from service.api import errors
 from service.api.deps import Context
 from service.config import Settings
 from service.db.migrate import SchemaOutdated, check_schema, check_writable, ensure_schema, explain_startup_error
-from service.db.hot import JobInfoCache
 from service.db.session import make_engine, make_sessionmaker
+from service.db.store import open_store
 from service.metrics import Metrics
 
 log = logging.getLogger("bocompress.service")
@@ -57,15 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = checked_engine(settings)
     factory = make_sessionmaker(engine)
     metrics = Metrics(factory)
-    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics, jobs=JobInfoCache())
-    if engine.dialect.name == "postgresql":
-        from service.db.hot_pg import PgHot
-
-        ctx.pg = PgHot(settings.database_url, ctx.jobs)
+    store = open_store(engine, factory, settings.database_url)
+    ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics, store=store)
     if settings.scheduler:
         from service.scheduler import Scheduler
 
-        ctx.scheduler = Scheduler(factory, settings, metrics)
+        ctx.scheduler = Scheduler(factory, settings, metrics, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -75,8 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Requests that touch the database run in the thread pool; a small pool does more per
         # CPU-second than anyio's default of 40, whose threads mostly wait for each other's GIL.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        if ctx.pg is not None:
-            await ctx.pg.open()
+        await store.open()
         if ctx.scheduler is not None:
             ctx.scheduler.start()
         # Everything imported and built so far (torch, BoTorch, the app) lives as long as the
@@ -88,8 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if ctx.scheduler is not None:
                 ctx.scheduler.stop()
-            if ctx.pg is not None:
-                await ctx.pg.close()
+            await store.close()
             engine.dispose()
 
     app = FastAPI(title="bocompress", version="1", lifespan=lifespan,

@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bocompress.states import JobState, TrialState
 from service.db.models import Job, Trial, utcnow
 from service.db.session import read_session
 
@@ -33,16 +34,16 @@ class _DBCollector:
                                           .group_by(Trial.state)).all())
                 job_states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
                 queued_all = s.execute(select(func.count()).select_from(Trial)
-                                       .where(Trial.state == "queued")).scalar_one()
+                                       .where(Trial.state == TrialState.QUEUED)).scalar_one()
                 running_all = s.execute(select(func.count()).select_from(Trial)
-                                        .where(Trial.state == "running", Trial.lease_expires_at > utcnow())
+                                        .where(Trial.state == TrialState.RUNNING, Trial.lease_expires_at > utcnow())
                                         ).scalar_one()
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is away
             return
-        for st in ("queued", "running", "completed", "failed", "cancelled", "abandoned"):
-            trials.add_metric([st], float(by_state.get(st, 0)))
-        for st in ("profiling", "running", "completed", "cancelled", "failed"):
-            jobs.add_metric([st], float(job_states.get(st, 0)))
+        for st in TrialState:
+            trials.add_metric([st.value], float(by_state.get(st.value, 0)))
+        for st in JobState:
+            jobs.add_metric([st.value], float(job_states.get(st.value, 0)))
         depth.add_metric([], float(queued_all))
         running_leases.add_metric([], float(running_all))
         now = time.monotonic()

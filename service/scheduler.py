@@ -19,17 +19,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bocompress.spec import JobSpec
+from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
+from service.db.errors import TransitionError
 from service.db.models import Job, Trial, utcnow
 from service.db.session import read_session, run_tx
-from service.db.trials import (
-    TransitionError,
-    acquire_generator,
-    insert_proposals,
-    jobs_needing_proposals,
-    reap_expired,
-    release_generator,
-    set_job_state,
-)
+from service.db.store import Store
+from service.db.trials import acquire_generator, jobs_needing_proposals, release_generator, set_job_state
 
 log = logging.getLogger("bocompress.scheduler")
 _torch_configured = False
@@ -68,7 +64,7 @@ def job_problem(job: Job) -> Any:
 
 
 def _metric(job: Job) -> str:
-    return "distill_l2" if job.kind == "compression" else (job.spec["objective"].get("metric") or "objective")
+    return JobSpec.of(job.spec).modelled_metric
 
 
 def _as_input(metric: str, state: str, params: dict, values: dict | None, sem: dict | None) -> Any:
@@ -77,9 +73,9 @@ def _as_input(metric: str, state: str, params: dict, values: dict | None, sem: d
 
     from service.optimizer import Observation
 
-    if state in ("queued", "running"):
+    if state in OPEN_TRIAL_STATES:
         return dict(params)
-    if state != "completed":
+    if state != TrialState.COMPLETED:
         return None
     v = (values or {}).get(metric)
     if v is None or not math.isfinite(float(v)):
@@ -98,7 +94,7 @@ def observations(s: Session, job: Job) -> tuple[list[Any], list[dict[str, float]
     """Completed finite results (what the GP sees) and the params of queued/running trials."""
     rows = s.execute(
         select(Trial.state, Trial.params, Trial.values, Trial.sem)
-        .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_(("queued", "running", "completed")))
+        .where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state.in_((*OPEN_TRIAL_STATES, TrialState.COMPLETED)))
         .order_by(Trial.number)
     ).all()
     metric = _metric(job)
@@ -231,8 +227,9 @@ def dead_local_owner(owner: str, me: str) -> bool:
 class Scheduler:
     """The background loop of one replica."""
 
-    def __init__(self, factory: sessionmaker[Session], settings: Any, metrics: Any) -> None:
+    def __init__(self, factory: sessionmaker[Session], settings: Any, metrics: Any, store: Store) -> None:
         self.factory = factory
+        self.store = store
         self.settings = settings
         self.metrics = metrics
         self.me = settings.replica or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -294,11 +291,11 @@ class Scheduler:
     def tick(self) -> int:
         """Reap expired leases and refill every short buffer once. Returns proposals made."""
         with read_session(self.factory) as s:  # one read for both questions
-            expired = s.execute(select(Trial.id).where(Trial.state == "running",
+            expired = s.execute(select(Trial.id).where(Trial.state == TrialState.RUNNING,
                                                        Trial.lease_expires_at < utcnow()).limit(1)).first()
             todo = jobs_needing_proposals(s)
         if expired is not None:
-            run_tx(self.factory, lambda s: reap_expired(s))
+            self.store.reap()
         made = 0
         for job_id, _, _ in todo:
             if self._stop.is_set():
@@ -328,8 +325,8 @@ class Scheduler:
 
         def _fail_job(s: Session) -> None:
             job = s.get(Job, job_id)
-            if job is not None and job.state == "running":
-                set_job_state(s, job, "failed", ("running",), reason=reason)
+            if job is not None and job.state == JobState.RUNNING:
+                set_job_state(s, job, JobState.FAILED, (JobState.RUNNING,), reason=reason)
 
         run_tx(self.factory, _fail_job)
         log.error("job failed: its proposals keep failing", extra={"job_id": job_id, "error": reason})
@@ -361,13 +358,12 @@ class Scheduler:
         try:
             with read_session(self.factory) as s:
                 job = s.get(Job, job_id)
-                if job is None or job.state != "running":
+                if job is None or job.state != JobState.RUNNING:
                     self._histories.pop(job_id, None)
                     return 0
-                b = job.spec["budget"]
                 queued = s.execute(select(func.count()).select_from(Trial).where(
-                    Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == "queued")).scalar_one()
-                n = min(int(b["max_parallel"]) - queued, int(b["max_trials"]) - job.n_created)
+                    Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == TrialState.QUEUED)).scalar_one()
+                n = JobSpec.of(job.spec).buffer_need(queued, job.n_created)
                 if n <= 0:
                     return 0
                 problem = job_problem(job)
@@ -398,21 +394,18 @@ class Scheduler:
                     def _exhausted(s: Session) -> int:
                         job = s.get(Job, job_id)
                         assert job is not None
-                        if job.state == "running":
+                        if job.state == JobState.RUNNING:
                             reason = (f"one-shot allocator {problem.engine!r}: its {created} point(s) proposed"
                                       if problem.engine in ALLOCATORS
                                       else f"search space exhausted after {created} trials")
-                            set_job_state(s, job, "completed", ("running",), reason=reason)
+                            set_job_state(s, job, JobState.COMPLETED, (JobState.RUNNING,), reason=reason)
                         return 0
 
                     run_tx(self.factory, _exhausted)
                 return 0
 
-            def _insert(s: Session) -> int:
-                return len(insert_proposals(s, job_id, created, points, optimizer_state=new_state))
-
             try:
-                k = run_tx(self.factory, _insert)
+                k = self.store.propose(job_id, created, points, new_state)
             except TransitionError:
                 return 0
             log.debug("proposed", extra={"job_id": job_id, "n": k})

@@ -17,6 +17,7 @@ from service.api.serialize import CURSOR_PATTERN
 from service.auth import LOCAL_ADMIN, Principal, lookup
 from service.config import Settings
 from service.db.session import read_session
+from service.db.store import Store, Viewer
 
 
 @dataclass
@@ -27,22 +28,15 @@ class Context:
     engine: Engine
     factory: sessionmaker[Session]
     metrics: Any
+    #: The jobs and trials (service.db.store.Store): every route's one call.
+    store: Store
     scheduler: Any = None
-    #: PostgreSQL: the worker hot path on the event loop (service.db.hot_pg.PgHot); None on SQLite.
-    pg: Any = None
-    #: What running jobs never change, cached for the hot path (service.db.hot).
-    jobs: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
-
-    def hot_pg(self) -> Any:
-        """The PostgreSQL hot path bound to the running event loop, or None (SQLite, or a loop
-        without its pools, such as a test client's): then the thread-pool paths answer."""
-        return self.pg.here() if self.pg is not None else None
 
     def cached_principal(self, secret: str) -> tuple[bool, Principal | None]:
         """(hit, principal) from the in-process cache: no I/O, safe on the event loop."""
@@ -110,6 +104,11 @@ def require(*roles: str):  # type: ignore[no-untyped-def]
         return p
 
     return _dep
+
+
+def viewer(p: Principal) -> Viewer:
+    """What the caller may see: admins and workers every job, clients their own."""
+    return Viewer(owner=p.owner, sees_all=p.is_admin or p.role == "worker")
 
 
 ClientDep = Annotated[Principal, Depends(require("admin", "client"))]

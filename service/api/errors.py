@@ -12,8 +12,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.db.session import StorageError
-from service.db.trials import NotFound, TransitionError
+from service.db.errors import Invalid, NotFound, StorageError, TransitionError
 
 log = logging.getLogger("bocompress.api")
 
@@ -96,9 +95,13 @@ def install(app: FastAPI) -> None:
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "code": "not_found"}, status_code=404)
 
+    @app.exception_handler(Invalid)
+    async def _invalid(_: Request, exc: Invalid) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=422)
+
     @app.exception_handler(TransitionError)
     async def _conflict(_: Request, exc: TransitionError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409, headers=exc.headers)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
@@ -106,7 +109,7 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
                             headers={"Retry-After": "1"})
 
-    try:  # the PostgreSQL hot path (service.db.hot_pg) talks to psycopg directly, without SQLAlchemy
+    try:  # the PostgreSQL hot path talks to psycopg directly, without SQLAlchemy
         from psycopg.errors import DataError as PgDataError
     except ImportError:  # pragma: no cover - psycopg is installed with the PostgreSQL extra only
         PgDataError = DataError  # noqa: N806

@@ -17,7 +17,7 @@ from service.api.serialize import iso
 from service.auth import issue, revoke
 from service.db.models import Token
 from service.db.session import read_session, run_tx
-from service.db.trials import NotFound
+from service.db.errors import NotFound
 
 router = APIRouter(tags=["system"])
 

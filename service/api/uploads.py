@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, UploadFile
@@ -19,9 +17,9 @@ from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
 from service.api.serialize import iso
 from service.auth import Principal
-from service.db.models import Blob, utcnow
+from service.db.models import Blob, new_blob
 from service.db.session import read_session, run_tx
-from service.db.trials import NotFound
+from service.db.errors import NotFound
 from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
@@ -87,14 +85,6 @@ async def _read_limited(request: Request, file: UploadFile, limit: int, ctx: Any
             raise APIError(413, f"file: larger than the limit of {limit} bytes", "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def new_blob(kind: str, owner: str, data: bytes, tensors: dict, arch: str | None = None,
-             meta: dict | None = None) -> Blob:
-    """A stored upload or artifact: a fresh id with its kind's prefix, size and sha256 of ``data``."""
-    prefix = {"model": "mdl", "dataset": "ds", "artifact": "art"}[kind]
-    return Blob(id=f"{prefix}_{secrets.token_hex(12)}", kind=kind, owner=owner, arch=arch, size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, meta=meta, data=data, created_at=utcnow())
 
 
 def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors: dict,  # type: ignore[no-untyped-def]

@@ -28,13 +28,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import BigInteger, Text, cast, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.api.deps import ClientDep, Context, CtxDep
-from service.api.jobs import visible_job
+from service.api.deps import ClientDep, Context, CtxDep, viewer
 from service.api.serialize import iso, job_out, job_warnings, trial_out
 from service.auth import LOCAL_ADMIN, Principal
 from service.db.models import Trial
 from service.db.session import read_session
-from service.db.trials import best_trial
+from service.db.queries import best_trial, visible_job
 
 COOKIE = "bocompress_token"
 HERE = Path(__file__).resolve().parent
@@ -257,7 +256,7 @@ def snapshot(job_id: int, ctx: CtxDep, p: ClientDep, trials: bool = True) -> Res
         ``finished_at`` in ms since the epoch (or null). No ``trials`` when ``trials=false``.
     """
     with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, p)
+        job = visible_job(s, job_id, viewer(p))
         meta = job_out(s, job, with_best=False)
         # the service's warnings about the best trial (a collapsed model must never look like a result)
         best = best_trial(s, job) if job.kind == "compression" else None
@@ -357,7 +356,7 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
 def export_csv(job_id: int, ctx: CtxDep, p: ClientDep) -> Response:
     """Every trial of the job as CSV (same auth as the API: bearer, or the cookie for this GET)."""
     with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, p)
+        job = visible_job(s, job_id, viewer(p))
         rows = s.execute(
             select(Trial.id, Trial.number, Trial.seq, Trial.state, Trial.params, Trial.values, Trial.sem,
                    Trial.attempt, Trial.worker, Trial.created_at, Trial.started_at, Trial.finished_at, Trial.error)

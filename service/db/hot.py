@@ -33,6 +33,8 @@ from typing import Any
 from sqlalchemy import String, bindparam, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Row
 
+from bocompress.spec import JobSpec
+from bocompress.states import ACTIVE_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState, sql_in
 from service.db.models import Event, Job, Trial, utcnow
 
 TRIALS = Trial.__table__
@@ -59,14 +61,16 @@ class JobInfo:
     spec: dict[str, Any]
     profile: dict[str, Any] | None
     search_space: list[dict[str, Any]] | None
+    #: The spec's typed view, built once.
+    view: JobSpec
 
     @property
     def lease_seconds(self) -> float:
-        return float(self.spec["budget"]["lease_seconds"])
+        return self.view.lease_seconds
 
     @property
     def max_trials(self) -> int:
-        return int(self.spec["budget"]["max_trials"])
+        return self.view.max_trials
 
 
 class JobInfoCache:
@@ -83,7 +87,7 @@ class JobInfoCache:
     def store(self, row: Any) -> JobInfo:
         """The :class:`JobInfo` of a row of :data:`JOB_INFO_COLS`, kept if final."""
         info = JobInfo(int(row.id), row.name, row.owner, row.kind, row.created_at, row.spec, row.profile,
-                       row.search_space)
+                       row.search_space, JobSpec.of(row.spec))
         if info.kind != "compression" or info.profile is not None:  # final: cache it
             with self._lock:
                 if len(self._d) >= self.limit:
@@ -102,9 +106,9 @@ class JobInfoCache:
 # --------------------------------------------------------------------------- lease
 
 #: Which queued trials a worker may claim (``{kind_in}``: the dialect's "t.kind is one of these").
-CLAIM_WHERE = """
-  t.state = 'queued' AND {kind_in}
-  AND (j.state IN ('profiling', 'running') OR (t.kind = 'export' AND j.state = 'completed'))
+CLAIM_WHERE = f"""
+  t.state = '{TrialState.QUEUED.value}' AND {{kind_in}}
+  AND (j.state IN {sql_in(ACTIVE_JOB_STATES)} OR (t.kind = 'export' AND j.state = '{JobState.COMPLETED.value}'))
   AND (t.kind <> 'evaluate' OR j.kind = 'compression')
 """
 
@@ -142,13 +146,13 @@ def lease(conn: Connection, cache: JobInfoCache, worker: str, kinds: list[str]) 
                      .returning(*[JOBS.c[k] for k in _JOB_DYN])).one()
     secs = info.lease_seconds
     row = conn.execute(
-        update(TRIALS).where(TRIALS.c.id == tid, TRIALS.c.state == "queued")
-        .values(state="running", seq=j.seq, worker=worker, started_at=now, lease_token=secrets.token_hex(16),
+        update(TRIALS).where(TRIALS.c.id == tid, TRIALS.c.state == TrialState.QUEUED)
+        .values(state=TrialState.RUNNING, seq=j.seq, worker=worker, started_at=now, lease_token=secrets.token_hex(16),
                 lease_expires_at=(now + timedelta(seconds=secs)) if secs > 0 else None)
         .returning(*_TRIAL_COLS)
     ).one()
-    conn.execute(insert(EVENTS).values(job_id=job_id, trial_id=tid, kind="leased", from_state="queued",
-                                       to_state="running", detail=worker, at=now))
+    conn.execute(insert(EVENTS).values(job_id=job_id, trial_id=tid, kind="leased", from_state=TrialState.QUEUED,
+                                       to_state=TrialState.RUNNING, detail=worker, at=now))
     return row, _Dyn(int(j.seq), j.state, j.reason, j.updated_at, int(j.n_created)), info
 
 
@@ -159,13 +163,14 @@ def heartbeat(conn: Connection, cache: JobInfoCache, trial_id: int, token: str |
     """Extend a running trial's lease: (its lease columns, its job), or None (lost, cancelled, unknown: ask the ORM)."""
     cur = conn.execute(select(TRIALS.c.job_id, TRIALS.c.state, TRIALS.c.lease_token, TRIALS.c.attempt,
                               TRIALS.c.lease_expires_at).where(TRIALS.c.id == trial_id)).first()
-    if (cur is None or cur.state != "running" or cur.lease_expires_at is None
+    if (cur is None or cur.state != TrialState.RUNNING or cur.lease_expires_at is None
             or token is None or cur.lease_token is None or token != cur.lease_token):
         return None
     info = cache.get(conn, cur.job_id)
     assert info is not None
     row = conn.execute(
-        update(TRIALS).where(TRIALS.c.id == trial_id, TRIALS.c.state == "running", TRIALS.c.attempt == cur.attempt)
+        update(TRIALS).where(TRIALS.c.id == trial_id, TRIALS.c.state == TrialState.RUNNING,
+                             TRIALS.c.attempt == cur.attempt)
         .values(lease_expires_at=utcnow() + timedelta(seconds=info.lease_seconds))
         .returning(TRIALS.c.lease_expires_at, TRIALS.c.attempt, TRIALS.c.lease_token, TRIALS.c.job_id)
     ).first()
@@ -194,7 +199,7 @@ class Finished:
 
     def spends_budget(self, max_trials: int) -> bool:
         """Whether the job is running with its budget all created (it may be done once nothing is open)."""
-        return self.job_state == "running" and self.job_n_created >= max_trials
+        return self.job_state == JobState.RUNNING and self.job_n_created >= max_trials
 
 
 def finish(conn: Connection, t: Row[Any], values: dict[str, Any], sem: dict[str, Any],
@@ -208,22 +213,22 @@ def finish(conn: Connection, t: Row[Any], values: dict[str, Any], sem: dict[str,
     j = conn.execute(update(JOBS).where(JOBS.c.id == t.job_id).values(seq=JOBS.c.seq + 1, updated_at=now)
                      .returning(JOBS.c.seq, JOBS.c.state, JOBS.c.n_created)).one()
     done = conn.execute(
-        update(TRIALS).where(TRIALS.c.id == t.id, TRIALS.c.state == "running", TRIALS.c.attempt == t.attempt)
-        .values(state="completed", seq=j.seq, values=values, sem=sem, result_hash=result_hash, finished_at=now,
+        update(TRIALS).where(TRIALS.c.id == t.id, TRIALS.c.state == TrialState.RUNNING, TRIALS.c.attempt == t.attempt)
+        .values(state=TrialState.COMPLETED, seq=j.seq, values=values, sem=sem, result_hash=result_hash, finished_at=now,
                 lease_expires_at=None)
     )
     if done.rowcount != 1:
         return None
-    conn.execute(insert(EVENTS).values(job_id=t.job_id, trial_id=t.id, kind="completed", from_state="running",
-                                       to_state="completed", detail=None, at=now))
-    trial = {**t._mapping, "state": "completed", "seq": int(j.seq), "values": values, "sem": sem, "finished_at": now}
+    conn.execute(insert(EVENTS).values(job_id=t.job_id, trial_id=t.id, kind="completed", from_state=TrialState.RUNNING,
+                                       to_state=TrialState.COMPLETED, detail=None, at=now))
+    trial = {**t._mapping, "state": TrialState.COMPLETED.value, "seq": int(j.seq), "values": values, "sem": sem, "finished_at": now}
     return Finished(trial, j.state, int(j.n_created))
 
 
 def open_trials(conn: Connection, job_id: int) -> int:
     """How many of the job's evaluations are still queued or running."""
     return int(conn.execute(select(func.count()).select_from(TRIALS).where(
-        TRIALS.c.job_id == job_id, TRIALS.c.kind == "evaluate", TRIALS.c.state.in_(("queued", "running")))
+        TRIALS.c.job_id == job_id, TRIALS.c.kind == "evaluate", TRIALS.c.state.in_(OPEN_TRIAL_STATES))
     ).scalar_one())
 
 

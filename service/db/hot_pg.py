@@ -30,10 +30,11 @@ from psycopg.rows import namedtuple_row
 from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from service.api.serialize import trial_page_sql
+from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState, sql_in
 from service.db.hot import CLAIM_WHERE, JOB_INFO_COLS, RESULT_COLS, Finished, JobInfo, JobInfoCache
 from service.db.models import utcnow
 from service.db.session import StorageError
+from service.db.views import trial_page_sql
 
 log = logging.getLogger("bocompress.db")
 T = TypeVar("T")
@@ -49,25 +50,25 @@ WITH c AS (
   RETURNING jobs.id, jobs.seq, jobs.state, jobs.reason, jobs.updated_at, jobs.n_created,
             CAST(jobs.spec -> 'budget' ->> 'lease_seconds' AS double precision) AS secs
 ), u AS (
-  UPDATE trials SET state = 'running', seq = s.seq, worker = %(worker)s, started_at = %(now)s,
+  UPDATE trials SET state = '{TrialState.RUNNING.value}', seq = s.seq, worker = %(worker)s, started_at = %(now)s,
          lease_token = %(token)s,
          lease_expires_at = CASE WHEN s.secs > 0 THEN %(now)s + s.secs * interval '1 second' END
-  FROM c, s WHERE trials.id = c.id AND trials.state = 'queued'
+  FROM c, s WHERE trials.id = c.id AND trials.state = '{TrialState.QUEUED.value}'
   RETURNING trials.*
 ), e AS (
   INSERT INTO events (job_id, trial_id, kind, from_state, to_state, detail, at)
-  SELECT u.job_id, u.id, 'leased', 'queued', 'running', %(worker)s, %(now)s FROM u
+  SELECT u.job_id, u.id, 'leased', '{TrialState.QUEUED.value}', '{TrialState.RUNNING.value}', %(worker)s, %(now)s FROM u
 )
 SELECT u.*, s.seq AS job_seq, s.state AS job_state, s.reason AS job_reason, s.updated_at AS job_updated_at,
        s.n_created AS job_n_created
 FROM u, s
 """
 
-_HEARTBEAT = """
+_HEARTBEAT = f"""
 UPDATE trials t SET lease_expires_at = %(now)s + CAST(j.spec -> 'budget' ->> 'lease_seconds' AS double precision)
                                                  * interval '1 second'
 FROM jobs j
-WHERE t.id = %(id)s AND j.id = t.job_id AND t.state = 'running' AND j.state <> 'cancelled'
+WHERE t.id = %(id)s AND j.id = t.job_id AND t.state = '{TrialState.RUNNING.value}' AND j.state <> '{JobState.CANCELLED.value}'
   AND t.lease_expires_at IS NOT NULL
   AND t.lease_token = %(token)s AND j.kind = 'compression'
 RETURNING t.lease_expires_at, t.attempt, t.lease_token, t.job_id
@@ -75,26 +76,26 @@ RETURNING t.lease_expires_at, t.attempt, t.lease_token, t.job_id
 
 _RESULT_ROW = f"SELECT {', '.join(RESULT_COLS)} FROM trials WHERE id = %(id)s"
 
-_FINISH = """
+_FINISH = f"""
 WITH c AS (
-  SELECT id, job_id FROM trials WHERE id = %(id)s AND state = 'running' AND attempt = %(attempt)s FOR UPDATE
+  SELECT id, job_id FROM trials WHERE id = %(id)s AND state = '{TrialState.RUNNING.value}' AND attempt = %(attempt)s FOR UPDATE
 ), s AS (
   UPDATE jobs SET seq = jobs.seq + 1, updated_at = %(now)s FROM c WHERE jobs.id = c.job_id
   RETURNING jobs.seq, jobs.state, jobs.n_created
 ), u AS (
-  UPDATE trials SET state = 'completed', seq = s.seq, "values" = %(values)s, sem = %(sem)s,
+  UPDATE trials SET state = '{TrialState.COMPLETED.value}', seq = s.seq, "values" = %(values)s, sem = %(sem)s,
          result_hash = %(hash)s, finished_at = %(now)s, lease_expires_at = NULL
   FROM c, s WHERE trials.id = c.id
   RETURNING trials.id, trials.job_id
 ), e AS (
   INSERT INTO events (job_id, trial_id, kind, from_state, to_state, detail, at)
-  SELECT u.job_id, u.id, 'completed', 'running', 'completed', NULL, %(now)s FROM u
+  SELECT u.job_id, u.id, 'completed', '{TrialState.RUNNING.value}', '{TrialState.COMPLETED.value}', NULL, %(now)s FROM u
 )
 SELECT s.seq, s.state, s.n_created FROM u, s
 """
 
-_OPEN_TRIALS = """
-SELECT count(*) FROM trials WHERE job_id = %(job)s AND kind = 'evaluate' AND state IN ('queued', 'running')
+_OPEN_TRIALS = f"""
+SELECT count(*) FROM trials WHERE job_id = %(job)s AND kind = 'evaluate' AND state IN {sql_in(OPEN_TRIAL_STATES)}
 """
 
 _JOB_INFO = f"SELECT {', '.join(JOB_INFO_COLS)} FROM jobs WHERE id = %(id)s"
@@ -248,7 +249,7 @@ class _Bound:
                                                     "values": Json(values), "sem": Json(sem), "hash": result_hash})
         if j is None:
             return None
-        trial = {**t._asdict(), "state": "completed", "seq": int(j.seq), "values": values, "sem": sem,
+        trial = {**t._asdict(), "state": TrialState.COMPLETED.value, "seq": int(j.seq), "values": values, "sem": sem,
                  "finished_at": now}
         return Finished(trial, j.state, int(j.n_created))
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -22,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from bocompress.states import JobState, TrialState, check_sql
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -77,6 +82,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
+        CheckConstraint(check_sql("state", JobState), name="ck_jobs_state"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_owner_id", "owner", "id"),
     )
@@ -85,7 +91,7 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))  # compression | generic
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # bocompress.states, kept so by a CHECK
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     search_space: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     profile: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -105,19 +111,20 @@ class Trial(Base):
     __tablename__ = "trials"
     __table_args__ = (
         UniqueConstraint("job_id", "kind", "number"),
+        CheckConstraint(check_sql("state", TrialState), name="ck_trials_state"),
         Index("ix_trials_job_id_seq", "job_id", "seq"),
         Index("ix_trials_job_id_state", "job_id", "state"),
         Index(
             "ix_trials_queued",
             "id",
-            postgresql_where=text("state = 'queued'"),
-            sqlite_where=text("state = 'queued'"),
+            postgresql_where=text(f"state = '{TrialState.QUEUED.value}'"),
+            sqlite_where=text(f"state = '{TrialState.QUEUED.value}'"),
         ),
         Index(
             "ix_trials_running_lease",
             "lease_expires_at",
-            postgresql_where=text("state = 'running'"),
-            sqlite_where=text("state = 'running'"),
+            postgresql_where=text(f"state = '{TrialState.RUNNING.value}'"),
+            sqlite_where=text(f"state = '{TrialState.RUNNING.value}'"),
         ),
     )
 
@@ -126,7 +133,7 @@ class Trial(Base):
     kind: Mapped[str] = mapped_column(String(16))  # profile | evaluate | export
     number: Mapped[int] = mapped_column(Integer)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # bocompress.states, kept so by a CHECK
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     sem: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -174,5 +181,13 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def new_blob(kind: str, owner: str, data: bytes, tensors: dict, arch: str | None = None,
+             meta: dict | None = None) -> Blob:
+    """A stored upload or artifact: a fresh id with its kind's prefix, size and sha256 of ``data``."""
+    prefix = {"model": "mdl", "dataset": "ds", "artifact": "art"}[kind]
+    return Blob(id=f"{prefix}_{secrets.token_hex(12)}", kind=kind, owner=owner, arch=arch, size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(), tensors=tensors, meta=meta, data=data, created_at=utcnow())
+
+
 # Float is imported for migrations that may need it.
-__all__ = ["Base", "Token", "Job", "Trial", "Event", "Blob", "UTCDateTime", "utcnow", "Float"]
+__all__ = ["Base", "Token", "Job", "Trial", "Event", "Blob", "UTCDateTime", "new_blob", "utcnow", "Float"]

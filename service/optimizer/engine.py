@@ -91,6 +91,8 @@ from torch import Tensor
 
 from .allocators import ALLOCATORS, Allocation, allocations
 from .gp import KERNELS, MEANS, MIN_YVAR, fit_gp
+from bocompress.objective import job_objective
+
 from .objectives import CostModel, composite
 from .sobol import MAX_SOBOL_DIM, sobol_points
 from .space import Space
@@ -646,11 +648,7 @@ def _training_data(ctx: _Ctx, obs: list[Observation]) -> tuple[Tensor, Tensor, T
         theta = ctx.space.snap_theta_tensor(X)
         assert ctx.cost is not None
         R = ctx.cost(theta, exact=True)
-        if ctx.kind == "constrained":
-            assert ctx.budget is not None
-            J = torch.where(R <= ctx.budget + 1e-12, vals, vals + 1e6 * (1.0 + R - ctx.budget))
-        else:
-            J = ctx.kappa * vals + R
+        J = job_objective(ctx.kind, vals, R, ctx.kappa, ctx.budget)
     else:
         Y = vals if ctx.maximize else -vals
         var = sem**2

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from bocompress import costs as exact_costs
+from bocompress.objective import job_objective
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -127,7 +128,8 @@ class CostModel:
 def composite(
     kind: str | None, kappa: float, value: float, r: float | None, budget: float | None = None
 ) -> float:
-    """The scalar a trial is ranked by (lower is better for compression jobs).
+    """The scalar a trial is ranked by (lower is better for compression jobs): J of
+    :func:`bocompress.objective.job_objective`.
 
     Args:
         kind: ``scalarized``, ``constrained``, ``pareto`` or None (generic).
@@ -140,18 +142,10 @@ def composite(
         ``kappa * L + R`` for ``scalarized`` and ``pareto`` (a pareto job is ranked by the
         scalarization with its kappa); ``L`` for ``constrained`` (the engine never proposes an
         infeasible point, so every trial it created is feasible; an infeasible one, if any, ranks
-        after all feasible ones: ``L + 1e6 * (1 + R - budget)``); the value itself for generic jobs.
+        after all feasible ones, by :func:`bocompress.objective.job_objective`); the value itself for generic jobs.
     """
     if kind is None:
         return float(value)
     if r is None:
         raise ValueError(f"a {kind!r} objective needs the ratio R")
-    if kind in ("scalarized", "pareto"):
-        return float(kappa) * float(value) + float(r)
-    if kind == "constrained":
-        if budget is None:
-            raise ValueError("a 'constrained' objective needs a budget")
-        if r > budget + 1e-12:
-            return float(value) + 1e6 * (1.0 + float(r) - float(budget))
-        return float(value)
-    raise ValueError(f"unknown objective kind {kind!r}")
+    return float(job_objective(kind, float(value), float(r), float(kappa), budget))

@@ -1,0 +1,195 @@
+"""The storage interface: every change of a job's or trial's state, behind one class.
+
+The routers in ``service.api`` make one call here per route and pass the answer on; they hold
+no SQL and never ask which database they run on. The shape is Optuna's ``BaseStorage``: the
+state machine of a trial (claim with a lease, heartbeat, finish, fail), proposals, cancel, and
+pages of trials, answered as the contract's wire dicts (:mod:`service.db.views`).
+
+Backends (:func:`open_store` picks one from the engine):
+
+- :class:`~service.db.sql_store.SQLiteStore`: the worker hot path as a few Core statements in
+  one ``BEGIN IMMEDIATE`` (:mod:`service.db.hot`), in the thread pool;
+- :class:`~service.db.pg_store.PostgresStore`: the hot path on the event loop, one statement per
+  call over psycopg's async pools (:mod:`service.db.hot_pg`).
+
+Both fall back to the ORM reference (:mod:`service.db.trials`) for anything unusual, which
+raises the exact :class:`~service.db.errors.NotFound` / :class:`~service.db.errors.TransitionError`
+/ :class:`~service.db.errors.Invalid`. The HTTP-facing methods are ``async``; the scheduler's
+(:meth:`Store.propose`, :meth:`Store.reap`) are plain, for its thread.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks: ``owner`` names the caller (the owner of what it creates); ``sees_all`` (admins,
+    workers) sees every job and upload, else only the caller's own."""
+
+    owner: str
+    sees_all: bool = False
+
+    def may_see(self, owner: str) -> bool:
+        return self.sees_all or self.owner == owner
+
+
+@dataclass(frozen=True)
+class Result:
+    """A worker's report of a trial or task (``CompleteRequest`` without the token)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    sem: dict[str, float] = field(default_factory=dict)
+    #: A profiling task's layer table (JSON), checked by :func:`service.results.validate_profile`.
+    profile: dict[str, Any] | None = None
+    #: An export task's artifact reference.
+    artifact: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TrialPage:
+    """A page of a job's evaluations changed after a ``seq``: the items as JSON text (an array)."""
+
+    job_seq: int
+    items_json: str
+    #: The last item's ``seq`` when more changes remain, else None.
+    next_seq: int | None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    items: list[dict[str, Any]]
+    #: The last item's id when more jobs remain, else None.
+    next_id: int | None
+
+
+class Store(ABC):
+    """One database's jobs and trials (see the module docstring)."""
+
+    # -------------------------------------------------------------- workers: a trial's lease
+
+    @abstractmethod
+    async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
+        """Claim the oldest queued trial or task of an active job for ``worker`` (expired leases
+        are reaped first when none is queued): the lease answer (``task``, ``trial``, ``job``,
+        ``lease``, and ``source`` for an export), or None when nothing is queued."""
+
+    @abstractmethod
+    async def heartbeat(self, trial_id: int, token: str | None) -> dict[str, Any]:
+        """Extend a lease: ``{"lease": ...}``; TransitionError when it was lost or the job was cancelled."""
+
+    @abstractmethod
+    async def complete(self, trial_id: int, token: str | None, result: Result) -> dict[str, Any]:
+        """Store a result once (the same again is a no-op): the trial as it now is."""
+
+    @abstractmethod
+    async def fail(self, trial_id: int, token: str | None, error: str, retry: bool) -> dict[str, Any]:
+        """A failure: re-queued when ``retry`` and attempts remain, else ``failed``: the trial."""
+
+    # -------------------------------------------------------------- clients
+
+    @abstractmethod
+    async def create_job(self, viewer: Viewer, name: str, spec: dict[str, Any],
+                         search_space: list[dict[str, Any]] | None, idempotency_key: str | None,
+                         blobs: Sequence[tuple[str, str, str]] = ()) -> tuple[dict[str, Any], bool]:
+        """A new job of ``viewer.owner``: compression (``search_space`` None) starts ``profiling`` with
+        its profiling task queued, generic starts ``running``. Returns ``(job, created)``;
+        ``created`` is False when ``idempotency_key`` names an earlier job with the same spec
+        (another spec: TransitionError ``idempotency_mismatch``). ``blobs``: the uploads the spec
+        names, ``(field, id, kind)``, each of which must exist, be of that kind and be visible."""
+
+    @abstractmethod
+    async def list_jobs(self, viewer: Viewer, limit: int, before: int | None, state: str | None) -> JobPage:
+        """Jobs newest first, below id ``before``."""
+
+    @abstractmethod
+    async def get_job(self, job_id: int, viewer: Viewer) -> dict[str, Any]:
+        """The job with its counts and best trial."""
+
+    @abstractmethod
+    async def cancel(self, job_id: int, viewer: Viewer) -> dict[str, Any]:
+        """Cancel an active job (queued and running trials become ``cancelled``); a finished one is returned as is."""
+
+    @abstractmethod
+    async def trial_page(self, job_id: int, viewer: Viewer, since: int, limit: int) -> TrialPage:
+        """Up to ``limit`` of the job's evaluations changed after ``since``, oldest change first."""
+
+    @abstractmethod
+    async def get_trial(self, trial_id: int, viewer: Viewer) -> dict[str, Any]:
+        """One evaluation."""
+
+    @abstractmethod
+    async def pareto(self, job_id: int, viewer: Viewer) -> list[dict[str, Any]]:
+        """The job's non-dominated completed evaluations, by R."""
+
+    @abstractmethod
+    async def ask(self, job_id: int, viewer: Viewer, count: int, wait_seconds: float,
+                  wake: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """Up to ``count`` queued trials of a generic job, leased to its client without expiry;
+        waits up to ``wait_seconds`` for the buffer (calling ``wake`` while it is empty)."""
+
+    @abstractmethod
+    async def tell(self, trial_id: int, viewer: Viewer, values: dict[str, float], sem: dict[str, float],
+                   failed: bool, error: str | None) -> dict[str, Any]:
+        """A client's result (or failure) of a trial it asked for: the trial."""
+
+    # -------------------------------------------------------------- exports (tasks leased like trials)
+
+    @abstractmethod
+    async def request_export(self, job_id: int, trial_id: int, viewer: Viewer, finetune_steps: int,
+                             lr: float) -> dict[str, Any]:
+        """Queue an export task for a completed trial; the same request again returns the same task."""
+
+    @abstractmethod
+    async def get_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:
+        """The export asked for last of a trial."""
+
+    @abstractmethod
+    async def artifact(self, job_id: int, trial_id: int, viewer: Viewer) -> tuple[bytes, str]:
+        """The exported model (bytes, sha256); TransitionError ``export_pending`` / ``export_failed``."""
+
+    @abstractmethod
+    async def store_artifact(self, task_id: int, token: str | None, viewer: Viewer, data: bytes,
+                             tensors: dict[str, Any]) -> dict[str, Any]:
+        """Keep the compressed model of an export task whose lease the caller holds."""
+
+    # -------------------------------------------------------------- the scheduler (its own thread)
+
+    @abstractmethod
+    def propose(self, job_id: int, expected_created: int, points: list[dict[str, float]],
+                optimizer_state: dict[str, Any] | None = None) -> int:
+        """Add proposals as queued trials (guarded on ``n_created``): how many; TransitionError
+        ``raced`` when another generator added some first."""
+
+    @abstractmethod
+    def reap(self, limit: int = 500) -> int:
+        """Re-queue (or abandon) trials whose lease expired: how many."""
+
+    # -------------------------------------------------------------- lifetime
+
+    async def open(self) -> None:
+        """Start what belongs to the running event loop (connection pools)."""
+
+    async def close(self) -> None:
+        """Stop what :meth:`open` started."""
+
+
+def open_store(engine: Engine, factory: sessionmaker[Session], database_url: str) -> Store:
+    """The backend for ``engine``'s database."""
+    if engine.dialect.name == "postgresql":
+        from service.db.pg_store import PostgresStore
+
+        return PostgresStore(engine, factory, database_url)
+    from service.db.sql_store import SQLiteStore
+
+    return SQLiteStore(engine, factory)
+
+
+__all__ = ["JobPage", "Result", "Store", "TrialPage", "Viewer", "open_store"]
