@@ -63,6 +63,27 @@ def drop_pg_database(url: str) -> None:
         pass
 
 
+def run_coroutine(coro):  # type: ignore[no-untyped-def]
+    """``asyncio.run(coro)`` in a thread of its own: safe even when this thread already runs an
+    event loop (the browser tests' session-wide sync Playwright leaves one on the main thread)."""
+    import asyncio
+
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["out"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["exc"] = exc
+
+    th = threading.Thread(target=target)
+    th.start()
+    th.join()
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

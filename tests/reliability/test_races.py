@@ -10,38 +10,16 @@ env ``BOCOMPRESS_RACE_TOTAL``); ``bench/load.py`` runs the same race and reports
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections import Counter
 from pathlib import Path
 
 from bench.load import make_running_job, run_race
-from tests.conftest import drop_pg_database, make_pg_database
+from tests.conftest import drop_pg_database, make_pg_database, run_coroutine
 from tests.reliability.procs import ServiceProcess, check_one_stream, prepare_database
 
 LEASERS = 64
 RACE_TOTAL = int(os.environ.get("BOCOMPRESS_RACE_TOTAL", "10000"))
-
-
-def _run_in_fresh_loop(coro):  # type: ignore[no-untyped-def]
-    """asyncio.run in a thread of its own: safe even when this thread already runs an event loop
-    (the browser tests' sync Playwright leaves one on the main thread)."""
-    import threading
-
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["out"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["exc"] = exc
-
-    th = threading.Thread(target=target)
-    th.start()
-    th.join()
-    if "exc" in box:
-        raise box["exc"]
-    return box["out"]
 
 
 def _server_pids(srv: ServiceProcess) -> list[int]:
@@ -61,7 +39,7 @@ def test_64_leasers_two_replicas_no_double_lease(tmp_path: Path) -> None:
                     for i in range(2)]
         assert len(_server_pids(replicas[0])) == 2, "serve --processes 2 did not start two server processes"
         job_id = make_running_job(replicas[0].url, tok, RACE_TOTAL, 1024, 3600.0)
-        out = _run_in_fresh_loop(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=300))
+        out = run_coroutine(run_race([r.url for r in replicas], tok, LEASERS, RACE_TOTAL, timeout=300))
         assert out["errors"] == {}, out["errors"]
         ids = Counter(t for t, _ in out["leases"])
         assert sum(ids.values()) == RACE_TOTAL, f"{sum(ids.values())} of {RACE_TOTAL} leases in time"

@@ -25,6 +25,7 @@ from service.db.models import Trial
 from service.db.session import make_engine, make_sessionmaker, run_tx
 from service.db.sql_store import OrmStore
 from service.db.store import Result, Store, Viewer, open_store
+from tests.conftest import run_coroutine
 from tests.service.helpers import synthetic_profile
 
 ME = Viewer("me")
@@ -51,7 +52,7 @@ def run(store: Store, fn: Any) -> Any:
         finally:
             await store.close()
 
-    return asyncio.run(go())
+    return run_coroutine(go())
 
 
 def _spec(**kw: Any) -> JobCreate:
