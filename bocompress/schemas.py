@@ -2,114 +2,96 @@
 
 Field and endpoint names here are fixed by DESIGN.md: extend them, never rename them.
 Only pydantic is imported, so ``import bocompress`` stays light.
+
+This module defines the job spec (``JobCreate`` and its parts) and exports every wire schema:
+the shared field types and literals live in :mod:`bocompress.schemas_types`, the layer table
+(``ProfileReport``) in :mod:`bocompress.schemas_profile`, trials, leases, uploads, tokens, exports
+and errors in :mod:`bocompress.schemas_trials`; import them from here.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from bocompress import states as _states
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    StringConstraints,
-    field_validator,
-    model_validator,
+from bocompress.schemas_profile import (
+    CostFactor,
+    CostForm,
+    CostTerm,
+    LayerInfo,
+    LayerSignals,
+    ProfileReport,
+    SearchParam,
 )
+from bocompress.schemas_trials import (
+    AskRequest,
+    AskResponse,
+    CompleteRequest,
+    ErrorOut,
+    ExportOut,
+    ExportRequest,
+    FailRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    JobOut,
+    LeaseInfo,
+    LeaseRequest,
+    LeaseResponse,
+    Page,
+    TellRequest,
+    TokenCreate,
+    TokenOut,
+    TrialOut,
+    UploadOut,
+)
+from bocompress.schemas_types import (
+    API_PREFIX,
+    COST_KINDS,
+    IMPORT_PATH_RE,
+    JOB_STATES,
+    MAX_EXACT_INT,
+    METHODS,
+    OBJECTIVE_KINDS,
+    TERMINAL_TRIAL_STATES,
+    TRIAL_STATES,
+    ZOO_DATA,
+    ZOO_MODELS,
+    Bool,
+    CostKind,
+    Int,
+    JobState,
+    MethodName,
+    Num,
+    Role,
+    TaskKind,
+    TrialState,
+    _finite,
+    _number,
+    _Strict,
+)
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
-API_PREFIX = "/api/v1"
-
-# The states' strings, from the one enum of each (bocompress.states).
-TRIAL_STATES = tuple(s.value for s in _states.TrialState)
-TrialState = Literal[TRIAL_STATES]  # type: ignore[valid-type]
-TERMINAL_TRIAL_STATES = tuple(s.value for s in _states.TERMINAL_TRIAL_STATES)
-JOB_STATES = tuple(s.value for s in _states.JobState)
-JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
-TaskKind = Literal["profile", "evaluate", "export"]
-Role = Literal["admin", "client", "worker"]
-
-ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56", "mobilenet", "transformer")
-ZOO_DATA = ("digits", "digits-train", "digits32", "digits32-train", "digits-tokens", "digits-tokens-train", "synthetic")
-IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-METHODS = ("svd", "tucker2", "magnitude", "channel_l1", "channel_lasso")
-MethodName = Literal["svd", "tucker2", "magnitude", "channel_l1", "channel_lasso"]
-COST_KINDS = ("params", "flops", "channels", "activation")
-CostKind = Literal["params", "flops", "channels", "activation"]
-OBJECTIVE_KINDS = ("scalarized", "constrained", "pareto")
+__all__ = [
+    # shared field types and literals (bocompress.schemas_types)
+    "API_PREFIX", "TRIAL_STATES", "TrialState", "TERMINAL_TRIAL_STATES", "JOB_STATES", "JobState", "TaskKind",
+    "Role", "ZOO_MODELS", "ZOO_DATA", "IMPORT_PATH_RE", "METHODS", "MethodName", "COST_KINDS", "CostKind",
+    "OBJECTIVE_KINDS", "MAX_EXACT_INT", "Num", "Int", "Bool",
+    # the job spec (here)
+    "ParameterSpec", "Glob", "ListGlob", "LayerSelection", "split_layer_patterns", "CompressionSpec", "Objective",
+    "Budget", "OptimizerSpec", "JobCreate",
+    # the layer table (bocompress.schemas_profile)
+    "CostFactor", "CostTerm", "CostForm", "LayerSignals", "LayerInfo", "SearchParam", "ProfileReport",
+    # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
+    "TrialOut", "JobOut", "Page", "AskRequest", "AskResponse", "TellRequest", "CompleteRequest", "FailRequest",
+    "HeartbeatRequest", "LeaseRequest", "LeaseInfo", "LeaseResponse", "HeartbeatResponse", "UploadOut",
+    "TokenCreate", "TokenOut", "ExportRequest", "ExportOut", "ErrorOut",
+]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")
 # The same rule for the OpenAPI document (ECMA regex, no look-ahead): those characters, not
 # starting with "/", never two dots in a row.
 _NAME_PATTERN = r"^(?:\.(?:[A-Za-z0-9_:\-\[\]/]\.?)*|[A-Za-z0-9_:\-\[\]]\.?(?:[A-Za-z0-9_:\-\[\]/]\.?)*)$"
-# What a metric mapping may hold (checked by _check_metrics; stated in the OpenAPI document).
-_METRICS_SCHEMA: dict[str, Any] = {"maxProperties": 1000, "propertyNames": {"minLength": 1, "maxLength": 200}}
-_SEM_SCHEMA: dict[str, Any] = {**_METRICS_SCHEMA, "additionalProperties": {"type": "number", "minimum": 0}}
-
-
-#: The largest integer a float holds exactly (and so a JSON reader, a float column, the GP): the
-#: bound of an ``int`` parameter, so what comes back is the integer that was sent.
-MAX_EXACT_INT = 2**53
-
-
-_YAML_EXP = re.compile(r"^[+-]?[0-9]+[eE][+-]?[0-9]+$")
-
-
-def _number(v: Any) -> Any:
-    """Numbers only: JSON strings and booleans are refused, never read as numbers ("0.1", true)."""
-    if isinstance(v, (str, bytes, bool)):
-        # PyYAML reads 1e-3 (no dot) as a string: say how to write it
-        hint = " (in YAML write the exponent with a dot, e.g. 1.0e-3)" if isinstance(v, str) and _YAML_EXP.match(v) else ""
-        raise ValueError(f"must be a number, not {'a boolean' if isinstance(v, bool) else 'a string'}"
-                         f" ({str(v)[:40]!r}){hint}")
-    return v
-
-
-#: A float field that takes JSON numbers only (an int is a number too), never "0.1" or true.
-Num = Annotated[float, BeforeValidator(_number)]
-#: An int field that takes JSON numbers only (an integral float such as 5.0 is still an int).
-Int = Annotated[int, BeforeValidator(_number)]
-#: A bool field that takes JSON booleans only, never "yes" or 1.
-Bool = Annotated[bool, Strict()]
-
-
-def _no_nul(v: Any) -> None:
-    """Refuse a NUL character anywhere in a text value (PostgreSQL cannot store one; SQLite can:
-    both backends must give the same answer)."""
-    if isinstance(v, str):
-        if "\x00" in v:
-            raise ValueError("must not contain a NUL character")
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            _no_nul(k)
-            _no_nul(x)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _no_nul(x)
-
-
-class _Strict(BaseModel):
-    """Requests refuse unknown fields, so a typo is a 422 naming it, not a silent default; and text
-    with a NUL character, which one backend would store and the other refuse."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _text_without_nul(cls, v: Any) -> Any:
-        _no_nul(v)
-        return v
-
-
-def _finite(v: float, what: str) -> float:
-    if v is None or not math.isfinite(v):
-        raise ValueError(f"{what} must be a finite number")
-    return v
 
 
 # --------------------------------------------------------------------------- job spec
@@ -398,294 +380,3 @@ class JobCreate(_Strict):
     @property
     def is_compression(self) -> bool:
         return self.compression is not None
-
-
-# --------------------------------------------------------------------------- layer table
-
-
-class CostFactor(_Strict):
-    """A kept count: ``clamp(floor(theta[param] * size + 0.5), 1, size)``."""
-
-    param: str
-    size: int = Field(ge=1)
-
-
-class CostTerm(_Strict):
-    """``coef * product(kept counts of its factors)``; no factor means a constant."""
-
-    coef: float
-    factors: list[CostFactor] = Field(default_factory=list)
-
-
-class CostForm(_Strict):
-    """A layer's cost as a closed form in theta: ``min(sum(terms), cap)`` (cap = the dense cost)."""
-
-    terms: list[CostTerm]
-    cap: float | None = None
-
-
-class LayerSignals(_Strict):
-    """Curves of one search parameter over a theta grid, for one-shot allocators (interface of issue 13).
-
-    ``energy[k]``: the share of the layer's importance mass kept at ``grid[k]`` (svd: singular-value
-    energy; tucker2: core energy; magnitude: squared weights; channel methods: group scores).
-    ``lamp[k]``: the LAMP-style score of the most important unit removed at ``grid[k]`` (0 when
-    nothing is removed). ``sensitivity[m]``: the measured L of the model with only this layer
-    compressed at ``sens_grid[m]`` (BatchNorm re-estimated, as trials are).
-    """
-
-    grid: list[float] = Field(min_length=2, max_length=33)
-    energy: list[float] = Field(min_length=2, max_length=33)
-    lamp: list[float] = Field(min_length=2, max_length=33)
-    sens_grid: list[float] | None = Field(default=None, min_length=1, max_length=8)
-    sensitivity: list[float] | None = Field(default=None, min_length=1, max_length=8)
-
-    @model_validator(mode="after")
-    def _curves_ok(self) -> "LayerSignals":
-        k = len(self.grid)
-        if len(self.energy) != k or len(self.lamp) != k:
-            raise ValueError("signals: grid, energy and lamp must have one length")
-        vals = [*self.grid, *self.energy, *self.lamp, *(self.sens_grid or []), *(self.sensitivity or [])]
-        if not all(math.isfinite(x) for x in vals):
-            raise ValueError("signals: every value must be finite")
-        if any(b <= a for a, b in zip(self.grid, self.grid[1:])) or self.grid[0] <= 0 or self.grid[-1] != 1.0:
-            raise ValueError("signals.grid must increase strictly in (0, 1] and end at 1.0")
-        if (self.sens_grid is None) != (self.sensitivity is None):
-            raise ValueError("signals: sens_grid and sensitivity come together")
-        if self.sens_grid is not None and len(self.sens_grid) != len(self.sensitivity or []):
-            raise ValueError("signals: sens_grid and sensitivity must have one length")
-        return self
-
-
-class LayerInfo(_Strict):
-    name: str
-    type: str = Field(description="module type, e.g. Conv2d, Linear")
-    method: str
-    shape: list[int] = Field(description="weight shape")
-    params: list[str] = Field(description="names of the search parameters this layer's cost depends on")
-    costs: dict[str, CostForm] = Field(description="cost kind -> closed form in theta")
-    dense: dict[str, float] = Field(default_factory=dict, description="cost kind -> cost of the original layer")
-    signals: LayerSignals | None = Field(
-        default=None, description="per-layer curves for one-shot allocators (on the row named after a search parameter)"
-    )
-
-
-class SearchParam(_Strict):
-    name: str
-    low: float
-    high: float
-    size: int = Field(default=0, description="the count theta multiplies (rank, channels); 0 when continuous")
-    dense_from: float | None = Field(
-        default=None, description="theta from which the layer is left dense (1.0 when it never is before 1)"
-    )
-
-
-class ProfileReport(_Strict):
-    """What a worker reports for a job's profiling task."""
-
-    layers: list[LayerInfo] = Field(min_length=1)
-    params: list[SearchParam] = Field(min_length=1)
-    totals: dict[str, float] = Field(description="cost kind -> cost of the whole original model")
-    model_info: dict[str, Any] = Field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- trials
-
-
-class TrialOut(BaseModel):
-    id: int
-    job_id: int
-    seq: int
-    number: int = Field(description="0-based order of creation within the job")
-    state: TrialState
-    params: dict[str, float]
-    values: dict[str, float] = Field(default_factory=dict)
-    sem: dict[str, float] = Field(default_factory=dict)
-    attempt: int
-    worker: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: str | None = None
-
-
-class JobOut(BaseModel):
-    id: int
-    name: str
-    state: JobState
-    owner: str
-    kind: Literal["compression", "generic"]
-    counts: dict[str, int]
-    best: TrialOut | None = None
-    created_at: datetime
-    updated_at: datetime
-    reason: str | None = None
-    seq: int = 0
-    spec: dict[str, Any]
-    layers: list[LayerInfo] | None = None
-    search_space: list[dict[str, Any]] | None = None
-    totals: dict[str, float] | None = None
-    warnings: list[str] = Field(default_factory=list, description="what a user must know about the best trial")
-    collapsed: bool = Field(default=False, description="the best trial lost the model's function (L >= 0.9 or "
-                            "held-out accuracy near chance)")
-
-
-class Page(BaseModel):
-    items: list[Any]
-    next_cursor: str | None = None
-
-
-class AskRequest(_Strict):
-    count: Int = Field(default=1, ge=1, le=1000)
-
-
-class AskResponse(BaseModel):
-    trials: list[TrialOut]
-
-
-def _check_metrics(v: dict[str, float], field: str) -> dict[str, float]:
-    if len(v) > 1000:
-        raise ValueError(f"{field}: at most 1000 entries")
-    for k, x in v.items():
-        if not isinstance(k, str) or not (0 < len(k) <= 200):
-            raise ValueError(f"{field}: metric names are 1..200 characters")
-        if x is None or not math.isfinite(x):
-            raise ValueError(f"{field}[{k!r}] must be a finite number, got {x!r}")
-    return v
-
-
-class _Result(_Strict):
-    """Metric values and their standard errors: finite numbers, errors >= 0."""
-
-    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
-    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
-
-    @field_validator("values")
-    @classmethod
-    def _values_finite(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_metrics(v, "values")
-
-    @field_validator("sem")
-    @classmethod
-    def _sem_finite(cls, v: dict[str, float]) -> dict[str, float]:
-        v = _check_metrics(v, "sem")
-        for k, x in v.items():
-            if x < 0:
-                raise ValueError(f"sem[{k!r}] must be >= 0")
-        return v
-
-
-class TellRequest(_Result):
-    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
-    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
-    failed: Bool = False
-    error: str | None = Field(default=None, max_length=20_000)
-
-
-    @model_validator(mode="after")
-    def _has_result(self) -> "TellRequest":
-        if not self.failed and not self.values:
-            raise ValueError("values: give at least one metric, or failed=true")
-        return self
-
-
-class CompleteRequest(_Result):
-    """A worker's result. ``profile`` for profiling tasks, ``artifact`` metadata for exports."""
-
-    values: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_METRICS_SCHEMA)
-    sem: dict[str, Num] = Field(default_factory=dict, json_schema_extra=_SEM_SCHEMA)
-    profile: ProfileReport | None = None
-    artifact: dict[str, Any] | None = None
-    lease_token: str | None = Field(default=None, max_length=64, description="lease.token from the lease")
-
-
-
-class FailRequest(_Strict):
-    error: str = Field(min_length=1, max_length=20_000)
-    retry: Bool = False
-    lease_token: str | None = Field(default=None, max_length=64)
-
-
-class HeartbeatRequest(_Strict):
-    lease_token: str | None = Field(default=None, max_length=64)
-
-
-class LeaseRequest(_Strict):
-    worker: str = Field(default="worker", min_length=1, max_length=200)
-    kinds: list[TaskKind] = Field(default_factory=lambda: ["profile", "evaluate", "export"])
-
-
-class LeaseInfo(BaseModel):
-    token: str | None = Field(default=None, description="identifies this lease; send it back with heartbeat/complete/fail")
-    expires_at: datetime | None
-    lease_seconds: float
-    attempt: int
-
-
-class LeaseResponse(BaseModel):
-    task: TaskKind
-    trial: TrialOut
-    job: JobOut
-    lease: LeaseInfo
-    source: TrialOut | None = Field(default=None, description="export tasks: the trial whose model to build")
-
-
-class HeartbeatResponse(BaseModel):
-    lease: LeaseInfo
-
-
-# --------------------------------------------------------------------------- uploads, tokens
-
-
-class UploadOut(BaseModel):
-    id: str
-    kind: Literal["model", "dataset"]
-    arch: str | None = None
-    arch_spec: dict[str, Any] | None = Field(default=None, description="the model spec, when 'arch' was one")
-    size: int
-    sha256: str
-    created_at: datetime
-    tensors: dict[str, list[int]] = Field(
-        default_factory=dict, description="name -> shape of at most 100 tensors (the first by name): a summary")
-    n_tensors: int = Field(default=0, description="how many tensors the file holds")
-    tensors_truncated: bool = Field(default=False, description="whether 'tensors' lists only some of them")
-
-
-class TokenCreate(_Strict):
-    role: Role
-    owner: str | None = Field(default=None, min_length=1, max_length=200)
-    name: str | None = Field(default=None, max_length=200)
-
-
-class TokenOut(BaseModel):
-    id: int
-    role: Role
-    owner: str
-    name: str | None = None
-    created_at: datetime
-    revoked_at: datetime | None = None
-    token: str | None = Field(default=None, description="the secret; shown once, at creation")
-
-
-class ExportRequest(_Strict):
-    """``POST /api/v1/jobs/{id}/trials/{trial_id}/export``: build the compressed model of a trial."""
-
-    finetune_steps: Int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
-    lr: Num = Field(default=1e-4, gt=0.0, le=1.0)
-
-
-class ExportOut(BaseModel):
-    id: int = Field(description="the export task's id")
-    job_id: int
-    trial_id: int
-    state: TrialState
-    finetune_steps: int
-    lr: float
-    values: dict[str, float] = Field(default_factory=dict)
-    artifact: dict[str, Any] | None = None
-    error: str | None = None
-
-
-class ErrorOut(BaseModel):
-    detail: str
-    code: str

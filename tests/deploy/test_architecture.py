@@ -15,7 +15,8 @@ ROUTER_DB_ALLOWED = {"service.db.store", "service.db.errors", "service.db.sessio
 #: The trial state machine's backends: routers never reach them.
 BACKENDS = {"service.db.trials", "service.db.hot", "service.db.hot_pg", "service.db.sql_store",
             "service.db.pg_store", "service.db.proposals", "service.db.exports"}
-CONTRACT = ["schemas", "states", "spec", "objective", "costs", "errors"]
+CONTRACT = ["schemas", "schemas_types", "schemas_profile", "schemas_trials", "states", "spec", "objective",
+            "costs", "errors"]
 HEAVY = ("torch", "sqlalchemy", "fastapi", "service", "worker", "numpy", "psycopg", "starlette")
 
 
