@@ -29,10 +29,12 @@ try:  # typer >= 0.20 vendors its own copy of click as typer._click
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as _cx  # type: ignore[no-redef]
 
+from .cli_support import best_value, expand_specs, fmt_counts, table, validate_specs
 from .errors import BocompressError
 
 DEFAULT_DATABASE_URL = "sqlite:///./bocompress.db"
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_validate = validate_specs  # its name before bocompress/cli_support.py (tests/reliability import it)
 
 
 class LogLevel(str, Enum):
@@ -282,88 +284,6 @@ def token_revoke(
 # --------------------------------------------------------------------------- client side
 
 
-def _set_dotted(spec: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``spec['a']['b'] = value`` for ``dotted == 'a.b'``, creating missing mappings."""
-    keys = dotted.split(".")
-    node = spec
-    for i, key in enumerate(keys[:-1]):
-        nxt = node.setdefault(key, {})
-        if not isinstance(nxt, dict):
-            raise BocompressError(f"sweep key {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def expand_specs(document: Any) -> list[dict[str, Any]]:
-    """Turn a submit YAML document into the list of job specs it stands for.
-
-    The document is one job spec, or ``{"jobs": [spec, ...]}``. An optional ``sweep`` mapping,
-    at the top level (applies to every job) or inside one job, maps dotted keys to lists of
-    values; a spec is expanded into the Cartesian product of them, each copy named
-    ``<name>[key=value,...]``.
-
-    Args:
-        document: The parsed YAML.
-
-    Returns:
-        The job specs, in order.
-
-    Raises:
-        BocompressError: The document has the wrong shape.
-    """
-    import copy
-
-    if not isinstance(document, dict):
-        raise BocompressError("the file must hold a job spec (a mapping) or 'jobs: [...]'")
-    document = copy.deepcopy(document)
-    top_sweep = document.pop("sweep", None) or {}
-    if "jobs" in document:
-        extra = set(document) - {"jobs"}
-        if extra:
-            raise BocompressError(f"next to 'jobs' only 'sweep' is allowed, found {sorted(extra)}")
-        jobs = document["jobs"]
-        if not isinstance(jobs, list) or not jobs:
-            raise BocompressError("'jobs' must be a non-empty list of job specs")
-    else:
-        jobs = [document]
-    out: list[dict[str, Any]] = []
-    for i, job in enumerate(jobs):
-        if not isinstance(job, dict):
-            raise BocompressError(f"jobs[{i}] must be a mapping, got {type(job).__name__}")
-        sweep = {**top_sweep, **(job.pop("sweep", None) or {})}
-        if not isinstance(sweep, dict):
-            raise BocompressError("'sweep' must map dotted keys to lists of values")
-        for key, values in sweep.items():
-            if not isinstance(values, list) or not values:
-                raise BocompressError(f"sweep {key!r}: give a non-empty list of values")
-        keys = list(sweep)
-        for combo in itertools.product(*(sweep[k] for k in keys)):
-            spec = copy.deepcopy(job)
-            for key, value in zip(keys, combo):
-                _set_dotted(spec, key, value)
-            if keys:
-                tag = ",".join(f"{k}={v}" for k, v in zip(keys, combo))
-                spec["name"] = f"{spec.get('name', 'job')}[{tag}]"
-            out.append(spec)
-    return out
-
-
-def _validate(specs: list[dict[str, Any]]) -> None:
-    """Check each spec against the wire schema; the first mistake is a one-line error."""
-    from pydantic import ValidationError
-
-    from .schemas import JobCreate
-
-    for i, spec in enumerate(specs):
-        try:
-            JobCreate.model_validate(spec)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err.get("loc", ()))
-            where = f"job {i} ({spec.get('name', '?')})"
-            raise BocompressError(f"{where}: {loc + ': ' if loc else ''}{err['msg']}") from exc
-
-
 @app.command()
 def submit(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="YAML job file."),
@@ -395,7 +315,7 @@ def submit(
     except yaml.YAMLError as exc:
         raise BocompressError(f"{file}: not valid YAML: {exc}") from exc
     specs = expand_specs(document)
-    _validate(specs)
+    validate_specs(specs)
     with _client(url, token) as client:
         jobs = client.submit_many(specs)
         for job in jobs:
@@ -407,24 +327,6 @@ def submit(
                 value = (best or {}).get("values", {}).get(job.metric)
                 typer.echo(f"{job.id}\t{job.name}\t{job.state}\tbest {job.metric}={value}")
 
-
-def _fmt_counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{k}={v}" for k, v in counts.items() if v)
-
-
-def _best_value(job: dict[str, Any]) -> str:
-    best = job.get("best") or {}
-    from bocompress.spec import JobSpec
-
-    metric = JobSpec.of(job.get("spec") or {}).metric
-    value = (best.get("values") or {}).get(metric)
-    return "" if value is None else f"{value:.4g}"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 @app.command()
@@ -446,10 +348,10 @@ def status(
             rows = []
             for job in itertools.islice(client.jobs(limit=min(limit, 100)), limit):
                 rows.append([str(job["id"]), job.get("name", ""), job.get("state", ""), job.get("kind", ""),
-                             _fmt_counts(job.get("counts") or {}),
-                             _best_value(job) + (" COLLAPSED" if job.get("collapsed") else ""),
+                             fmt_counts(job.get("counts") or {}),
+                             best_value(job) + (" COLLAPSED" if job.get("collapsed") else ""),
                              str(job.get("created_at", ""))[:19]])
-            typer.echo(_table(rows, ["id", "name", "state", "kind", "trials", "best", "created"]) if rows
+            typer.echo(table(rows, ["id", "name", "state", "kind", "trials", "best", "created"]) if rows
                        else "no jobs")
             return
         job = client.get_job(job_id)
@@ -457,7 +359,7 @@ def status(
         lines = [f"job {job.id}: {job.name}", f"state: {job.state}", f"kind: {job.kind}"]
         if data.get("reason"):
             lines.append(f"reason: {data['reason']}")
-        lines.append(f"trials: {_fmt_counts(job.counts) or 'none'} (max {job.max_trials})")
+        lines.append(f"trials: {fmt_counts(job.counts) or 'none'} (max {job.max_trials})")
         best = data.get("best")  # not job.best(): its CollapseWarning would repeat the WARNING lines below
         if best:
             values = ", ".join(f"{k}={v:.4g}" for k, v in (best.get("values") or {}).items())
