@@ -30,26 +30,27 @@ Run: ``python bench/compression_quality.py --quick`` (one seed, two models, fewe
 without ``--quick`` for the full grid; ``--models``, ``--methods``, ``--budgets``, ``--seeds``,
 ``--trials``, ``--optimizers`` select; ``--device cuda`` runs the models on a GPU (the page then
 says so); ``--json PATH`` saves the raw results, ``--from-json PATH`` re-renders the page.
+
+The black box and its caches (:class:`Cell`, :func:`ensure_signals`, :func:`get_cell`) are in
+``bench/quality_cells.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from bocompress.costs import kept, ratio  # noqa: E402
+from bench import quality_cells  # noqa: E402
+from bench.quality_cells import Cell, ensure_signals, get_cell  # noqa: E402
 
 MODELS = ("resnet20", "resnet56", "mobilenet", "transformer")
 #: method label -> the method spec per model family (svd for the transformer's Linear layers).
@@ -64,195 +65,15 @@ VARIANTS = {
     "bocompress-alloc": {"seed_allocators": False},
 }
 ALLOCATOR_NAMES = ("uniform", "energy", "global", "knapsack")
-#: Calibration images (of the zoo model's training split) for BN re-estimation, L and the fine-tune.
-N_CALIBRATION = 128
 N_INITIAL = 8
 #: Where run_cell writes the runs of the cell in progress after each search (``--json`` + ``.partial``).
 PARTIAL: Path | None = None
-#: The fixed fine-tune's Adam learning rate (batch 32 on the calibration inputs).
-FT_LR = 3e-4
-SENS_GRID = (0.1, 0.3, 0.55, 0.8)
 
 
 def _quiet() -> None:
     from bench.bo_quality import _quiet as quiet_peers  # the same quieting of Optuna, Ax and BoTorch
 
     quiet_peers()
-
-
-def method_spec(model: str, method: str) -> Any:
-    """The compressor's method argument for a method label."""
-    if method == "lowrank":
-        return "svd" if model == "transformer" else {"Conv2d": "tucker2", "Linear": "svd"}
-    return method
-
-
-# --------------------------------------------------------------------------- the black box
-
-
-def bn_recalibrate(model: nn.Module, x: torch.Tensor, batch: int = 128) -> None:
-    """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average), in place."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            model(x[i : i + batch])
-    model.train(was)
-    model.eval()
-
-
-def _outputs(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + batch]).float().flatten(1) for i in range(0, len(x), batch)])
-
-
-@dataclass
-class Cell:
-    """One (model, method, budget) problem and its black box."""
-
-    model_name: str
-    method: str
-    budget: float
-    device: str = "cpu"
-    bn: bool = True
-    ft_steps: int = 100
-    cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from worker.methods import build_compressor
-        from worker.zoo import load_data, load_model
-
-        data = _dataset_for(self.model_name)
-        self.model = load_model(self.model_name).to(self.device).eval()
-        x_cal, _ = load_data(f"{data}-train", N_CALIBRATION)
-        x_test, y_test = load_data(data, 450)
-        self.x_cal = x_cal.to(self.device)
-        self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
-        self.comp = build_compressor(self.model, method_spec(self.model_name, self.method), ["*"], 0.05,
-                                     self.x_cal[:8])
-        self.profile = copy.deepcopy(self.comp.profile())
-        self.params = [dict(p) for p in self.profile["params"]]
-        self.t_cal = _outputs(self.model, self.x_cal).double()
-        self.denom = float(self.t_cal.pow(2).sum(1).mean())
-        self.acc_original = self._accuracy(self.model)
-        self.evals = 0
-        self.eval_seconds = 0.0
-        #: Fine-tune results by (kept counts, bn): a point two optimizers found is fine-tuned once.
-        self.ft_cache: dict[tuple, dict[str, float]] = {}
-        #: The smallest R the search space allows (every parameter at its lower bound).
-        self.min_ratio = float(ratio(self.profile, {p["name"]: float(p["low"]) for p in self.params}, "params"))
-
-    @property
-    def name(self) -> str:
-        return f"{self.model_name}/{self.method}/R<={self.budget}"
-
-    def key(self, theta: dict[str, float]) -> tuple:
-        return tuple(kept(float(theta[p["name"]]), int(p["size"])) if p.get("size") else round(theta[p["name"]], 6)
-                     for p in self.params)
-
-    def _accuracy(self, model: nn.Module) -> float:
-        out = _outputs(model, self.x_test)
-        return float((out.argmax(1) == self.y_test).float().mean())
-
-    def _build(self, theta: dict[str, float], bn: bool) -> nn.Module:
-        m = self.comp.apply(theta).to(self.device)
-        if bn:
-            bn_recalibrate(m, self.x_cal)
-        return m.eval()
-
-    def _l(self, m: nn.Module) -> tuple[float, float]:
-        out = _outputs(m, self.x_cal).double()
-        err = (out - self.t_cal).pow(2).sum(1)
-        return float(err.mean()) / self.denom, float(err.std()) / math.sqrt(len(err)) / self.denom
-
-    def measure(self, theta: dict[str, float]) -> dict[str, float]:
-        """``{"L", "sem", "R", "feasible"}`` of theta (cached by kept counts)."""
-        k = self.key(theta)
-        if k not in self.cache:
-            t0 = time.perf_counter()
-            L, sem = self._l(self._build(theta, self.bn))
-            self.cache[k] = {"L": L, "sem": sem}
-            self.evals += 1
-            self.eval_seconds += time.perf_counter() - t0
-        R = float(ratio(self.profile, theta, "params"))
-        return {**self.cache[k], "R": R, "feasible": float(R <= self.budget + 1e-12)}
-
-    def finetune(self, theta: dict[str, float], bn: bool | None = None) -> dict[str, float]:
-        """Held-out accuracy before and after the fixed distillation fine-tune, and L after it."""
-        bn = self.bn if bn is None else bn
-        fk = (self.key(theta), bn)
-        if fk not in self.ft_cache:
-            self.ft_cache[fk] = self._finetune(theta, bn)
-        return dict(self.ft_cache[fk])
-
-    def _finetune(self, theta: dict[str, float], bn: bool) -> dict[str, float]:
-        m = self._build(theta, bn)
-        before = self._accuracy(m)
-        L_before = self._l(m)[0]
-        g = torch.Generator().manual_seed(0)
-        params = [p for p in m.parameters() if p.requires_grad]
-        # Pruned weights stay pruned: a magnitude-pruned model must keep its sparsity (its R).
-        masks = [(p, p.detach() != 0) for p in params if bool((p.detach() == 0).any())]
-        opt = torch.optim.Adam(params, lr=FT_LR)
-        t_cal = self.t_cal.float()
-        m.train()
-        for _ in range(self.ft_steps):
-            idx = torch.randint(0, len(self.x_cal), (32,), generator=g).to(self.device)
-            loss = (m(self.x_cal[idx]).float().flatten(1) - t_cal[idx]).pow(2).sum(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p, keep in masks:
-                    p.mul_(keep)
-        if bn:
-            bn_recalibrate(m, self.x_cal)
-        m.eval()
-        return {"acc_before": before, "acc_after": self._accuracy(m), "L_before": L_before, "L_after": self._l(m)[0]}
-
-
-def _dataset_for(model: str) -> str:
-    from worker import zoo
-
-    if hasattr(zoo, "dataset_for"):
-        return str(zoo.dataset_for(model))
-    return "digits" if model.startswith("digits") else "digits32"
-
-
-def ensure_signals(cell: Cell) -> dict[str, float]:
-    """Give every layer of the cell's profile the per-layer ``sensitivity`` curve if it lacks one.
-
-    Same definition as the worker's (interface.md): L of the model with only this parameter
-    compressed to ``t`` (the others dense), BN re-estimated. Returns what it cost.
-    """
-    t0 = time.perf_counter()
-    n0 = cell.evals
-    layers = {layer["name"]: layer for layer in cell.profile["layers"]}
-    dense = {p["name"]: 1.0 for p in cell.params}
-    measured = 0
-    for p in cell.params:
-        layer = layers.get(p["name"]) or next((lay for lay in cell.profile["layers"] if lay["params"] == [p["name"]]),
-                                               None)
-        if layer is None:
-            continue
-        sig = dict(layer.get("signals") or {})
-        if sig.get("sensitivity"):
-            continue
-        grid = [t for t in SENS_GRID if t >= p["low"]]
-        sens = [cell.measure({**dense, p["name"]: t})["L"] for t in grid]
-        sig["sens_grid"], sig["sensitivity"] = grid, sens
-        if "grid" not in sig:
-            sig["grid"] = grid + [1.0]
-        layer["signals"] = sig
-        measured += 1
-    return {"layers": measured, "evals": cell.evals - n0, "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -351,20 +172,6 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return rank_correlation(xs, ys) if len(xs) >= 3 else math.nan
 
 
-#: The cell of the (model, method) in progress: its budgets share the black box, its measurement and
-#: fine-tune caches and the sensitivity curves (one model in memory at a time).
-_CELLS: dict[tuple, Cell] = {}
-
-
-def get_cell(model: str, method: str, budget: float, device: str, bn: bool, ft_steps: int) -> Cell:
-    k = (model, method, device, bn, ft_steps)
-    if k not in _CELLS:
-        _CELLS.clear()
-        _CELLS[k] = Cell(model, method, budget, device=device, bn=bn, ft_steps=ft_steps)
-    cell = _CELLS[k]
-    cell.budget = budget
-    return cell
-
 
 def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: int, optimizers: list[str],
              device: str, bn: bool, ft_steps: int, n_spearman: int, options: dict | None) -> dict[str, Any]:
@@ -378,7 +185,7 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
                 "unreachable": cell.min_ratio, "acc_original": cell.acc_original, "d": len(cell.params),
                 "signals": {"layers": 0, "evals": 0, "seconds": 0.0}, "evals": 0, "eval_seconds": 0.0,
                 "seconds": time.perf_counter() - t_cell, "device": device, "bn": bn, "ft_steps": ft_steps,
-                "trials": trials, "seeds": seeds, "n_calibration": N_CALIBRATION}
+                "trials": trials, "seeds": seeds, "n_calibration": quality_cells.N_CALIBRATION}
     sig = ensure_signals(cell) if "knapsack" in optimizers else {"layers": 0, "evals": 0, "seconds": 0.0}
     runs: list[dict[str, Any]] = []
     for opt in optimizers:
@@ -409,7 +216,7 @@ def run_cell(model: str, method: str, budget: float, seeds: list[int], trials: i
             "acc_original": cell.acc_original, "d": len(cell.params), "signals": sig,
             "evals": cell.evals - n0, "eval_seconds": cell.eval_seconds - s0,
             "seconds": time.perf_counter() - t_cell, "device": device, "bn": bn, "ft_steps": ft_steps,
-            "trials": trials, "seeds": seeds, "n_calibration": N_CALIBRATION}
+            "trials": trials, "seeds": seeds, "n_calibration": quality_cells.N_CALIBRATION}
 
 
 def _search(cell: Cell, opt: str, seed: int, trials: int, options: dict | None) -> list[tuple[dict, dict]]:
@@ -473,7 +280,7 @@ def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    global N_CALIBRATION, PARTIAL
+    global PARTIAL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed; resnet20 and mobilenet; lowrank and channel_l1; R <= 0.5")
     ap.add_argument("--models", nargs="*")
@@ -487,7 +294,7 @@ def main() -> None:
     ap.add_argument("--ft-steps", type=int, default=50)
     ap.add_argument("--spearman", type=int, default=6,
                     help="points per (model, method), at its first budget, for the proxy's rank correlation")
-    ap.add_argument("--calibration", type=int, default=N_CALIBRATION, help="calibration images per model")
+    ap.add_argument("--calibration", type=int, default=quality_cells.N_CALIBRATION, help="calibration images per model")
     ap.add_argument("--no-bn", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -498,7 +305,7 @@ def main() -> None:
     args = ap.parse_args()
     _quiet()
     torch.set_num_threads(args.threads)
-    N_CALIBRATION = args.calibration
+    quality_cells.N_CALIBRATION = args.calibration
     optimizers = list(args.optimizers or OPTIMIZERS)
     PARTIAL = Path(args.json + ".partial") if args.json else None
     if args.from_json and not args.optimizers:
