@@ -26,17 +26,7 @@ from torch import Tensor, nn
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
 from worker import batch as B
-from worker.methods.base import (
-    Compressor,
-    CostMismatch,
-    check_patterns,
-    eval_mode,
-    importance_curves,
-    method_types,
-    signal_grid,
-    signals_dict,
-    theta_value,
-)
+from worker.methods.base import Compressor, CostMismatch, eval_mode, theta_value
 from worker.methods.channel_groups import (
     CONV,
     ChannelAnalysis,
@@ -48,6 +38,8 @@ from worker.methods.channel_groups import (
     group_l1_importance,
     prune_plan,
 )
+from worker.methods.signals import importance_curves, signal_grid, signals_dict
+from worker.methods.tracing import check_patterns, method_types
 
 __all__ = ["ChannelCompressorBase", "build_cost_table"]
 
