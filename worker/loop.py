@@ -377,7 +377,7 @@ class Worker:
         permanent = _permanent_types()
         try:
             if kind == "profile":
-                from worker.evaluate import job_profile
+                from worker.proxy import job_profile
 
                 ctx, _ = self.cache.get(job)
                 log.info("profiled in %.2f s", ctx.build_seconds)
@@ -393,7 +393,7 @@ class Worker:
             return _Outcome(False, error=error_text(exc), retry=again)
 
     def _evaluate(self, trial: Mapping[str, Any], job: Mapping[str, Any]) -> _Outcome:
-        from worker.evaluate import measure_trial
+        from worker.proxy import measure_trial
         from worker.runtime import TaskError
 
         ctx, _ = self.cache.get(job)
