@@ -3,7 +3,7 @@
 For each compression objective (scalarized, constrained with trials over the budget, pareto), a
 real job goes through HTTP: created, profiled, its trials leased and completed by a worker's
 calls. Then the stored ``objective`` of every trial (the API), the J the engine trains on and
-ranks by (``_training_data`` of exactly what the scheduler hands it), the value the dashboard
+ranks by (``training_data`` of exactly what the scheduler hands it), the value the dashboard
 shows (its snapshot and CSV export) and :func:`bocompress.objective.job_objective` all agree.
 """
 
