@@ -1,7 +1,7 @@
 """How informative is the proxy L on a trained deep network? Writes docs/proxy.md.
 
 For a trained ResNet-20 on digits upsampled to 3x32x32 (calibration: training images; held out:
-the 450 test digits), with the worker's own code (``worker.evaluate.measure_trial``):
+the 450 test digits), with the worker's own code (``worker.proxy.measure_trial``):
 
 1. uniform theta at R ~ 0.5 and R ~ 0.75 (params) for ``channel_l1`` and ``tucker2 + svd``:
    L and held-out accuracy without/with BatchNorm re-estimation, and without/with the
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from bocompress.costs import ratio
-from worker.evaluate import Holdout, ProxyOptions, measure_trial, teacher_outputs
+from worker.evaluate import teacher_outputs
+from worker.proxy import Holdout, ProxyOptions, measure_trial
 from worker.methods import CompressorOptions, build_compressor
 from worker.zoo import load_model
 from worker.zoo.data import digits_split
@@ -150,7 +151,7 @@ def main() -> None:
         f"({args.threads} threads)._ ResNet-20 trained on digits upsampled to 3x32x32 "
         f"(original held-out accuracy **{acc0:.1%}** on the 450 test digits); L on {args.n_calibration} "
         "training images (the calibration part), accuracy on the 450 held-out test digits. Every number comes "
-        "from `worker.evaluate.measure_trial`, the code a worker runs for a trial.",
+        "from `worker.proxy.measure_trial`, the code a worker runs for a trial.",
         "",
         "## Uniform theta (one theta for every layer, bisected to the target R in parameters)",
         "",

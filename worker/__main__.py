@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.poll > 0:
         parser.error("--poll must be > 0")
 
-    from worker.loop import DEFAULT_GRACE, configure_logging, run_worker
+    from worker.logs import configure_logging
+    from worker.loop import DEFAULT_GRACE, run_worker
 
     configure_logging(args.log_level)
     prefixes = None if args.allow_import is None else [p.strip() for p in args.allow_import.split(",") if p.strip()]

@@ -9,9 +9,9 @@ One worker runs one task at a time:
 3. Report ``complete`` (the layer table for a profiling task; L, the measured ratio and task metrics
    for a trial) or ``fail`` (``retry=False`` for errors that would recur on any worker: no layer
    matched, weights that do not fit, an import path not allowed, a cost mismatch, and any type,
-   shape, value or lookup error of the model's code, see :func:`deterministic`; ``retry=True``
+   shape, value or lookup error of the model's code, see :func:`worker.failures.deterministic`; ``retry=True``
    for memory, device and I/O errors). The stored error is the message on its first line, then
-   the last frames of the traceback (:func:`error_text`).
+   the last frames of the traceback (:func:`worker.failures.error_text`).
 
 SIGTERM/SIGINT set a stop event: the current task is finished if it ends within ``grace`` seconds,
 else handed back with ``fail(retry=True)`` (a second signal hands it back at once), and the loop
@@ -21,7 +21,6 @@ again; it never crashes on a connection error.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,15 +29,12 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bocompress.client import Client
 from bocompress.errors import (
-    APIConnectionError,
-    APIStatusError,
     AuthenticationError,
     BocompressError,
     ConflictError,
@@ -46,10 +42,13 @@ from bocompress.errors import (
     PermissionDeniedError,
     UnprocessableEntityError,
 )
+from worker.failures import deterministic, error_text, is_transient, permanent_types
+from worker.logs import configure_logging
 
-__all__ = ["run_worker", "Worker", "JsonFormatter", "configure_logging", "Backoff", "KINDS"]
+__all__ = ["run_worker", "Worker", "Backoff", "KINDS"]
 
 logger = logging.getLogger("bocompress.worker")
+
 
 #: Task kinds this worker runs.
 KINDS = ("profile", "evaluate", "export")
@@ -57,41 +56,6 @@ KINDS = ("profile", "evaluate", "export")
 MAX_BACKOFF = 10.0
 #: Default seconds a stopping worker lets the current task finish before handing it back.
 DEFAULT_GRACE = 20.0
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's context fields."""
-
-    FIELDS = ("worker", "job_id", "trial_id", "task", "attempt", "seconds", "error")
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key in self.FIELDS:
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def configure_logging(level: str | int = "info") -> None:
-    """Send ``bocompress.worker`` logs to stderr as JSON lines (idempotent)."""
-    if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
-        logger.setLevel(level.upper() if isinstance(level, str) else level)
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level.upper() if isinstance(level, str) else level)
-    logger.propagate = False
 
 
 # --------------------------------------------------------------------------- helpers
@@ -118,80 +82,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure to talk to the service that may go away by itself (connection, 5xx, 429)."""
-    if isinstance(exc, APIConnectionError):
-        return True
-    return isinstance(exc, APIStatusError) and (exc.status_code >= 500 or exc.status_code in (408, 429))
-
-
-def _last_line(exc: BaseException) -> str:
-    """The last line of the exception's traceback, e.g. ``RuntimeError: shapes do not match``."""
-    lines = [ln for ln in traceback.format_exception_only(type(exc), exc) if ln.strip()]
-    text = lines[-1].strip() if lines else type(exc).__name__
-    return text[:2000]
-
-
-#: Frames of the traceback kept in a stored error (the innermost ones), and its longest length.
-ERROR_FRAMES = 6
-MAX_ERROR_CHARS = 6000
-
-
-def error_text(exc: BaseException, message: str | None = None, frames: int = ERROR_FRAMES) -> str:
-    """What a failed task stores: the message on the first line, then the last frames of the traceback.
-
-    The first line is what a user reads first (and what a job that failed as a whole reports as
-    its reason); the frames say where it happened. At most :data:`MAX_ERROR_CHARS` characters.
-    """
-    head = (message or _last_line(exc)).strip()[:2000] or type(exc).__name__
-    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
-    chain = exc.__cause__ or exc.__context__
-    if chain is not None and chain.__traceback__ is not None:  # where the original error came from
-        tb = (traceback.extract_tb(chain.__traceback__)[-max(1, frames // 2):] + tb)[-frames:]
-    body = "".join(traceback.format_list(tb)).rstrip()
-    text = f"{head}\n\nlast frames (innermost last):\n{body}\n{_last_line(exc)}" if body else head
-    if len(text) > MAX_ERROR_CHARS:
-        text = head[:1000] + "\n...\n" + text[-(MAX_ERROR_CHARS - 1010):]
-    return text
-
-
-#: Substrings of a RuntimeError that may not recur on another worker or attempt (memory, device).
-_TRANSIENT_MARKERS = ("out of memory", "cuda", "cudnn", "nccl", "device-side", "connection")
-#: Substrings of torch's RuntimeErrors about shapes and dtypes: the same inputs fail the same way.
-_SHAPE_MARKERS = ("shape", "size mismatch", "sizes of tensors", "dimension", "dtype", "scalar type",
-                  "mat1 and mat2", "must match", "expected input", "expected tensor", "channels")
-
-
-def deterministic(exc: BaseException) -> bool:
-    """An error that would recur on any attempt: a type, shape, value or lookup error of the
-    model's code or its inputs. Memory, device and I/O errors are not (another attempt may pass)."""
-    from worker.batch import BatchError
-
-    if isinstance(exc, (MemoryError, OSError, BocompressError)):
-        return False
-    if isinstance(exc, BatchError):
-        return True
-    if isinstance(exc, (TypeError, ValueError, KeyError, IndexError, AttributeError, NotImplementedError,
-                        ImportError, AssertionError, ZeroDivisionError)):
-        return True
-    if isinstance(exc, RuntimeError):
-        text = str(exc).lower()
-        return any(m in text for m in _SHAPE_MARKERS) and not any(m in text for m in _TRANSIENT_MARKERS)
-    return False
-
-
-def _permanent_types() -> tuple[type[BaseException], ...]:
-    """Errors that would recur on any worker: the task fails without a retry.
-
-    ``CompressionError`` covers ``NoLayerMatched`` and ``CostMismatch``.
-    """
-    from worker.methods.base import CompressionError
-    from worker.runtime import TaskError
-    from worker.zoo import WeightsMismatch, ZooError
-
-    return (TaskError, CompressionError, WeightsMismatch, ZooError)
 
 
 @dataclass
@@ -374,10 +264,10 @@ class Worker:
     def _compute(self, kind: str, trial: Mapping[str, Any], job: Mapping[str, Any],
                  log: _Log, source: Mapping[str, Any] | None = None) -> _Outcome:
         """Run a task; never raises: errors become a failed outcome, with or without retry."""
-        permanent = _permanent_types()
+        permanent = permanent_types()
         try:
             if kind == "profile":
-                from worker.evaluate import job_profile
+                from worker.proxy import job_profile
 
                 ctx, _ = self.cache.get(job)
                 log.info("profiled in %.2f s", ctx.build_seconds)
@@ -393,7 +283,7 @@ class Worker:
             return _Outcome(False, error=error_text(exc), retry=again)
 
     def _evaluate(self, trial: Mapping[str, Any], job: Mapping[str, Any]) -> _Outcome:
-        from worker.evaluate import measure_trial
+        from worker.proxy import measure_trial
         from worker.runtime import TaskError
 
         ctx, _ = self.cache.get(job)
@@ -475,7 +365,7 @@ class Worker:
                 outcome = _Outcome(False, error=f"the service refused the worker's result: {exc.detail}", retry=False)
                 path, body = f"/trials/{trial_id}/fail", {"error": outcome.error, "retry": False, "lease_token": token}
             except BocompressError as exc:
-                if not _transient(exc):
+                if not is_transient(exc):
                     log.error("report failed: %s", exc)
                     return False
                 deadline = give_up if not stop.is_set() else min(give_up, time.monotonic() + 10.0)

@@ -285,8 +285,8 @@ class JobContext:
     info: dict[str, Any] = field(default_factory=dict)
     output: str | int | None = None
     linearized: list[str] = field(default_factory=list)
-    holdout: Any = None  # worker.evaluate.Holdout: the held-out part of labelled data (accuracy only)
-    proxy: Any = None  # worker.evaluate.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
+    holdout: Any = None  # worker.proxy.Holdout: the held-out part of labelled data (accuracy only)
+    proxy: Any = None  # worker.proxy.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -305,7 +305,8 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     """
     import time
 
-    from worker.evaluate import Holdout, ProxyOptions, split_holdout, teacher_outputs
+    from worker.evaluate import teacher_outputs
+    from worker.proxy import Holdout, ProxyOptions, split_holdout
     from worker.methods import CompressorOptions, build_compressor
 
     t0 = time.perf_counter()

@@ -1,21 +1,12 @@
 """The BO engine of bocompress: pure computation (torch, BoTorch), no database, no HTTP.
 
 The service calls :func:`propose` from a background thread with a job's history and stores the
-points it returns; :func:`composite_value` and :func:`ratio` score a completed trial.
+points it returns; :func:`ratio` gives a compression point's exact R.
 """
 
-from .engine import (
-    Budgets,
-    Observation,
-    Problem,
-    composite_value,
-    fast_mode,
-    initial_design_only,
-    point_key,
-    propose,
-    ratio,
-)
+from .engine import initial_design_only, point_key, propose
 from .objectives import CostModel
+from .problem import Budgets, Observation, Problem, ratio
 from .space import Space
 
 __all__ = [
@@ -24,8 +15,6 @@ __all__ = [
     "Observation",
     "Problem",
     "Space",
-    "composite_value",
-    "fast_mode",
     "initial_design_only",
     "point_key",
     "propose",

@@ -1,4 +1,4 @@
-"""The compression ratio R(theta), exact and relaxed, and the job objectives built on it.
+"""The compression ratio R(theta), exact and relaxed, as the acquisition functions need it.
 
 R is a known function of theta and the layer table (``bocompress.costs``), never learned. The
 acquisition optimizer needs it on batches of tensors and differentiable, so :class:`CostModel`
@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from bocompress import costs as exact_costs
-from bocompress.objective import job_objective
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -123,29 +122,3 @@ class CostModel:
     def exact_ratio(self, params: Mapping[str, float]) -> float:
         """R(theta) by the reference implementation, ``bocompress.costs.ratio``."""
         return float(exact_costs.ratio(self.profile, params, self.kind))
-
-
-def composite(
-    kind: str | None, kappa: float, value: float, r: float | None, budget: float | None = None
-) -> float:
-    """The scalar a trial is ranked by (lower is better for compression jobs): J of
-    :func:`bocompress.objective.job_objective`.
-
-    Args:
-        kind: ``scalarized``, ``constrained``, ``pareto`` or None (generic).
-        kappa: The weight of L in ``scalarized`` (and in the ranking scalar of ``pareto``).
-        value: L for compression jobs, the metric for generic ones.
-        r: The exact ratio R (compression jobs).
-        budget: The largest allowed R (``constrained``).
-
-    Returns:
-        ``kappa * L + R`` for ``scalarized`` and ``pareto`` (a pareto job is ranked by the
-        scalarization with its kappa); ``L`` for ``constrained`` (the engine never proposes an
-        infeasible point, so every trial it created is feasible; an infeasible one, if any, ranks
-        after all feasible ones, by :func:`bocompress.objective.job_objective`); the value itself for generic jobs.
-    """
-    if kind is None:
-        return float(value)
-    if r is None:
-        raise ValueError(f"a {kind!r} objective needs the ratio R")
-    return float(job_objective(kind, float(value), float(r), float(kappa), budget))

@@ -98,7 +98,7 @@ def make_landscape(d: int = 8, seed: int = 0, theta_min: float = 0.05, noise: fl
 def sobol_history(ls: Landscape, n: int, design_seed: int = 3, noise_seed: int = 0) -> list:
     """``n`` observations of ``ls`` at the points of a scrambled Sobol design (seeded), measured
     with seeded noise: a history to time or test the GP stage on."""
-    from .engine import Observation
+    from .problem import Observation
     from .sobol import sobol_points
     from .space import Space
 

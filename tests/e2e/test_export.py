@@ -49,7 +49,7 @@ def test_quickstart_example_end_to_end(sqlite_server: LiveServer, tmp_path: Path
         model = bocompress.load_compressed(path)
         theta = {k: float(v) for k, v in best["params"].items()}
         # the worker's own path for this job: the same calibration part, compression and repairs
-        from worker.evaluate import prepare
+        from worker.proxy import prepare
         from worker.runtime import build_context
 
         ctx = build_context(client, {"id": job.id, "spec": job.spec}, "cpu", [])

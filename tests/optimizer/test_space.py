@@ -9,7 +9,7 @@ import torch
 
 from bocompress import costs
 from bocompress.costs import kept
-from service.optimizer import CostModel, Observation, Problem, Space, composite_value, propose, ratio
+from service.optimizer import CostModel, Observation, Problem, Space, propose, ratio
 from service.optimizer.synthetic import make_landscape
 
 
@@ -103,19 +103,12 @@ def test_cost_model_refuses_unknown_param() -> None:
         CostModel(ls.profile, "flops", ["layer0", "layer1"])
 
 
-def test_composite_value_and_ratio() -> None:
+def test_ratio_is_exact_and_for_compression_problems_only() -> None:
     ls = make_landscape(d=3, seed=1)
     theta = {p["name"]: p["high"] for p in ls.params}
     scal = Problem(ls.params, {"kind": "scalarized", "kappa": 2.0, "cost": "params"}, ls.profile, 4, 0)
-    r = ratio(scal, theta)
-    assert r == pytest.approx(costs.ratio(ls.profile, theta, "params"))
-    assert composite_value(scal, theta, 0.1) == pytest.approx(0.2 + r)
-    cons = Problem(ls.params, {"kind": "constrained", "budget": 1.0, "cost": "params"}, ls.profile, 4, 0)
-    assert composite_value(cons, theta, 0.1) == pytest.approx(0.1)
-    tight = Problem(ls.params, {"kind": "constrained", "budget": 0.01, "cost": "params"}, ls.profile, 4, 0)
-    assert composite_value(tight, theta, 0.1) > 1e6
+    assert ratio(scal, theta) == pytest.approx(costs.ratio(ls.profile, theta, "params"))
     gen = Problem([{"name": "x", "type": "float", "low": 0, "high": 1}], {"metric": "y", "direction": "maximize"}, None, 4, 0)
-    assert composite_value(gen, {"x": 0.2}, 3.5) == 3.5
     with pytest.raises(ValueError, match="compression"):
         ratio(gen, {"x": 0.2})
 

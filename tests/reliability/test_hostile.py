@@ -169,19 +169,21 @@ def test_names_with_path_tricks(hostile: dict[str, Any]) -> None:
         assert not Path("/tmp/evil.safetensors").exists()
 
 
-@pytest.mark.parametrize("url,status", [
-    ("/api/v1/jobs?limit=1000000000000", 422),
-    ("/api/v1/jobs?limit=99999999999999999999999999999", 422),
-    ("/api/v1/jobs?limit=-1", 422),
-    ("/api/v1/jobs?limit=1e9", 422),
-    ("/api/v1/jobs?cursor=not-a-cursor", 422),
-    ("/api/v1/jobs/{job}/trials?limit=100000000", 422),
-    ("/api/v1/jobs/{job}/trials?since=-1", 422),
-    ("/api/v1/jobs/{job}/trials?since=999999999999999999999999", 422),
-    ("/api/v1/jobs/{job}/trials?cursor=djE6eA", 422),
-    ("/api/v1/jobs/99999999999999999999", (404, 422)),
-    ("/api/v1/jobs/9223372036854775808/trials", (404, 422)),
-    ("/api/v1/trials/2147483648", (404, 422)),
+# The word names what was refused: the query parameter of a 422, or (ids that may also be refused
+# as unknown, 404 "job ... not found") the resource of the path parameter.
+@pytest.mark.parametrize("url,status,word", [
+    ("/api/v1/jobs?limit=1000000000000", 422, "query.limit"),
+    ("/api/v1/jobs?limit=99999999999999999999999999999", 422, "query.limit"),
+    ("/api/v1/jobs?limit=-1", 422, "query.limit"),
+    ("/api/v1/jobs?limit=1e9", 422, "query.limit"),
+    ("/api/v1/jobs?cursor=not-a-cursor", 422, "query.cursor"),
+    ("/api/v1/jobs/{job}/trials?limit=100000000", 422, "query.limit"),
+    ("/api/v1/jobs/{job}/trials?since=-1", 422, "query.since"),
+    ("/api/v1/jobs/{job}/trials?since=999999999999999999999999", 422, "query.since"),
+    ("/api/v1/jobs/{job}/trials?cursor=djE6eA", 422, "query.cursor"),
+    ("/api/v1/jobs/99999999999999999999", (404, 422), "job"),
+    ("/api/v1/jobs/9223372036854775808/trials", (404, 422), "job"),
+    ("/api/v1/trials/2147483648", (404, 422), "trial"),
 ])
-def test_huge_numbers(hostile: dict[str, Any], url: str, status: int | tuple[int, ...]) -> None:
-    refused(hostile, "GET", url.replace("{job}", str(hostile["job"])), status, "")
+def test_huge_numbers(hostile: dict[str, Any], url: str, status: int | tuple[int, ...], word: str) -> None:
+    refused(hostile, "GET", url.replace("{job}", str(hostile["job"])), status, word)

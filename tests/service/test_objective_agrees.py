@@ -3,7 +3,7 @@
 For each compression objective (scalarized, constrained with trials over the budget, pareto), a
 real job goes through HTTP: created, profiled, its trials leased and completed by a worker's
 calls. Then the stored ``objective`` of every trial (the API), the J the engine trains on and
-ranks by (``_training_data`` of exactly what the scheduler hands it), the value the dashboard
+ranks by (``training_data`` of exactly what the scheduler hands it), the value the dashboard
 shows (its snapshot and CSV export) and :func:`bocompress.objective.job_objective` all agree.
 """
 
@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from bocompress.objective import job_objective
 from service.db.models import Job
 from service.db.session import read_session
-from service.optimizer import engine
+from service.optimizer.acquisition import training_data
+from service.optimizer.problem import compile_problem
 from service.scheduler import job_problem, observations
 from tests.conftest import LiveServer, start_server
 from tests.service.helpers import lease, profile_job
@@ -79,10 +81,10 @@ def test_stored_objective_is_the_gp_target_and_the_dashboard_value(quiet_server:
         problem = job_problem(row)
         obs, pending = observations(s, row)
     assert len(obs) == len(THETAS) and pending == []
-    ctx = engine._compile(problem)
-    _, _, _, J = engine._training_data(ctx, obs)
+    ctx = compile_problem(problem)
+    _, _, _, J = training_data(ctx, obs)
     assert [float(x) for x in J] == pytest.approx(stored, rel=1e-12, abs=1e-12)
-    assert [float(x) for x in ctx.cost(engine.torch.tensor([[t] * 3 for t in THETAS], dtype=engine.torch.float64),
+    assert [float(x) for x in ctx.cost(torch.tensor([[t] * 3 for t in THETAS], dtype=torch.float64),
                                         exact=True)] == pytest.approx(ratios, rel=1e-12)
 
     # the dashboard's values: its first read (snapshot) and its CSV export

@@ -28,7 +28,8 @@ from tests.e2e.helpers import (
     wait_job,
     worker_process,
 )
-from worker.loop import Backoff, JsonFormatter, Worker, run_worker
+from worker.logs import JsonFormatter
+from worker.loop import Backoff, Worker, run_worker
 from worker.methods.base import CostMismatch
 from worker.runtime import JobCache, import_allowed
 

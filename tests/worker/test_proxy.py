@@ -15,17 +15,16 @@ from torch import nn
 
 from bocompress.costs import kept, ratio
 from bocompress.schemas import CompressionSpec, ProfileReport, split_layer_patterns
-from worker.evaluate import (
+from worker.evaluate import fidelity, teacher_outputs
+from worker.proxy import (
     Holdout,
     ProxyOptions,
     batchnorms_after,
-    fidelity,
     job_profile,
     measure_trial,
     prepare,
     recalibrate_bn,
     split_holdout,
-    teacher_outputs,
 )
 from worker.methods import CompressorOptions, NoLayerMatched, build_compressor
 from worker.zoo.data import digits_split

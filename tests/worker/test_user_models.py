@@ -15,7 +15,7 @@ from bocompress.compressed import read_description, save_compressed
 from bocompress.modelspec import ModelSpecError, build_model, parse_arch
 from worker import batch as B
 from worker.layers import attention_layers, linearize_conv1d
-from worker.loop import MAX_ERROR_CHARS, deterministic, error_text
+from worker.failures import MAX_ERROR_CHARS, deterministic, error_text
 from worker.methods import build_compressor
 
 GPT2 = {"factory": "transformers:GPT2LMHeadModel",

@@ -18,15 +18,15 @@ from torch import Tensor, nn
 from bocompress.schemas import split_layer_patterns
 from worker.methods.base import (
     TYPE_CLASSES,
-    CompositeCompressor,
     CompressionError,
     Compressor,
     CompressorOptions,
     CostMismatch,
-    LayerwiseCompressor,
     NoLayerMatched,
-    lenient_patterns,
 )
+from worker.methods.composite import CompositeCompressor
+from worker.methods.layerwise import LayerwiseCompressor
+from worker.methods.tracing import lenient_patterns
 
 __all__ = [
     "METHOD_MODULES",

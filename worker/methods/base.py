@@ -1,4 +1,4 @@
-"""The compression-method protocol shared by every method, and the machinery most methods reuse.
+"""The compression-method protocol shared by every method: errors, options, :class:`Compressor`.
 
 A :class:`Compressor` is built once per (job, worker). Its constructor does the expensive work
 once (finding the layers, tracing spatial sizes, full SVD / HOSVD factors, sorted magnitudes) so
@@ -16,55 +16,42 @@ Cost conventions (every method follows them, so forms and measurements agree):
   products and ignores biases, normalization and activations; a layer's form therefore scales with
   the number of output positions (``H_out * W_out`` for a conv), measured by a forward hook when
   the compressor is built.
+
+The machinery most methods reuse is in modules of its own: :mod:`worker.methods.tracing` (layer
+selection by pattern and type, spatial sizes), :mod:`worker.methods.signals` (break-even bounds,
+the energy and LAMP curves of a profile), :mod:`worker.methods.layerwise` (the base class of the
+per-layer methods) and :mod:`worker.methods.composite` (several methods over disjoint layer types).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import copy
 import fnmatch
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bocompress.costs import kept
-from bocompress.schemas import ProfileReport
 from worker import batch as B
 
 __all__ = [
-    "CompressionError",
-    "NoLayerMatched",
-    "CostMismatch",
-    "Compressor",
-    "LayerwiseCompressor",
-    "CompositeCompressor",
-    "LayerTrace",
-    "LayerPlan",
     "TYPE_CLASSES",
-    "measure_flops",
-    "trace_layers",
-    "select_modules",
-    "method_types",
-    "theta_value",
-    "set_submodule",
-    "eval_mode",
-    "break_even",
-    "signal_grid",
-    "importance_curves",
-    "signals_dict",
+    "CompressionError",
+    "Compressor",
     "CompressorOptions",
-    "lenient_patterns",
-    "check_patterns",
-    "form",
-    "dense_costs",
+    "CostMismatch",
+    "NoLayerMatched",
+    "eval_mode",
+    "input_batch_size",
+    "measure_flops",
+    "theta_value",
 ]
+
 
 #: Layer-type names usable as keys of a method mapping, and the module classes they stand for.
 TYPE_CLASSES: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
@@ -264,7 +251,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
-def _batch_size(inputs: B.Batch) -> int:
+def input_batch_size(inputs: B.Batch) -> int:
+    """The number of samples of a batch of inputs (:class:`CompressionError` when it has none)."""
     try:
         n = B.n_samples(inputs)
     except B.BatchError as exc:
@@ -284,159 +272,11 @@ def measure_flops(module: nn.Module, inputs: Tensor) -> float:
     Returns:
         The total FLOPs divided by the batch size.
     """
-    b = _batch_size(inputs)
+    b = input_batch_size(inputs)
     counter = FlopCounterMode(display=False)
     with eval_mode(module), torch.no_grad(), counter:
         B.call(module, inputs)
     return float(counter.get_total_flops()) / b
-
-
-@dataclass
-class LayerTrace:
-    """What a forward pass tells about one layer (sums over the calls of one forward pass).
-
-    Attributes:
-        calls: how many times the layer ran in one forward pass.
-        pos_in: input positions per sample (``H_in * W_in`` for a conv, 1 for a flat Linear input).
-        pos_out: output positions per sample (``H_out * W_out`` for a conv).
-    """
-
-    calls: int = 0
-    pos_in: int = 0
-    pos_out: int = 0
-
-
-def _positions(t: Tensor, channels: int, batch: int, channel_dim: int) -> int:
-    """Positions per sample of a ``batch x ... `` activation with ``channels`` along ``channel_dim``."""
-    if t.dim() < 2 or t.shape[channel_dim] != channels:
-        raise CompressionError(f"unexpected activation shape {tuple(t.shape)} for {channels} channels")
-    n = t.numel() // (batch * channels)
-    if n * batch * channels != t.numel():
-        raise CompressionError(f"activation shape {tuple(t.shape)} does not split into batch {batch}")
-    return int(n)
-
-
-def trace_layers(model: nn.Module, example_input: Tensor, names: Sequence[str]) -> tuple[dict[str, LayerTrace], float]:
-    """Run one forward pass recording the spatial sizes of the named Conv2d/Linear layers.
-
-    Args:
-        model: the network (eval mode is forced during the pass and restored).
-        example_input: ``batch x input shape``.
-        names: module names (from ``named_modules``) of Conv2d or Linear layers.
-
-    Returns:
-        ``(traces, flops_per_sample)``: a :class:`LayerTrace` per name and the total FLOPs per
-        sample counted by FlopCounterMode during the same pass.
-    """
-    b = _batch_size(example_input)
-    modules = dict(model.named_modules())
-    traces = {n: LayerTrace() for n in names}
-    handles = []
-
-    def make_hook(name: str, mod: nn.Module) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-            x = args[0]
-            tr = traces[name]
-            tr.calls += 1
-            if isinstance(mod, nn.Conv2d):
-                tr.pos_in += _positions(x, mod.in_channels, b, 1)
-                tr.pos_out += _positions(out, mod.out_channels, b, 1)
-            else:
-                tr.pos_in += _positions(x, mod.in_features, b, -1)
-                tr.pos_out += _positions(out, mod.out_features, b, -1)
-
-        return hook
-
-    for n in names:
-        handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))
-    counter = FlopCounterMode(display=False)
-    try:
-        with eval_mode(model), torch.no_grad(), counter:
-            B.call(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return traces, float(counter.get_total_flops()) / b
-
-
-def method_types(method: str, method_map: str | Mapping[str, str], supported: Sequence[str]) -> list[str]:
-    """The layer-type names (``Conv2d``, ``Linear``) a method takes under the job's method spec.
-
-    Args:
-        method: this compressor's method name.
-        method_map: the job's method: a name (every supported type) or a mapping type -> method.
-        supported: the type names the method can compress.
-
-    Returns:
-        The supported type names mapped to ``method`` (all of ``supported`` for a plain name).
-    """
-    if isinstance(method_map, str):
-        if method_map != method:
-            raise CompressionError(f"compressor {method!r} was built for method {method_map!r}")
-        return list(supported)
-    for k in method_map:
-        if k not in TYPE_CLASSES:
-            raise CompressionError(f"method mapping key {k!r}: use one of {sorted(TYPE_CLASSES)}")
-    return [t for t in supported if method_map.get(t) == method]
-
-
-def _is_type(module: nn.Module, type_names: Sequence[str]) -> bool:
-    return any(isinstance(module, TYPE_CLASSES[t]) for t in type_names)
-
-
-def select_modules(model: nn.Module, patterns: Sequence[str], type_names: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    """Modules of the given types whose name matches any fnmatch pattern, in ``named_modules`` order."""
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if n and _is_type(m, type_names) and any(fnmatch.fnmatchcase(n, p) for p in patterns)
-    ]
-
-
-_LENIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("bocompress_lenient_patterns", default=False)
-
-
-@contextlib.contextmanager
-def lenient_patterns() -> Iterator[None]:
-    """Within this block, a compressor raises :class:`NoLayerMatched` only when NO pattern matched.
-
-    Used by the composite compressor, which checks the patterns against the union of its parts.
-    """
-    token = _LENIENT.set(True)
-    try:
-        yield
-    finally:
-        _LENIENT.reset(token)
-
-
-def check_patterns(
-    patterns: Sequence[str],
-    compressible: Sequence[str],
-    method: Any,
-    skipped: Mapping[str, str] | None = None,
-) -> None:
-    """Raise :class:`NoLayerMatched` for the patterns that match none of the compressible layers.
-
-    Args:
-        patterns: the job's layer globs.
-        compressible: names of the layers the method will search over.
-        method: the method or mapping, for the message.
-        skipped: layer name -> why it was matched but not compressible (shown in the message).
-    """
-    lenient = _LENIENT.get()
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in compressible)]
-    if not unmatched or (lenient and compressible):
-        return
-    if lenient:
-        unmatched = list(patterns)
-    msg = f"layer pattern(s) {unmatched} match no layer that method {method!r} can compress"
-    if skipped:
-        related = {n: r for n, r in skipped.items() if any(fnmatch.fnmatchcase(n, p) for p in unmatched)}
-        if related:
-            shown = "; ".join(f"{n}: {r}" for n, r in list(related.items())[:10])
-            more = f" (+{len(related) - 10} more)" if len(related) > 10 else ""
-            msg += f" (matched but not compressible: {shown}{more})"
-    raise NoLayerMatched(msg, unmatched, method)
 
 
 def theta_value(theta: Mapping[str, float], name: str) -> float:
@@ -447,408 +287,3 @@ def theta_value(theta: Mapping[str, float], name: str) -> float:
     if not math.isfinite(v):
         raise CompressionError(f"theta[{name!r}] must be finite, got {v!r}")
     return v
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) in ``root`` with ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def break_even(
-    sizes: Sequence[int],
-    cost: Callable[[tuple[int, ...]], tuple[float, float]],
-    dense: tuple[float, float],
-    theta_min: float,
-    rule: str = "params",
-) -> tuple[float, dict[str, bool]] | str:
-    """Where a factorized layer stops saving, for a search range of [theta_min, 1] ("leave it dense").
-
-    The layer's ranks are ``kept(theta, s)`` for each ``s`` in ``sizes``. It is factorized only
-    where that is cheaper than the dense layer in the ``rule`` cost (the job's cost kind:
-    ``params`` or ``flops``), and left dense from there on (costs grow with the ranks, so the
-    dense thetas are ``[dense_from, 1]``). The ``rule`` form ``min(terms, cap=dense)`` is then
-    exact for every theta. The other kind's capped form is exact too whenever, for every rank
-    tuple, "cheaper in params" and "cheaper in flops" agree (true when a layer's input and output
-    spatial sizes agree); where they do not (a strided k x k conv under tucker2), the other kind
-    is exact outside a narrow band of theta below the break-even, and ``exact[kind]`` says so.
-
-    Args:
-        sizes: the counts theta multiplies (e.g. ``[c_in, c_out]``).
-        cost: rank tuple -> ``(params, flops)`` of the factorized layer.
-        dense: ``(params, flops)`` of the dense layer.
-        theta_min: the lowest theta searched.
-        rule: ``params`` or ``flops``: which cost decides "cheaper".
-
-    Returns:
-        ``(dense_from, exact)``: the smallest theta at which the layer is left dense (a rank
-        breakpoint; 1.0 when only full rank is) and ``{"params": bool, "flops": bool}``, whether
-        each capped form is exact for every theta. A string (the reason) when the factorization
-        saves nothing at theta_min.
-    """
-    d = 1 if rule == "flops" else 0
-
-    def ranks(theta: float) -> tuple[int, ...]:
-        return tuple(kept(theta, s) for s in sizes)
-
-    def cheap(r: tuple[int, ...]) -> bool:
-        return cost(r)[d] < dense[d]
-
-    # Every rank tuple reachable: at 0, 1, each breakpoint and between consecutive breakpoints.
-    bps = sorted({(j + 0.5) / s for s in sizes for j in range(1, s)})
-    probes = [0.0, 1.0, *bps] + [(a + b) / 2 for a, b in zip(bps, bps[1:])]
-    exact = {"params": True, "flops": True}
-    for t in probes:
-        r = ranks(t)
-        c = cost(r)
-        is_cheap = cheap(r)
-        for i, kind in enumerate(("params", "flops")):
-            actual = c[i] if is_cheap else dense[i]
-            if min(c[i], dense[i]) != actual:
-                exact[kind] = False
-    if not cheap(ranks(theta_min)):
-        return f"the factorization is no cheaper ({rule}) than the dense layer even at theta_min={theta_min}"
-    # ranks just past a breakpoint (a breakpoint itself may round either way in floating point)
-    dense_from = next((b for b in bps if b > theta_min and not cheap(ranks(b + 1e-12))), 1.0)
-    return float(min(dense_from, 1.0)), exact
-
-
-def signal_grid(theta_min: float, points: int = 33) -> list[float]:
-    """The theta grid of the allocator signals: ``points`` evenly spaced values in [theta_min, 1], ending at 1.0."""
-    k = points - 1
-    grid = [theta_min + (1.0 - theta_min) * i / k for i in range(k)] + [1.0]
-    return [float(x) for x in grid]
-
-
-def importance_curves(values_desc: Tensor, kept_counts: Sequence[int]) -> tuple[list[float], list[float]]:
-    """Energy kept and the LAMP score of the first unit removed, for several kept counts.
-
-    Args:
-        values_desc: ``n`` non-negative unit importances (sigma^2, w^2, a group score), largest first.
-        kept_counts: how many of the largest units are kept, one per grid point (``n``: all).
-
-    Returns:
-        ``(energy, lamp)``: ``energy[k] = sum(v[:c]) / sum(v)`` (1.0 when ``c = n``) and
-        ``lamp[k] = v[c] / sum(v[:c + 1])`` (LAMP, Lee et al. 2021: a unit's importance relative to
-        every unit at least as important; 0.0 when nothing is removed). Made monotone over the
-        grid (energy non-decreasing, lamp non-increasing) against float rounding.
-    """
-    v = values_desc.detach().to("cpu", torch.float64).clamp_min(0).flatten()
-    n = v.numel()
-    csum = torch.cumsum(v, 0)
-    total = float(csum[-1]) if n else 0.0
-    energy, lamp = [], []
-    for c in kept_counts:
-        c = int(min(max(c, 0), n))
-        if c >= n:
-            energy.append(1.0)
-            lamp.append(0.0)
-            continue
-        energy.append(float(csum[c - 1]) / total if c > 0 and total > 0 else 0.0)
-        denom = float(csum[c])
-        lamp.append(float(v[c]) / denom if denom > 0 else 0.0)
-    for i in range(1, len(energy)):
-        energy[i] = max(energy[i], energy[i - 1])
-        lamp[i] = min(lamp[i], lamp[i - 1])
-    return energy, lamp
-
-
-def signals_dict(grid: Sequence[float], energy: Sequence[float], lamp: Sequence[float]) -> dict[str, list[float]]:
-    """A LayerSignals dict; the last point (theta = 1) keeps everything: energy 1, lamp 0."""
-    e, s = [float(x) for x in energy], [float(x) for x in lamp]
-    e[-1], s[-1] = 1.0, 0.0
-    return {"grid": [float(t) for t in grid], "energy": e, "lamp": s}
-
-
-# --------------------------------------------------------------------------- layer-wise methods
-
-
-@dataclass
-class LayerPlan:
-    """One compressible layer: its row of the layer table and the method's cache.
-
-    Attributes:
-        name: module name.
-        info: the LayerInfo dict (name, type, method, shape, params, costs, dense).
-        param: the SearchParam dict of its theta (name, low, high, size).
-        cache: method-specific data (factors, sorted indices, ranks' cost function...).
-    """
-
-    name: str
-    info: dict[str, Any]
-    param: dict[str, Any]
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-def form(terms: Sequence[tuple[float, Sequence[tuple[str, int]]]], cap: float | None) -> dict[str, Any]:
-    """A CostForm dict from ``(coef, [(param, size), ...])`` terms (zero coefficients dropped)."""
-    return {
-        "terms": [
-            {"coef": float(c), "factors": [{"param": p, "size": int(s)} for p, s in fs]} for c, fs in terms if c != 0
-        ],
-        "cap": None if cap is None else float(cap),
-    }
-
-
-class LayerwiseCompressor(Compressor):
-    """A method that compresses each selected layer independently, with one theta per layer.
-
-    Subclasses set ``method`` and ``supported`` and implement :meth:`plan_layer` (build the cache
-    and cost forms of one layer, or say why it cannot be compressed) and :meth:`compress_layer`
-    (the replacement of one layer for a theta, or ``None`` to keep it). The search parameter of a
-    layer is named after the layer.
-    """
-
-    #: Layer-type names the method can compress (keys of :data:`TYPE_CLASSES`).
-    supported: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer_patterns: list[str],
-        theta_min: float,
-        example_input: Tensor,
-        method_map: str | dict[str, str],
-        options: CompressorOptions | None = None,
-    ) -> None:
-        super().__init__(model, layer_patterns, theta_min, example_input, method_map, options)
-        types = method_types(self.method, method_map, self.supported)
-        candidates = select_modules(model, self.layer_patterns, types)
-        self.skipped: dict[str, str] = {}
-        for name, _ in candidates:
-            if self.excluded(name):
-                self.skipped[name] = "excluded by the job's layer patterns (left dense)"
-        candidates = [(n, m) for n, m in candidates if n not in self.skipped]
-        self.traces, flops_total = trace_layers(model, example_input, [n for n, _ in candidates])
-        self.plans: dict[str, LayerPlan] = {}
-        self.grid = signal_grid(self.theta_min)
-        for name, mod in candidates:
-            if self.traces[name].calls == 0:  # e.g. nn.MultiheadAttention's out_proj: its weight is read directly
-                self.skipped[name] = "its forward never runs (its parent reads its weight directly); it cannot be replaced"
-                continue
-            with torch.no_grad():
-                plan = self.plan_layer(name, mod, self.traces[name])
-            if isinstance(plan, str):
-                self.skipped[name] = plan
-            else:
-                with torch.no_grad():
-                    energy, lamp = self.layer_curves(plan, self.grid)
-                plan.info["signals"] = signals_dict(self.grid, energy, lamp)
-                plan.param.setdefault("dense_from", 1.0)
-                self.plans[name] = plan
-        check_patterns(self.layer_patterns, list(self.plans), method_map, self.skipped)
-        self.totals: dict[str, float] = {
-            "params": float(sum(p.numel() for p in model.parameters())),
-            "flops": flops_total,
-        }
-        report = {
-            "layers": [p.info for p in self.plans.values()],
-            "params": [p.param for p in self.plans.values()],
-            "totals": dict(self.totals),
-            "model_info": {
-                "class": type(model).__name__,
-                "method": method_map if isinstance(method_map, str) else dict(method_map),
-                "n_layers": len(self.plans),
-                "skipped": dict(self.skipped),
-                "batch_traced": _batch_size(example_input),
-                "flops_per": "sample",
-            },
-        }
-        self._profile = ProfileReport.model_validate(report).model_dump()
-
-    # -- to implement -------------------------------------------------------------------------
-
-    @abstractmethod
-    def plan_layer(self, name: str, module: nn.Module, trace: LayerTrace) -> LayerPlan | str:
-        """The plan of one layer (cache + cost forms), or the reason it cannot be compressed."""
-
-    @abstractmethod
-    def compress_layer(self, plan: LayerPlan, module: nn.Module, theta: float) -> nn.Module | None:
-        """The replacement of the layer for ``theta``, or ``None`` to keep ``module`` as it is.
-
-        ``module`` is the layer in the copy being compressed (same weights as the original); a
-        method may modify it in place and return it.
-        """
-
-    @abstractmethod
-    def layer_curves(self, plan: LayerPlan, grid: Sequence[float]) -> tuple[list[float], list[float]]:
-        """``(energy, lamp)`` of one layer over ``grid`` (see :class:`bocompress.schemas.LayerSignals`)."""
-
-    def layer_changed(self, plan: LayerPlan, theta: float) -> bool:
-        """Whether ``compress_layer`` changes the layer at ``theta`` (default: unless theta keeps all)."""
-        return float(theta) < float(plan.param.get("dense_from") or 1.0)
-
-    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
-        """The planned layers that ``apply(theta)`` changes."""
-        return [n for n, p in self.plans.items() if self.layer_changed(p, theta_value(theta, p.param["name"]))]
-
-    # -- the protocol -------------------------------------------------------------------------
-
-    def profile(self) -> dict:
-        """The layer table (see :meth:`Compressor.profile`); computed once, returned as a copy."""
-        return copy.deepcopy(self._profile)
-
-    #: The child of a factorized layer that least squares refits (its last factor), or None.
-    ls_factor: ClassVar[str | None] = None
-    #: Whether that correction is on when the job does not say (see docs/proxy.md).
-    ls_default: ClassVar[bool] = False
-
-    @property
-    def ls_correction(self) -> bool:
-        """Whether ``apply`` refits the last factor of each factorized layer by least squares."""
-        if self.ls_factor is None:
-            return False
-        return bool(self.ls_default if self.options.ls_correction is None else self.options.ls_correction)
-
-    def apply(self, theta: dict[str, float]) -> nn.Module:
-        """A deep copy of the model with every planned layer compressed at its theta (then refitted, if on)."""
-        out = copy.deepcopy(self.model)
-        self.apply_to(out, theta)
-        run_ls_refit(out, self.ls_sites(theta), self)
-        return out
-
-    def ls_sites(self, theta: Mapping[str, float]) -> dict[str, Any]:
-        """The last factors to refit at ``theta`` (name in the compressed model -> its Site); {} when off.
-
-        The last factor (a 1x1 conv or a Linear, with the layer's bias) sees exactly the output
-        positions of the original layer, so it is refitted to reproduce the original layer's
-        output (sampled once per job on the calibration inputs) from what it now receives.
-        """
-        if not self.ls_correction:
-            return {}
-        changed = [n for n in self.changed_layers(theta)]
-        if not changed:
-            return {}
-        if getattr(self, "_ls_cache", None) is None:
-            from worker.methods.lsq import sample_sites
-
-            inputs = self.options.calib_inputs if self.options.calib_inputs is not None else self.example_input
-            inputs = B.head(inputs, min(B.n_samples(inputs), 256))
-            ok = [n for n in self.plans if self.traces[n].calls == 1]
-            self._ls_cache = (inputs, sample_sites(self.model, ok, inputs, self.options.n_points, self.options.seed))
-        _, sites = self._ls_cache
-        return {f"{n}.{self.ls_factor}": sites[n] for n in changed if n in sites}
-
-    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
-        """Changed layers whose output the least squares does not reconstruct."""
-        fitted = {k.rsplit(".", 1)[0] for k in self.ls_sites(theta)}
-        return [n for n in self.changed_layers(theta) if n not in fitted]
-
-    def apply_to(self, module: nn.Module, theta: Mapping[str, float]) -> None:
-        """Compress, in place, the planned layers of ``module`` (a copy of the original model)."""
-        values = {name: theta_value(theta, plan.param["name"]) for name, plan in self.plans.items()}
-        with torch.no_grad():
-            for name, plan in self.plans.items():
-                layer = module.get_submodule(name)
-                new = self.compress_layer(plan, layer, values[name])
-                if new is not None and new is not layer:
-                    new.train(layer.training)
-                    set_submodule(module, name, new)
-
-    @property
-    def param_names(self) -> list[str]:
-        """Names of the search parameters, in layer order."""
-        return [p.param["name"] for p in self.plans.values()]
-
-
-def run_ls_refit(module: nn.Module, sites: Mapping[str, Any], comp: Compressor) -> None:
-    """Refit the given sites of ``module`` in one forward pass over the compressor's LS inputs."""
-    if not sites:
-        return
-    from worker.methods.lsq import refit_in_forward
-
-    parts = getattr(comp, "parts", [comp])
-    inputs = next(p._ls_cache[0] for p in parts if getattr(p, "_ls_cache", None) is not None)
-    refit_in_forward(module, sites, inputs)
-
-
-def dense_costs(module: nn.Module, trace: LayerTrace) -> tuple[int, int, float]:
-    """``(weight numel, bias numel, flops per sample)`` of a dense Conv2d or Linear layer."""
-    w = module.weight.numel()
-    b = module.bias.numel() if getattr(module, "bias", None) is not None else 0
-    return int(w), int(b), 2.0 * trace.pos_out * w
-
-
-# --------------------------------------------------------------------------- several methods at once
-
-
-class CompositeCompressor(Compressor):
-    """Several layer-wise methods over disjoint layer types, as one compressor.
-
-    Built by ``build_compressor`` for a mapping such as ``{"Conv2d": "tucker2", "Linear": "svd"}``
-    (the paper's VGG-16 recipe). Its profile concatenates the parts' layer tables and search
-    parameters; :meth:`apply` copies the model once and lets each part compress its layers in turn.
-
-    Args:
-        model: the original network.
-        parts: the per-method compressors (each with ``apply_to``), over disjoint layers.
-        method_map: the mapping they were built from.
-    """
-
-    method = "composite"
-
-    def __init__(self, model: nn.Module, parts: Sequence[LayerwiseCompressor], method_map: Mapping[str, str]) -> None:
-        if not parts:
-            raise CompressionError("a composite compressor needs at least one part")
-        first = parts[0]
-        super().__init__(model, first.layer_patterns, first.theta_min, first.example_input, dict(method_map), first.options)
-        self.parts = list(parts)
-        profiles = [p.profile() for p in self.parts]
-        names: set[str] = set()
-        layers, params = [], []
-        for prof in profiles:
-            for layer in prof["layers"]:
-                if layer["name"] in names:
-                    raise CompressionError(f"layer {layer['name']!r} is claimed by two methods")
-                names.add(layer["name"])
-                layers.append(layer)
-            params.extend(prof["params"])
-        totals = dict(profiles[0]["totals"])
-        for prof in profiles[1:]:
-            for k, v in prof["totals"].items():
-                if k in totals and abs(totals[k] - v) > 1e-9 * max(1.0, abs(v)):
-                    raise CompressionError(f"parts disagree on the model's total {k}: {totals[k]} vs {v}")
-                totals.setdefault(k, v)
-        skipped: dict[str, str] = {}
-        for prof in profiles:
-            skipped.update(prof["model_info"].get("skipped", {}))
-        info = dict(profiles[0]["model_info"])
-        info.update({"method": dict(method_map), "n_layers": len(layers), "skipped": skipped,
-                     "parts": [p.method for p in self.parts]})
-        report = {"layers": layers, "params": params, "totals": totals, "model_info": info}
-        self._profile = ProfileReport.model_validate(report).model_dump()
-
-    def profile(self) -> dict:
-        """The merged layer table of all parts."""
-        return copy.deepcopy(self._profile)
-
-    def changed_layers(self, theta: Mapping[str, float]) -> list[str]:
-        """The layers any part changes."""
-        return [n for part in self.parts for n in part.changed_layers(theta)]
-
-    def unrepaired_layers(self, theta: Mapping[str, float]) -> list[str]:
-        """The layers any part changes without reconstructing their output."""
-        return [n for part in self.parts for n in part.unrepaired_layers(theta)]
-
-    def apply(self, theta: dict[str, float]) -> nn.Module:
-        """A deep copy of the model compressed by every part in turn, then refitted (parts with least squares on)."""
-        out = copy.deepcopy(self.model)
-        for part in self.parts:
-            part.apply_to(out, theta)
-        sites: dict[str, Any] = {}
-        for part in self.parts:
-            sites.update(part.ls_sites(theta))
-        run_ls_refit(out, sites, self)
-        return out
-
-    @property
-    def ls_correction(self) -> bool:
-        """Whether any part refits by least squares."""
-        return any(p.ls_correction for p in self.parts)
-
-    def _params_adjust(self, module: nn.Module) -> int:
-        return sum(p._params_adjust(module) for p in self.parts)
-
-    def _flops_adjust(self, module: nn.Module) -> float:
-        return sum(p._flops_adjust(module) for p in self.parts)

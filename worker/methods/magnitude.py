@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.base import LayerPlan, LayerTrace, LayerwiseCompressor, dense_costs, form, importance_curves
+from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form
+from worker.methods.signals import importance_curves
+from worker.methods.tracing import LayerTrace
 
 __all__ = ["MagnitudeCompressor"]
 

@@ -23,15 +23,9 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.base import (
-    LayerPlan,
-    LayerTrace,
-    LayerwiseCompressor,
-    break_even,
-    dense_costs,
-    form,
-    importance_curves,
-)
+from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form
+from worker.methods.signals import break_even, importance_curves
+from worker.methods.tracing import LayerTrace
 
 __all__ = ["Tucker2Compressor", "mode_basis"]
 
