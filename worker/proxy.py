@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from worker import batch as B
 from worker.evaluate import evaluate, fidelity, resolve_device
-from worker.methods.base import Compressor, eval_mode
+from worker.methods.base import Compressor, eval_mode, forward_hooked
 
 __all__ = [
     "HOLDOUT_SEED",
@@ -138,13 +138,7 @@ def _module_order(model: nn.Module, sample: B.Batch) -> list[str]:
             seen.add(n)
             order.append(n)
 
-    handles = [m.register_forward_pre_hook(hook) for m in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            B.call(model, sample)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_hooked(model, sample, names, hook, pre=True)
     return order
 
 

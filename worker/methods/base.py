@@ -29,7 +29,7 @@ import contextlib
 import fnmatch
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -249,6 +249,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in flags:
             m.training = t
+
+
+def forward_hooked(model: nn.Module, inputs: B.Batch, modules: Iterable[nn.Module], hook: Callable[..., Any],
+                   *, pre: bool = False) -> None:
+    """One forward pass of ``inputs`` in eval mode without gradients, with ``hook`` on ``modules``.
+
+    ``hook`` is a forward hook (``pre=False``: ``hook(module, args, output)``) or a forward pre-hook
+    (``hook(module, args)``); it is removed from every module afterwards, whatever happens.
+    """
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            B.call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def input_batch_size(inputs: B.Batch) -> int:

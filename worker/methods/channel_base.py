@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
 from worker import batch as B
-from worker.methods.base import Compressor, CostMismatch, eval_mode, theta_value
+from worker.methods.base import Compressor, CostMismatch, forward_hooked, theta_value
 from worker.methods.channel_groups import (
     CONV,
     ChannelAnalysis,
@@ -336,11 +336,5 @@ class ChannelCompressorBase(Compressor):
         def hook(m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
             volume[0] += out.numel() // batch
 
-        handles = [m.register_forward_hook(hook) for m in mods.values()]
-        try:
-            with eval_mode(module), torch.no_grad():
-                B.call(module, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        forward_hooked(module, inputs, mods.values(), hook)
         return float(volume[0])

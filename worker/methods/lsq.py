@@ -199,7 +199,7 @@ def sample_sites(
     Returns:
         name -> :class:`Site` for every layer that ran.
     """
-    from worker.methods.base import eval_mode
+    from worker.methods.base import forward_hooked
 
     gen = torch.Generator().manual_seed(int(seed))
     sites: dict[str, Site] = {}
@@ -223,13 +223,7 @@ def sample_sites(
             pick = torch.randperm(rows.shape[0], generator=gen)[: min(n_points, rows.shape[0])]
             sites[name] = Site(name, pick, None, None, rows.index_select(0, pick.to(rows.device)).float().clone())
 
-    handles = [m.register_forward_hook(hook) for m in modules.values()]
-    try:
-        with eval_mode(model), torch.no_grad():
-            B.call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_hooked(model, inputs, modules.values(), hook)
     return sites
 
 
