@@ -52,6 +52,20 @@ def form(terms: Sequence[tuple[float, Sequence[tuple[str, int]]]], cap: float | 
     }
 
 
+def layer_info(name: str, module: nn.Module, method: str, params: dict[str, Any], flops: dict[str, Any],
+               dense_params: float, dense_flops: float) -> dict[str, Any]:
+    """The layer-table row (LayerInfo) of one layer whose only search parameter is its own theta."""
+    return {
+        "name": name,
+        "type": type(module).__name__,
+        "method": method,
+        "shape": list(module.weight.shape),
+        "params": [name],
+        "costs": {"params": params, "flops": flops},
+        "dense": {"params": float(dense_params), "flops": dense_flops},
+    }
+
+
 class LayerwiseCompressor(Compressor):
     """A method that compresses each selected layer independently, with one theta per layer.
 

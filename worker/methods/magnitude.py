@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form
+from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form, layer_info
 from worker.methods.signals import importance_curves
 from worker.methods.tracing import LayerTrace
 
@@ -42,18 +42,8 @@ class MagnitudeCompressor(LayerwiseCompressor):
         nnz = int(torch.count_nonzero(w))
         per_weight = 2.0 * trace.pos_out  # FLOPs per sample of one weight
         f = [(name, numel)]
-        info = {
-            "name": name,
-            "type": type(module).__name__,
-            "method": self.method,
-            "shape": list(w.shape),
-            "params": [name],
-            "costs": {
-                "params": form([(1, f), (b, [])], nnz + b),
-                "flops": form([(per_weight, f)], per_weight * nnz),
-            },
-            "dense": {"params": float(numel + b), "flops": flops_dense},
-        }
+        info = layer_info(name, module, self.method, form([(1, f), (b, [])], nnz + b),
+                          form([(per_weight, f)], per_weight * nnz), numel + b, flops_dense)
         param = {"name": name, "low": self.theta_min, "high": 1.0, "size": numel, "dense_from": 1.0}
         return LayerPlan(name, info, param, {"order": order, "numel": numel, "per_weight": per_weight})
 

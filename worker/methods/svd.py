@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form
+from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form, layer_info
 from worker.methods.signals import break_even, importance_curves
 from worker.methods.tracing import LayerTrace
 
@@ -88,18 +88,8 @@ class SVDCompressor(LayerwiseCompressor):
         dtype = module.weight.dtype
         a, bmat = a.to(dtype), bmat.to(dtype)  # n x size, size x m
         f = [(name, size)]
-        info = {
-            "name": name,
-            "type": type(module).__name__,
-            "method": self.method,
-            "shape": list(module.weight.shape),
-            "params": [name],
-            "costs": {
-                "params": form([(m + n, f), (b, [])], w_numel + b),
-                "flops": form([(2.0 * p * (m + n), f)], flops_dense),
-            },
-            "dense": {"params": float(w_numel + b), "flops": flops_dense},
-        }
+        info = layer_info(name, module, self.method, form([(m + n, f), (b, [])], w_numel + b),
+                          form([(2.0 * p * (m + n), f)], flops_dense), w_numel + b, flops_dense)
         param = {"name": name, "low": self.theta_min, "high": 1.0, "size": size, "dense_from": dense_from}
         cache = {"a": a, "b": bmat, "size": size, "n": n, "m": m, "bias": b, "sigma2": sigma2,
                  "cost": cost, "dense": (w_numel + b, flops_dense), "rule": rule}

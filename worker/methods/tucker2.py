@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form
+from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form, layer_info
 from worker.methods.signals import break_even, importance_curves
 from worker.methods.tracing import LayerTrace
 
@@ -87,21 +87,12 @@ class Tucker2Compressor(LayerwiseCompressor):
         core = torch.einsum("oihw,oa,ib->abhw", w64, u_out, u_in)  # c_out x c_in x kh x kw
         dtype = module.weight.dtype
         fi, fo = (name, c_in), (name, c_out)
-        info = {
-            "name": name,
-            "type": type(module).__name__,
-            "method": self.method,
-            "shape": list(module.weight.shape),
-            "params": [name],
-            "costs": {
-                "params": form([(c_in, [fi]), (k2, [fi, fo]), (c_out, [fo]), (b, [])], w_numel + b),
-                "flops": form(
-                    [(2.0 * p_in * c_in, [fi]), (2.0 * p_out * k2, [fi, fo]), (2.0 * p_out * c_out, [fo])],
-                    flops_dense,
-                ),
-            },
-            "dense": {"params": float(w_numel + b), "flops": flops_dense},
-        }
+        info = layer_info(
+            name, module, self.method,
+            form([(c_in, [fi]), (k2, [fi, fo]), (c_out, [fo]), (b, [])], w_numel + b),
+            form([(2.0 * p_in * c_in, [fi]), (2.0 * p_out * k2, [fi, fo]), (2.0 * p_out * c_out, [fo])], flops_dense),
+            w_numel + b, flops_dense,
+        )
         param = {"name": name, "low": self.theta_min, "high": 1.0, "size": max(c_in, c_out), "dense_from": dense_from}
         cache = {
             "cost": cost,
