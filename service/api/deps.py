@@ -9,14 +9,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import APIError
 from service.api.serialize import CURSOR_PATTERN
-from service.auth import LOCAL_ADMIN, Principal, lookup
+from service.auth import LOCAL_ADMIN, Principal
 from service.config import Settings
-from service.db.session import read_session
 from service.db.store import Store, Viewer
 
 
@@ -25,18 +22,16 @@ class Context:
     """Everything a request needs; built by create_app, never at import time."""
 
     settings: Settings
-    engine: Engine
-    factory: sessionmaker[Session]
+    #: The database's engine and session factory, for the app factory, the scheduler and tests:
+    #: the routes never use them (they go through ``store``).
+    engine: Any
+    factory: Any
     metrics: Any
     #: The jobs and trials (service.db.store.Store): every route's one call.
     store: Store
     scheduler: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     def cached_principal(self, secret: str) -> tuple[bool, Principal | None]:
         """(hit, principal) from the in-process cache: no I/O, safe on the event loop."""
@@ -50,8 +45,7 @@ class Context:
         hit, p = self.cached_principal(secret)
         if hit:
             return p
-        with read_session(self.factory) as s:
-            p = lookup(s, secret)
+        p = self.store.principal(secret)
         with self._lock:
             if len(self._token_cache) > 10_000:
                 self._token_cache.clear()

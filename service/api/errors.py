@@ -8,11 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.db.errors import Invalid, NotFound, StorageError, TransitionError
+from service.db.errors import REFUSED_VALUES, Invalid, NotFound, StorageError, TransitionError
 
 log = logging.getLogger("bocompress.api")
 
@@ -109,14 +108,6 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "the database is busy, retry", "code": "busy"}, status_code=503,
                             headers={"Retry-After": "1"})
 
-    try:  # the PostgreSQL hot path talks to psycopg directly, without SQLAlchemy
-        from psycopg.errors import DataError as PgDataError
-    except ImportError:  # pragma: no cover - psycopg is installed with the PostgreSQL extra only
-        PgDataError = DataError  # noqa: N806
-
-    @app.exception_handler(OverflowError)
-    @app.exception_handler(DataError)
-    @app.exception_handler(PgDataError)
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
         # The database refused a value the request carried: an id beyond its integer range
         # (SQLite: OverflowError; PostgreSQL: numeric_value_out_of_range), or text it cannot
@@ -125,6 +116,9 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": "a value in the request is out of range or not storable "
                                        "(an id too large, or a NUL character in text)", "code": "invalid"},
                             status_code=422)
+
+    for refused in REFUSED_VALUES:
+        app.add_exception_handler(refused, _out_of_range)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

@@ -1,11 +1,11 @@
-"""Page cursors of the API; the wire views of rows live with storage (:mod:`service.db.views`)."""
+"""Page cursors of the API (the wire views of rows live with storage, :mod:`service.db.views`,
+and come back from the :class:`~service.db.store.Store`'s calls)."""
 
 from __future__ import annotations
 
 import base64
 
 from service.api.errors import APIError
-from service.db.views import iso, job_out, job_warnings, trial_out
 
 
 # The base64url (unpadded) of "v1:" + 1 to 18 decimal digits, the only cursors encode_cursor
@@ -36,4 +36,4 @@ def decode_cursor(cursor: str | None) -> int | None:
         raise APIError(422, "cursor: not a cursor this service issued", "invalid") from exc
 
 
-__all__ = ["CURSOR_PATTERN", "decode_cursor", "encode_cursor", "iso", "job_out", "job_warnings", "trial_out"]
+__all__ = ["CURSOR_PATTERN", "decode_cursor", "encode_cursor"]

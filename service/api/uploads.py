@@ -7,18 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import Response
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from bocompress.modelspec import MAX_SPEC_BYTES, ModelSpecError, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep
+from service.api.deps import AnyRoleDep, ClientDep, CtxDep, viewer
 from service.api.errors import APIError, bad_request
 from service.api.jobs import ERRORS
-from service.api.serialize import iso
-from service.auth import Principal
-from service.db.models import Blob, new_blob
-from service.db.session import read_session, run_tx
 from service.db.errors import NotFound
 from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
@@ -32,22 +27,6 @@ ARCH_PATTERN = "^(?:" + "|".join(ZOO_MODELS) + "|" + IMPORT_PATH_RE.pattern[1:-1
 FILE_RESPONSE: dict[str, Any] = {"description": "the file (safetensors), its sha256 in X-Sha256",
                                  "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                      "format": "binary"}}}}
-
-
-#: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
-SUMMARY_TENSORS = 100
-
-
-def blob_out(b: Blob) -> dict[str, Any]:
-    """An upload as the API shows it: a summary of its header, never the whole of it."""
-    tensors = b.tensors or {}
-    shown = {k: tensors[k]["shape"] for k in sorted(tensors)[:SUMMARY_TENSORS]}
-    out = {"id": b.id, "kind": b.kind, "arch": b.arch, "size": b.size, "sha256": b.sha256,
-           "created_at": iso(b.created_at), "tensors": shown, "n_tensors": len(tensors),
-           "tensors_truncated": len(tensors) > len(shown)}
-    if b.meta and b.meta.get("arch_spec"):
-        out["arch_spec"] = b.meta["arch_spec"]
-    return out
 
 
 async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
@@ -87,18 +66,6 @@ async def _read_limited(request: Request, file: UploadFile, limit: int, ctx: Any
     return b"".join(chunks)
 
 
-def _store(ctx, p: Principal, kind: str, data: bytes, arch: str | None, tensors: dict,  # type: ignore[no-untyped-def]
-           meta: dict | None = None) -> dict[str, Any]:
-    blob = new_blob(kind, p.owner, data, tensors, arch=arch, meta=meta)
-
-    def _add(s: Session) -> dict[str, Any]:
-        s.add(blob)
-        s.flush()
-        return blob_out(blob)
-
-    return run_tx(ctx.factory, _add)
-
-
 @router.post("/models", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
 async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: UploadFile,
                        arch: Annotated[str, Form(min_length=1, max_length=MAX_SPEC_BYTES, json_schema_extra={"pattern": ARCH_PATTERN})]) -> Any:
@@ -120,7 +87,7 @@ async def upload_model(request: Request, ctx: CtxDep, p: ClientDep, file: Upload
                                   "{\"factory\": ..., \"args\": [...], \"kwargs\": {...}}")
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
     tensors = await checked_safetensors(ctx, data)
-    return await run_in_threadpool(_store, ctx, p, "model", data, arch, tensors, meta)
+    return await ctx.store.add_upload(viewer(p), "model", data, tensors, arch, meta)
 
 
 @router.post("/datasets", status_code=201, response_model=UploadOut, responses={**ERRORS, 413: {"description": "too large"}})
@@ -134,7 +101,7 @@ async def upload_dataset(request: Request, ctx: CtxDep, p: ClientDep, file: Uplo
     data = await _read_limited(request, file, ctx.settings.max_upload_bytes, ctx)
     tensors = await checked_safetensors(ctx, data)
     check_dataset_tensors(tensors)
-    return await run_in_threadpool(_store, ctx, p, "dataset", data, None, tensors)
+    return await ctx.store.add_upload(viewer(p), "dataset", data, tensors)
 
 
 #: dtypes a model input may have: floats, or integers (token ids, masks) and booleans.
@@ -177,33 +144,33 @@ def check_dataset_tensors(tensors: dict[str, Any]) -> None:
             raise bad_request("file", f"'labels' must be an integer vector of length {n}")
 
 
-def _get_blob(ctx, blob_id: str, kind: str, p: Principal) -> Blob:  # type: ignore[no-untyped-def]
+def _blob_id(blob_id: str, kind: str) -> str:
+    """``blob_id`` when it is an id this service makes; else NotFound (no lookup)."""
     if not _ID_RE.match(blob_id):
         raise NotFound(kind, blob_id)
-    with read_session(ctx.factory) as s:
-        b = s.get(Blob, blob_id)
-        if b is None or b.kind != kind or (p.role == "client" and b.owner != p.owner):
-            raise NotFound(kind, blob_id)
-        return b
+    return blob_id
+
+
+def _file(got: tuple[bytes, str]) -> Response:
+    data, sha256 = got
+    return Response(data, media_type="application/octet-stream", headers={"X-Sha256": sha256})
 
 
 @router.get("/models/{model_id}", response_model=UploadOut, responses=ERRORS)
-def get_model(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
-    return blob_out(_get_blob(ctx, model_id, "model", p))
+async def get_model(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
+    return await ctx.store.get_upload(_blob_id(model_id, "model"), "model", viewer(p))
 
 
 @router.get("/models/{model_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
-def get_model_file(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
-    b = _get_blob(ctx, model_id, "model", p)
-    return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})
+async def get_model_file(model_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
+    return _file(await ctx.store.upload_file(_blob_id(model_id, "model"), "model", viewer(p)))
 
 
 @router.get("/datasets/{dataset_id}", response_model=UploadOut, responses=ERRORS)
-def get_dataset(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
-    return blob_out(_get_blob(ctx, dataset_id, "dataset", p))
+async def get_dataset(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Any:
+    return await ctx.store.get_upload(_blob_id(dataset_id, "dataset"), "dataset", viewer(p))
 
 
 @router.get("/datasets/{dataset_id}/file", response_class=Response, responses={**ERRORS, 200: FILE_RESPONSE})
-def get_dataset_file(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
-    b = _get_blob(ctx, dataset_id, "dataset", p)
-    return Response(b.data, media_type="application/octet-stream", headers={"X-Sha256": b.sha256})
+async def get_dataset_file(dataset_id: str, ctx: CtxDep, p: AnyRoleDep) -> Response:
+    return _file(await ctx.store.upload_file(_blob_id(dataset_id, "dataset"), "dataset", viewer(p)))

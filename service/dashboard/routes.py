@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import mimetypes
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,15 +24,9 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import BigInteger, Text, cast, func, select
-from sqlalchemy.sql.elements import ColumnElement
 
 from service.api.deps import ClientDep, Context, CtxDep, viewer
-from service.api.serialize import iso, job_out, job_warnings, trial_out
 from service.auth import LOCAL_ADMIN, Principal
-from service.db.models import Trial
-from service.db.session import read_session
-from service.db.queries import best_trial, visible_job
 
 COOKIE = "bocompress_token"
 HERE = Path(__file__).resolve().parent
@@ -221,26 +214,8 @@ def logout(request: Request) -> Response:
 
 # --------------------------------------------------------------------------- the job page's first read
 
-SCALAR_COLUMNS = ("id", "seq", "number", "state", "attempt", "worker", "error")
-TIME_COLUMNS = ("created_at", "started_at", "finished_at")
-JSON_COLUMNS = ("params", "values", "sem")
-
-
-def epoch_ms(column: Any, dialect: str) -> ColumnElement[Any]:
-    """A UTC timestamp column as integer milliseconds since 1970, computed by the database.
-
-    Cheaper than building 30,000 datetime objects in Python for a 10,000-trial job, and
-    shorter on the wire than ISO strings.
-    """
-    if dialect == "sqlite":   # stored as naive UTC text; julianday() parses it
-        ms = (func.julianday(column) - 2440587.5) * 86400000.0
-    else:
-        ms = func.extract("epoch", column) * 1000.0
-    return cast(func.round(ms), BigInteger)
-
-
 @router.get("/jobs/{job_id}/snapshot.json")
-def snapshot(job_id: int, ctx: CtxDep, p: ClientDep, trials: bool = True) -> Response:
+async def snapshot(job_id: int, ctx: CtxDep, p: ClientDep, trials: bool = True) -> Response:
     """The job and (with ``trials``) its whole trial history, in columns, for the job page's first render.
 
     The same visibility as ``GET /api/v1/jobs/{id}`` (404 for another owner's job), but lean:
@@ -255,30 +230,8 @@ def snapshot(job_id: int, ctx: CtxDep, p: ClientDep, trials: bool = True) -> Res
         one list of length k per trial field, in ``seq`` order; ``created_at``, ``started_at`` and
         ``finished_at`` in ms since the epoch (or null). No ``trials`` when ``trials=false``.
     """
-    with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, viewer(p))
-        meta = job_out(s, job, with_best=False)
-        # the service's warnings about the best trial (a collapsed model must never look like a result)
-        best = best_trial(s, job) if job.kind == "compression" else None
-        meta["warnings"], meta["collapsed"] = job_warnings(job.kind, job.spec or {}, job.profile or {},
-                                                           trial_out(best) if best else None)
-        head = '{"job":' + json.dumps(meta, separators=(",", ":")) + ',"seq":' + str(int(job.seq))
-        if not trials:
-            return Response(head + "}", media_type="application/json", headers={"Cache-Control": "no-store"})
-        cols: list[Any] = [getattr(Trial, c) for c in SCALAR_COLUMNS]
-        cols += [epoch_ms(getattr(Trial, c), ctx.dialect) for c in TIME_COLUMNS]
-        cols += [cast(getattr(Trial, c), Text) for c in JSON_COLUMNS]
-        q = select(*cols).where(Trial.job_id == job_id, Trial.kind == "evaluate").order_by(Trial.seq)
-        rows = s.execute(q).all()
-    by_col = list(zip(*rows)) if rows else [()] * len(cols)
-    parts = [head, ',"trials":{"n":', str(len(rows))]
-    for i, name in enumerate(SCALAR_COLUMNS + TIME_COLUMNS):
-        parts += [f',"{name}":', json.dumps(list(by_col[i]), separators=(",", ":"))]
-    for i, name in enumerate(JSON_COLUMNS, start=len(SCALAR_COLUMNS) + len(TIME_COLUMNS)):
-        # Stored JSON text, as written by the service's own serializer: spliced in as is.
-        parts += [f',"{name}":[', ",".join(v if v else "null" for v in by_col[i]), "]"]
-    parts.append("}}")
-    return Response("".join(parts), media_type="application/json", headers={"Cache-Control": "no-store"})
+    body = await ctx.store.job_snapshot(job_id, viewer(p), with_trials=trials)
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 # --------------------------------------------------------------------------- CSV export
@@ -312,7 +265,7 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
     """The trials as CSV lines: fixed columns, then every value, its standard error, θ, and the error.
 
     Args:
-        rows: trial rows (id, number, seq, state, params, values, sem, attempt, worker, times, error).
+        rows: trial rows (id, number, seq, state, params, values, sem, attempt, worker, times as ISO text, error).
         param_names: the search space's parameter names, in order (extra names found in rows follow).
 
     Yields:
@@ -346,26 +299,19 @@ def trials_csv(rows: list[Any], param_names: list[str]) -> Iterator[str]:
     for r in rows:
         v, s, p = r.values or {}, r.sem or {}, r.params or {}
         w.writerow([csv_cell(c) for c in (
-            r.number, r.id, r.state, r.seq, r.attempt, r.worker or "", iso(r.created_at) or "",
-            iso(r.started_at) or "", iso(r.finished_at) or "", *(v.get(k, "") for k in vals),
+            r.number, r.id, r.state, r.seq, r.attempt, r.worker or "", r.created_at or "",
+            r.started_at or "", r.finished_at or "", *(v.get(k, "") for k in vals),
             *(s.get(k, "") for k in sems), *(p.get(k, "") for k in names), r.error or "")])
         yield flush()
 
 
 @router.get("/jobs/{job_id}/trials.csv")
-def export_csv(job_id: int, ctx: CtxDep, p: ClientDep) -> Response:
+async def export_csv(job_id: int, ctx: CtxDep, p: ClientDep) -> Response:
     """Every trial of the job as CSV (same auth as the API: bearer, or the cookie for this GET)."""
-    with read_session(ctx.factory) as s:
-        job = visible_job(s, job_id, viewer(p))
-        rows = s.execute(
-            select(Trial.id, Trial.number, Trial.seq, Trial.state, Trial.params, Trial.values, Trial.sem,
-                   Trial.attempt, Trial.worker, Trial.created_at, Trial.started_at, Trial.finished_at, Trial.error)
-            .where(Trial.job_id == job_id, Trial.kind == "evaluate").order_by(Trial.number)
-        ).all()
-        names = [str(sp["name"]) for sp in job.search_space or []]
-        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in job.name)[:60] or "job"
+    table = await ctx.store.trial_table(job_id, viewer(p))
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in table.job_name)[:60] or "job"
     return StreamingResponse(
-        trials_csv(list(rows), names), media_type="text/csv; charset=utf-8",
+        trials_csv(table.rows, table.param_names), media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": content_disposition(f"job-{job_id}-{slug}-trials.csv"),
                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import DataError
+
 from service.db.session import StorageError
 
 
@@ -38,4 +40,18 @@ class Invalid(Exception):
         return cls(f"{name}: {reason}")
 
 
-__all__ = ["Invalid", "NotFound", "StorageError", "TransitionError"]
+def _refused_values() -> tuple[type[Exception], ...]:
+    out: list[type[Exception]] = [OverflowError, DataError]
+    try:  # the PostgreSQL hot path talks to psycopg directly, without SQLAlchemy
+        from psycopg.errors import DataError as PgDataError
+    except ImportError:  # pragma: no cover - psycopg is installed with the PostgreSQL extra only
+        return tuple(out)
+    return (*out, PgDataError)
+
+
+#: What the databases raise for a value they refuse to store or compare: an id beyond their integer
+#: range (SQLite: OverflowError; PostgreSQL: numeric_value_out_of_range), text they cannot store
+#: (PostgreSQL: a NUL character). The caller's input: a 422 at the API.
+REFUSED_VALUES: tuple[type[Exception], ...] = _refused_values()
+
+__all__ = ["REFUSED_VALUES", "Invalid", "NotFound", "StorageError", "TransitionError"]

@@ -29,7 +29,9 @@ from service.db.errors import Invalid, NotFound, TransitionError
 from service.db.exports import ExportsMixin
 from service.db.models import Blob, Job, Trial, utcnow
 from service.db.queries import pareto_trials, visible_job
+from service.db.records import RecordsMixin
 from service.db.session import read_session, run_conn, run_tx
+from service.db.snapshot import SnapshotMixin
 from service.db.store import JobPage, Result, Store, TrialPage, Viewer
 from service.db.trials import (
     add_event,
@@ -87,7 +89,7 @@ def hot_values(info: Any, t: Any, result: Result) -> tuple[dict[str, float], dic
     return values, sem, result_hash(values, sem, None)
 
 
-class OrmStore(ExportsMixin, Store):
+class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
     """Every :class:`Store` method through the ORM (see the module docstring)."""
 
     def __init__(self, engine: Engine, factory: sessionmaker[Session], jobs: hot.JobInfoCache | None = None) -> None:

@@ -3,7 +3,9 @@
 The routers in ``service.api`` make one call here per route and pass the answer on; they hold
 no SQL and never ask which database they run on. The shape is Optuna's ``BaseStorage``: the
 state machine of a trial (claim with a lease, heartbeat, finish, fail), proposals, cancel, and
-pages of trials, answered as the contract's wire dicts (:mod:`service.db.views`).
+pages of trials, answered as the contract's wire dicts (:mod:`service.db.views`); and the rows
+outside that state machine (uploads, tokens: :mod:`service.db.records`; the dashboard's bulk
+reads: :mod:`service.db.snapshot`).
 
 Backends (:func:`open_store` picks one from the engine):
 
@@ -23,10 +25,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from service.auth import Principal
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,17 @@ class JobPage:
     items: list[dict[str, Any]]
     #: The last item's id when more jobs remain, else None.
     next_id: int | None
+
+
+@dataclass(frozen=True)
+class TrialTable:
+    """A job's evaluations for a CSV: the job's name, its parameter names (in order), and rows with
+    the attributes ``id, number, seq, state, params, values, sem, attempt, worker, created_at,
+    started_at, finished_at, error`` (the times as ISO 8601 text, or None), by number."""
+
+    job_name: str
+    param_names: list[str]
+    rows: list[Any]
 
 
 class Store(ABC):
@@ -160,6 +176,53 @@ class Store(ABC):
                              tensors: dict[str, Any]) -> dict[str, Any]:
         """Keep the compressed model of an export task whose lease the caller holds."""
 
+    # -------------------------------------------------------------- uploads, tokens, health (no state machine)
+
+    @abstractmethod
+    async def ping(self) -> str:
+        """Check that the database answers: its name (``sqlite``, ``postgresql``); raises when it does not."""
+
+    @abstractmethod
+    async def add_upload(self, viewer: Viewer, kind: str, data: bytes, tensors: dict[str, Any],
+                         arch: str | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Keep a model or dataset of ``viewer.owner`` (its safetensors header checked): the upload's view."""
+
+    @abstractmethod
+    async def get_upload(self, blob_id: str, kind: str, viewer: Viewer) -> dict[str, Any]:
+        """An upload of ``kind`` the viewer may see (a summary of its header); else NotFound."""
+
+    @abstractmethod
+    async def upload_file(self, blob_id: str, kind: str, viewer: Viewer) -> tuple[bytes, str]:
+        """An upload's bytes and sha256; NotFound as :meth:`get_upload`."""
+
+    @abstractmethod
+    async def create_token(self, role: str, owner: str | None, name: str | None) -> dict[str, Any]:
+        """Mint a token: its view, with the secret (shown this once)."""
+
+    @abstractmethod
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token by id, revoked ones included; no secrets."""
+
+    @abstractmethod
+    async def revoke_token(self, token_id: int) -> dict[str, Any]:
+        """Revoke a token (again: a no-op): its view; NotFound for an unknown id."""
+
+    @abstractmethod
+    def principal(self, secret: str) -> Principal | None:
+        """Who a token's secret names; None when unknown or revoked. Plain (blocking): the routers'
+        token cache calls it from the thread pool, on a miss."""
+
+    # -------------------------------------------------------------- the dashboard's bulk reads
+
+    @abstractmethod
+    async def job_snapshot(self, job_id: int, viewer: Viewer, with_trials: bool = True) -> str:
+        """The job (without ``best``) and its whole trial history in columns, as JSON text (see
+        :meth:`service.db.snapshot.SnapshotMixin.job_snapshot`)."""
+
+    @abstractmethod
+    async def trial_table(self, job_id: int, viewer: Viewer) -> TrialTable:
+        """Every evaluation of the job, by number, for a CSV."""
+
     # -------------------------------------------------------------- the scheduler (its own thread)
 
     @abstractmethod
@@ -192,4 +255,4 @@ def open_store(engine: Engine, factory: sessionmaker[Session], database_url: str
     return SQLiteStore(engine, factory)
 
 
-__all__ = ["JobPage", "Result", "Store", "TrialPage", "Viewer", "open_store"]
+__all__ = ["JobPage", "Result", "Store", "TrialPage", "TrialTable", "Viewer", "open_store"]

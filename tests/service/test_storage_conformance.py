@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -258,5 +259,96 @@ def test_an_export_task_from_request_to_artifact(store: Store) -> None:
         got = await s.get_export(job["id"], a["trial"]["id"], ME)
         assert got["state"] == TrialState.COMPLETED and got["artifact"] == {"blob_id": kept["blob_id"]}
         assert await s.artifact(job["id"], a["trial"]["id"], ME) == (b"model bytes", kept["sha256"])
+
+    run(store, go)
+
+
+def test_uploads_are_kept_and_shown_only_to_their_owner(store: Store) -> None:
+    tensors = {f"t{i:03d}": {"dtype": "F32", "shape": [i + 1], "data_offsets": [0, 4]} for i in range(105)}
+
+    async def go(s: Store) -> None:
+        model = await s.add_upload(ME, "model", b"weights", tensors, "digits-cnn",
+                                   {"arch_spec": {"factory": "pkg.mod:make"}})
+        assert model["id"].startswith("mdl_") and model["kind"] == "model" and model["arch"] == "digits-cnn"
+        assert model["size"] == len(b"weights") and model["n_tensors"] == 105 and model["tensors_truncated"]
+        assert len(model["tensors"]) == 100 and model["tensors"]["t000"] == [1]
+        assert model["arch_spec"] == {"factory": "pkg.mod:make"}
+        assert await s.get_upload(model["id"], "model", ME) == model
+        assert await s.get_upload(model["id"], "model", ADMIN) == model  # admins and workers see all
+        data, sha = await s.upload_file(model["id"], "model", ME)
+        assert data == b"weights" and sha == model["sha256"]
+        ds = await s.add_upload(ME, "dataset", b"inputs", {"inputs": {"dtype": "F32", "shape": [4, 2]}})
+        assert ds["id"].startswith("ds_") and ds["arch"] is None and "arch_spec" not in ds
+        assert not ds["tensors_truncated"] and ds["tensors"] == {"inputs": [4, 2]}
+        for blob_id, kind, who in ((model["id"], "model", OTHER), (model["id"], "dataset", ME),
+                                   (ds["id"], "model", ME), ("mdl_" + "0" * 24, "model", ME)):
+            with pytest.raises(NotFound):
+                await s.get_upload(blob_id, kind, who)
+            with pytest.raises(NotFound):
+                await s.upload_file(blob_id, kind, who)
+
+    run(store, go)
+
+
+def test_tokens_are_minted_listed_revoked_and_looked_up(store: Store) -> None:
+    async def go(s: Store) -> None:
+        before = len(await s.list_tokens())
+        minted = await s.create_token("client", "alice", "laptop")
+        assert minted["role"] == "client" and minted["owner"] == "alice" and minted["name"] == "laptop"
+        assert minted["token"].startswith("bct_") and minted["revoked_at"] is None
+        worker = await s.create_token("worker", None, None)
+        assert worker["owner"] == "worker"
+        who = await asyncio.to_thread(s.principal, minted["token"])
+        assert who is not None and (who.role, who.owner, who.token_id) == ("client", "alice", minted["id"])
+        assert await asyncio.to_thread(s.principal, "bct_unknown") is None
+        listed = await s.list_tokens()
+        assert len(listed) == before + 2 and [t["id"] for t in listed] == sorted(t["id"] for t in listed)
+        assert all(t["token"] is None for t in listed)  # the secret is shown once
+        gone = await s.revoke_token(minted["id"])
+        assert gone["id"] == minted["id"] and gone["revoked_at"] is not None and gone["token"] is None
+        assert (await s.revoke_token(minted["id"]))["revoked_at"] == gone["revoked_at"]  # again: a no-op
+        assert await asyncio.to_thread(s.principal, minted["token"]) is None
+        assert await asyncio.to_thread(s.principal, worker["token"]) is not None
+        with pytest.raises(NotFound):
+            await s.revoke_token(10**6)
+        assert await s.ping() in ("sqlite", "postgresql")
+
+    run(store, go)
+
+
+def test_the_dashboard_reads_a_job_whole(store: Store) -> None:
+    profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
+
+    async def go(s: Store) -> None:
+        job = await _compression_job(s, {"kind": "scalarized"})
+        bare = json.loads(await s.job_snapshot(job["id"], ME, with_trials=False))
+        assert bare["job"]["id"] == job["id"] and bare["job"]["best"] is None and "trials" not in bare
+        assert bare["job"]["warnings"] == [] and bare["job"]["collapsed"] is False
+        task = await s.lease("w", ["profile"])
+        await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
+        await asyncio.to_thread(s.propose, job["id"], 0, [{"fc0": 0.25, "fc1": 0.5}, {"fc0": 0.5, "fc1": 0.75}])
+        a = await s.lease("w", ["evaluate"])
+        done = await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.1},
+                                                                               sem={"distill_l2": 0.01}))
+        snap = json.loads(await s.job_snapshot(job["id"], ME))
+        page = await s.trial_page(job["id"], ME, 0, 100)
+        assert snap["seq"] == page.job_seq and snap["job"]["state"] == JobState.RUNNING
+        assert snap["job"]["best"] is None and snap["job"]["counts"]["completed"] == 1  # best: the page's to find
+        trials = snap["trials"]
+        assert trials["n"] == 2 and trials["id"] == [t["id"] for t in json.loads(page.items_json)]
+        i = trials["id"].index(done["id"])
+        assert trials["state"][i] == TrialState.COMPLETED and trials["values"][i] == done["values"]
+        assert trials["sem"][i] == {"distill_l2": 0.01} and trials["params"][i] == {"fc0": 0.25, "fc1": 0.5}
+        assert isinstance(trials["finished_at"][i], int) and trials["finished_at"][1 - i] is None
+        assert abs(trials["created_at"][i] / 1000 - datetime.fromisoformat(done["created_at"]).timestamp()) < 1
+        table = await s.trial_table(job["id"], ME)
+        assert table.job_name == "j" and table.param_names == ["fc0", "fc1"]
+        assert [r.number for r in table.rows] == [0, 1]
+        row = next(r for r in table.rows if r.id == done["id"])
+        assert row.values == done["values"] and row.state == TrialState.COMPLETED
+        assert row.finished_at == done["finished_at"] and row.created_at == done["created_at"]
+        for other in (s.job_snapshot(job["id"], OTHER), s.trial_table(job["id"], OTHER)):
+            with pytest.raises(NotFound):
+                await other
 
     run(store, go)
