@@ -111,7 +111,8 @@ def _synthetic_l(params: dict[str, float]) -> float:
 
 def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
     """16 simulated workers lease+complete on one GP job of a real ``bocompress serve`` (SQLite); lease latencies."""
-    from bench.load import RawClient, ServiceProcess, make_running_job
+    from bench.load import SERVICE_ROOT
+    from bocompress.procs import RawClient, ServiceProcess, make_running_job
     from service.auth import create_token
     from service.db.migrate import upgrade
 
@@ -120,7 +121,7 @@ def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
     upgrade(db)
     token = create_token(db, "client", "bench", "bench-client")
     wtoken = create_token(db, "worker", "bench", "bench-worker")
-    srv = ServiceProcess(db, log_path=Path(tmp) / "server.log").start()
+    srv = ServiceProcess(db, log_path=Path(tmp) / "server.log", pythonpath=SERVICE_ROOT).start()
     try:
         # The schema's default lease (60 s) and attempts (3); 8 Sobol trials, then the GP.
         job_id = make_running_job(srv.url, token, trials, workers, 60.0, d=d, size=64, name="latency",

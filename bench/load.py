@@ -15,8 +15,9 @@ Three measurements against real ``bocompress serve`` subprocesses on PostgreSQL:
   consecutive, no two trials with identical params), and reports leases per second.
 
 The load generator is a minimal asyncio HTTP/1.1 keep-alive client (one connection per
-simulated worker) so that, on a 2-core machine, the client costs little of the CPU the server
-needs. Run::
+simulated worker: :class:`bocompress.procs.RawClient`) so that, on a 2-core machine, the client
+costs little of the CPU the server needs; the service runs as :class:`bocompress.procs.ServiceProcess`,
+the phases are in ``bench/load_phases.py``. Run::
 
     python bench/load.py                      # all three, writes the "Load" section of docs/benchmarks.md
     python bench/load.py --only race --race-total 10000
@@ -29,25 +30,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
-import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.load_phases import median_by, run_cycles, run_idle_polling, seed_history  # noqa: E402
+from bocompress.procs import (  # noqa: E402
+    ServiceProcess,
+    check_one_stream,
+    descendants,
+    make_running_job,
+    prepare_database,
+    run_race,
+)
 
 PG_ADMIN_URL = os.environ.get("BOCOMPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -57,176 +62,7 @@ DEFAULT_THREADS = 8  # service.config.Settings.threads
 NOTES_START, NOTES_END = "<!-- load:notes:start -->", "<!-- load:notes:end -->"
 
 
-# --------------------------------------------------------------------------- a cheap HTTP client
-
-
-class HTTPError(Exception):
-    """The connection failed (refused, reset, closed mid-response)."""
-
-
-class RawClient:
-    """One keep-alive HTTP/1.1 connection; JSON in, (status, headers, body bytes) out.
-
-    Args:
-        url: ``http://host:port`` of the service.
-        token: Bearer token sent with every request.
-    """
-
-    def __init__(self, url: str, token: str | None) -> None:
-        hostport = url.removeprefix("http://").rstrip("/")
-        host, _, port = hostport.partition(":")
-        self.host, self.port = host, int(port or 80)
-        self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        self._r: asyncio.StreamReader | None = None
-        self._w: asyncio.StreamWriter | None = None
-
-    async def _connect(self) -> None:
-        self._r, self._w = await asyncio.open_connection(self.host, self.port)
-
-    async def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-            try:
-                await self._w.wait_closed()
-            except OSError:
-                pass
-        self._r = self._w = None
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], bytes]:
-        """Send one request; reconnects once if the kept-alive connection was closed."""
-        payload = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
-        for attempt in (0, 1):
-            try:
-                if self._w is None:
-                    await self._connect()
-                assert self._r is not None and self._w is not None
-                self._w.write(head + payload)
-                await self._w.drain()
-                return await self._read()
-            except (OSError, asyncio.IncompleteReadError, HTTPError) as exc:
-                await self.close()
-                if attempt == 1:
-                    raise HTTPError(f"{method} {path}: {exc!r}") from exc
-        raise AssertionError("unreachable")
-
-    async def _read(self) -> tuple[int, dict[str, str], bytes]:
-        assert self._r is not None
-        line = await self._r.readuntil(b"\r\n")
-        if not line:
-            raise HTTPError("connection closed")
-        status = int(line.split(b" ", 2)[1])
-        headers: dict[str, str] = {}
-        while True:
-            h = await self._r.readuntil(b"\r\n")
-            if h == b"\r\n":
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        if "content-length" in headers:
-            data = await self._r.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding") == "chunked":
-            parts = []
-            while True:
-                size = int((await self._r.readuntil(b"\r\n")).strip(), 16)
-                chunk = await self._r.readexactly(size + 2)
-                if size == 0:
-                    break
-                parts.append(chunk[:-2])
-            data = b"".join(parts)
-        else:
-            data = b""
-        if headers.get("connection") == "close":
-            await self.close()
-        return status, headers, data
-
-
-# --------------------------------------------------------------------------- service processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def bocompress_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("bocompress")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "bocompress.cli"]
-
-
-@dataclass
-class ServiceProcess:
-    """``bocompress serve`` in a subprocess, on a fixed port so it can be restarted in place.
-
-    Args:
-        database_url: The database (already migrated for PostgreSQL).
-        port: TCP port (a free one by default).
-        env: Extra ``BOCOMPRESS_*`` settings for the service.
-    """
-
-    database_url: str
-    port: int = 0
-    env: dict[str, str] = field(default_factory=dict)
-    log_path: Path | None = None
-    processes: int = 1
-    proc: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.port = self.port or free_port()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0, wrap: list[str] | None = None) -> "ServiceProcess":
-        """Start the service and wait until ``/healthz`` answers (``wrap``: e.g. a py-spy prefix)."""
-        import httpx
-
-        env = {**os.environ, "BOCOMPRESS_SCHEDULER_INTERVAL": "0.1", **self.env}
-        if SERVICE_ROOT:  # serve another checkout of the service (a before/after comparison)
-            env["PYTHONPATH"] = SERVICE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [*(wrap or []), *bocompress_cmd(), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--database-url", self.database_url, "--log-level", "warning",
-               *(["--processes", str(self.processes)] if self.processes > 1 else [])]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode} (log: {self.log_path})")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"service on port {self.port} did not become healthy in {timeout} s")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        """Stop it (SIGTERM: graceful; SIGKILL: a crash) and wait for the process to end."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def descendants(pid: int) -> list[int]:
-    """The pids of a process's live descendants (Linux ``/proc``)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids = [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for k in kids:
-            out += [k, *descendants(k)]
-    return out
+# --------------------------------------------------------------------------- processes and databases
 
 
 def cpu_seconds(pid: int) -> float:
@@ -242,7 +78,7 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def server_pid(srv: "ServiceProcess") -> int:
+def server_pid(srv: ServiceProcess) -> int:
     """The pid of the Python process that serves (under a py-spy wrapper: its child)."""
     assert srv.proc is not None
     kids = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
@@ -266,353 +102,6 @@ def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def prepare_database(database_url: str) -> str:
-    """Migrate ``database_url`` and mint an admin token; returns the token."""
-    from service.auth import create_token
-    from service.db.migrate import upgrade
-
-    upgrade(database_url)
-    return create_token(database_url, "admin", "admin", "load-admin")
-
-
-def synthetic_profile(d: int, size: int, high: float = 1.0) -> dict[str, Any]:
-    """A layer table for ``d`` square Linear layers of width ``size`` compressed by SVD (theta up to ``high``)."""
-    layers, params = [], []
-    for i in range(d):
-        name = f"fc{i}"
-        dense = float(size * size + size)
-        layers.append({"name": name, "type": "Linear", "method": "svd", "shape": [size, size], "params": [name],
-                       "costs": {"params": {"terms": [{"coef": float(2 * size),
-                                                       "factors": [{"param": name, "size": size}]},
-                                                      {"coef": float(size), "factors": []}], "cap": dense}},
-                       "dense": {"params": dense}})
-        params.append({"name": name, "low": 0.05, "high": high, "size": size})
-    return {"layers": layers, "params": params, "totals": {"params": float(d * (size * size + size))}}
-
-
-def make_running_job(url: str, token: str, max_trials: int, max_parallel: int, lease_seconds: float,
-                     d: int = 8, size: int = 64, max_attempts: int = 3, name: str = "load",
-                     optimizer: dict[str, Any] | None = None, worker_token: str | None = None,
-                     high: float = 1.0) -> int:
-    """Create a compression job (Sobol only unless ``optimizer`` says otherwise), play its profiling
-    task with a synthetic layer table (as ``worker_token``, default ``token``), and return its id."""
-    import httpx
-
-    def client(tok: str) -> httpx.Client:
-        return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tok}"}, timeout=60)
-
-    with client(token) as c:
-        r = c.post("/api/v1/jobs", json={
-            "name": name, "compression": {"model": "digits-mlp", "data": "digits", "method": "svd"},
-            "objective": {"kind": "scalarized", "kappa": 1.0},
-            "budget": {"max_trials": max_trials, "max_parallel": max_parallel, "lease_seconds": lease_seconds,
-                       "max_attempts": max_attempts},
-            "optimizer": optimizer or {"n_initial": 10_000, "seed": 0, "engine": "sobol"}})
-        r.raise_for_status()
-        job_id = int(r.json()["id"])
-    with client(worker_token or token) as c:
-        deadline = time.time() + 30
-        while True:
-            r = c.post("/api/v1/workers/lease", json={"worker": "profiler", "kinds": ["profile"]})
-            if r.status_code == 200 and r.json()["job"]["id"] == job_id:
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"no profiling task for job {job_id}: {r.status_code} {r.text[:200]}")
-            time.sleep(0.05)
-        got = r.json()
-        r = c.post(f"/api/v1/trials/{got['trial']['id']}/complete",
-                   json={"profile": synthetic_profile(d, size, high), "lease_token": got["lease"]["token"]})
-        r.raise_for_status()
-    return job_id
-
-
-def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
-    """Fill a running job up to ``n`` completed trials directly in the database (a long history).
-
-    Uses the storage layer's own guarded insert (``insert_proposals``), then marks the rows
-    completed with synthetic values, so the rows look like a finished search. Returns the
-    number of trials the job has.
-    """
-    from sqlalchemy import update
-
-    from service.db.models import Job, Trial, utcnow
-    from service.db.session import make_engine, make_sessionmaker, run_tx
-    from service.db.trials import TransitionError, insert_proposals
-
-    rng = random.Random(seed)
-    engine = make_engine(database_url)
-    factory = make_sessionmaker(engine)
-
-    def fill(s: Any) -> int:
-        job = s.get(Job, job_id)
-        names = [p["name"] for p in job.search_space]
-        k = n - job.n_created
-        if k > 0:
-            insert_proposals(s, job.id, job.n_created, [{nm: round(rng.uniform(0.05, 1.0), 4) for nm in names}
-                                                     for _ in range(k)])
-        now = utcnow()
-        rows = s.execute(select_trials(job_id)).all()
-        for tid, params in rows:
-            L = synthetic_l(params)
-            s.execute(update(Trial).where(Trial.id == tid).values(
-                state="completed", values={"distill_l2": L, "ratio": 0.5, "objective": L + 0.5},
-                sem={"distill_l2": 0.01}, worker="seed", started_at=now, finished_at=now, result_hash="seed"))
-        return len(rows)
-
-    try:
-        for _ in range(20):
-            try:
-                return run_tx(factory, fill)
-            except TransitionError:  # the scheduler proposed meanwhile: read n_created again
-                time.sleep(0.2)
-        raise RuntimeError("could not seed the history")
-    finally:
-        engine.dispose()
-
-
-def select_trials(job_id: int) -> Any:
-    from sqlalchemy import select
-
-    from service.db.models import Trial
-
-    return select(Trial.id, Trial.params).where(Trial.job_id == job_id, Trial.kind == "evaluate",
-                                                Trial.state.in_(("queued", "running")))
-
-
-def synthetic_l(params: dict[str, float]) -> float:
-    """A deterministic stand-in for the distillation error: sum of squared removed fractions."""
-    return float(sum((1.0 - v) ** 2 for v in params.values()) / max(1, len(params)))
-
-
-def median_by(rounds: list[dict[str, Any]], key: Any) -> dict[str, Any]:
-    """The round whose ``key`` is the median (the upper one of an even count)."""
-    return sorted(rounds, key=key)[len(rounds) // 2]
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of ``xs`` in milliseconds (xs in seconds)."""
-    if not xs:
-        return float("nan")
-    ys = sorted(xs)
-    k = min(len(ys) - 1, max(0, int(round(q / 100.0 * (len(ys) - 1)))))
-    return 1000.0 * ys[k]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99)}
-
-
-# --------------------------------------------------------------------------- cycles
-
-
-@dataclass
-class CycleStats:
-    cycles: int = 0
-    empty: int = 0
-    errors: Counter = field(default_factory=Counter)
-    lat: dict[str, list[float]] = field(default_factory=lambda: {"lease": [], "heartbeat": [], "complete": []})
-
-
-async def worker_cycles(url: str, token: str, name: str, stop_at: float, stats: CycleStats,
-                        stop: asyncio.Event, interval: float | None = None) -> None:
-    """One simulated worker: lease -> heartbeat -> complete until ``stop_at`` or ``stop``.
-
-    ``interval``: start a cycle at most every ``interval`` seconds (a paced worker; None: flat out).
-    """
-    c = RawClient(url, token)
-    next_at = time.perf_counter() + random.random() * (interval or 0.0)  # paced workers start spread out
-    try:
-        while time.perf_counter() < stop_at and not stop.is_set():
-            if interval is not None:
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                # behind schedule (a slow cycle): start now, no burst to catch up
-                next_at = max(next_at + interval, time.perf_counter())
-            t0 = time.perf_counter()
-            st, _, body = await c.request("POST", "/api/v1/workers/lease", {"worker": name, "kinds": ["evaluate"]})
-            stats.lat["lease"].append(time.perf_counter() - t0)
-            if st == 204:  # the real worker sleeps ``poll`` (1 s; 0.2 s in the demo): a busy worker's retry
-                stats.empty += 1
-                await asyncio.sleep(0.2)
-                continue
-            if st != 200:
-                stats.errors[f"lease {st}"] += 1
-                await asyncio.sleep(0.05)
-                continue
-            got = json.loads(body)
-            tid, tok = got["trial"]["id"], got["lease"]["token"]
-            t0 = time.perf_counter()
-            st, _, _ = await c.request("POST", f"/api/v1/trials/{tid}/heartbeat", {"lease_token": tok})
-            stats.lat["heartbeat"].append(time.perf_counter() - t0)
-            if st != 200:
-                stats.errors[f"heartbeat {st}"] += 1
-                continue
-            L = synthetic_l(got["trial"]["params"])
-            t0 = time.perf_counter()
-            st, _, _ = await c.request("POST", f"/api/v1/trials/{tid}/complete",
-                                       {"values": {"distill_l2": L}, "sem": {"distill_l2": 0.01 * L},
-                                        "lease_token": tok})
-            stats.lat["complete"].append(time.perf_counter() - t0)
-            if st != 200:
-                stats.errors[f"complete {st}"] += 1
-                continue
-            stats.cycles += 1
-    finally:
-        await c.close()
-
-
-async def poller(url: str, token: str, job_id: int, stop: asyncio.Event, lat: list[float], period: float,
-                 sizes: list[int]) -> None:
-    """A dashboard: one full fetch, then ``?since=<X-Job-Seq>`` every ``period`` seconds."""
-    c = RawClient(url, token)
-    since = 0
-    try:
-        st, h, _ = await c.request("GET", f"/api/v1/jobs/{job_id}/trials?since=0")
-        since = int(h.get("x-job-seq", "0"))
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            st, h, body = await c.request("GET", f"/api/v1/jobs/{job_id}/trials?since={since}")
-            lat.append(time.perf_counter() - t0)
-            if st == 200:
-                sizes.append(len(body))
-                since = int(h.get("x-job-seq", since))
-            await asyncio.sleep(period)
-    finally:
-        await c.close()
-
-
-async def run_cycles(urls: list[str], token: str, job_id: int, workers: int, seconds: float,
-                     pollers: int = 2, poll_period: float = 0.2, until_completed: int | None = None,
-                     rate: float | None = None) -> dict[str, Any]:
-    """Run ``workers`` cycle loops (spread over ``urls``) for ``seconds`` plus dashboard pollers.
-
-    ``rate``: pace the workers to that many cycles per second in all (None: each runs flat out).
-    """
-    stats = CycleStats()
-    interval = None if rate is None else workers / rate
-    gc.collect()
-    gc.freeze()  # the load generator's own full collections would count as service latency
-    stop = asyncio.Event()
-    poll_lat: list[float] = []
-    sizes: list[int] = []
-    t0 = time.perf_counter()
-    stop_at = t0 + seconds
-    tasks = [asyncio.create_task(worker_cycles(urls[i % len(urls)], token, f"w{i}", stop_at, stats, stop, interval))
-             for i in range(workers)]
-    polls = [asyncio.create_task(poller(urls[i % len(urls)], token, job_id, stop, poll_lat, poll_period, sizes))
-             for i in range(pollers)]
-    while time.perf_counter() < stop_at:
-        await asyncio.sleep(0.2)
-        if until_completed is not None and stats.cycles >= until_completed:
-            break
-    stop.set()
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - t0
-    await asyncio.gather(*polls)
-    return {"workers": workers, "rate": rate, "seconds": elapsed, "cycles": stats.cycles,
-            "cycles_per_s": stats.cycles / elapsed,
-            "empty_leases": stats.empty, "errors": dict(stats.errors),
-            **{k: summary(v) for k, v in stats.lat.items()}, "poll_under_load": summary(poll_lat),
-            "poll_bytes_p50": statistics.median(sizes) if sizes else 0}
-
-
-async def run_idle_polling(url: str, token: str, job_id: int, n: int = 1000, full: int = 5) -> dict[str, Any]:
-    """Polling latency of a quiet job: ``?since=seq-k`` for small k (a few changed trials), and full fetches."""
-    c = RawClient(url, token)
-    try:
-        st, h, body = await c.request("GET", f"/api/v1/jobs/{job_id}/trials?since=0")
-        assert st == 200, body[:200]
-        seq = int(h["x-job-seq"])
-        n_items = len(json.loads(body)["items"])
-        full_lat = []
-        for _ in range(full):
-            t0 = time.perf_counter()
-            st, _, body = await c.request("GET", f"/api/v1/jobs/{job_id}/trials?since=0")
-            full_lat.append(time.perf_counter() - t0)
-        full_bytes = len(body)
-        lat = []
-        rng = random.Random(0)
-        for _ in range(n):
-            since = max(0, seq - rng.randint(0, 20))
-            t0 = time.perf_counter()
-            st, _, _ = await c.request("GET", f"/api/v1/jobs/{job_id}/trials?since={since}")
-            lat.append(time.perf_counter() - t0)
-            assert st == 200
-    finally:
-        await c.close()
-    return {"trials": n_items, "poll_idle": summary(lat), "full_fetch": summary(full_lat), "full_bytes": full_bytes}
-
-
-# --------------------------------------------------------------------------- race
-
-
-async def run_race(urls: list[str], token: str, leasers: int, total: int, timeout: float = 600.0
-                   ) -> dict[str, Any]:
-    """``leasers`` concurrent leasers take ``total`` leases, spread over the replicas in ``urls``.
-
-    Returns the leased ``(trial id, attempt)`` pairs, errors, and the rate.
-    """
-    got: list[tuple[int, int]] = []
-    errors: Counter = Counter()
-    remaining = [total]
-    deadline = time.perf_counter() + timeout
-
-    async def one(i: int) -> None:
-        c = RawClient(urls[i % len(urls)], token)
-        try:
-            while remaining[0] > 0 and time.perf_counter() < deadline:
-                remaining[0] -= 1
-                st, _, body = await c.request("POST", "/api/v1/workers/lease",
-                                              {"worker": f"r{i}", "kinds": ["evaluate"]})
-                if st == 200:
-                    t = json.loads(body)["trial"]
-                    got.append((int(t["id"]), int(t["attempt"])))
-                    continue
-                remaining[0] += 1
-                if st == 204:
-                    await asyncio.sleep(0.01)
-                else:
-                    errors[str(st)] += 1
-                    await asyncio.sleep(0.05)
-        finally:
-            await c.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(leasers)))
-    elapsed = time.perf_counter() - t0
-    return {"leases": got, "errors": dict(errors), "seconds": elapsed, "per_s": len(got) / elapsed}
-
-
-def check_one_stream(database_url: str, job_id: int) -> dict[str, Any]:
-    """Read the job's trials and events; the facts a race test asserts on."""
-    from sqlalchemy import func, select
-
-    from service.db.models import Event, Job, Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
-
-    engine = make_engine(database_url)
-    try:
-        with read_session(make_sessionmaker(engine)) as s:
-            job = s.get(Job, job_id)
-            assert job is not None
-            rows = s.execute(select(Trial.id, Trial.number, Trial.params, Trial.state)
-                             .where(Trial.job_id == job_id, Trial.kind == "evaluate")).all()
-            leased = dict(s.execute(select(Event.trial_id, func.count()).where(
-                Event.job_id == job_id, Event.kind == "leased").group_by(Event.trial_id)).all())
-            proposed = s.execute(select(func.count()).select_from(Event).where(
-                Event.job_id == job_id, Event.kind == "proposed")).scalar_one()
-            n_created = job.n_created
-    finally:
-        engine.dispose()
-    numbers = sorted(r.number for r in rows)
-    params = Counter(json.dumps(r.params, sort_keys=True) for r in rows)
-    return {"n_trials": len(rows), "n_created": n_created, "numbers_consecutive": numbers == list(range(len(rows))),
-            "duplicate_params": sum(n - 1 for n in params.values() if n > 1),
-            "leased_twice": sorted(t for t, n in leased.items() if n > 1),
-            "proposed_events": int(proposed), "states": dict(Counter(r.state for r in rows))}
 
 
 # --------------------------------------------------------------------------- main
@@ -690,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 db = fresh_db(tag)
                 tok = prepare_database(db)
                 srv = ServiceProcess(db, log_path=Path("/tmp/bocompress-load-server.log"), processes=procs,
-                                     env={"BOCOMPRESS_THREADS": str(threads)}).start(wrap=wrap if profile else None)
+                                     env={"BOCOMPRESS_THREADS": str(threads)}, pythonpath=SERVICE_ROOT
+                                     ).start(wrap=wrap if profile else None)
                 try:
                     job_id = make_running_job(srv.url, tok, args.trials, 512, 600.0)
                     pid = server_pid(srv)
@@ -750,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             tok = prepare_database(db)
             env = {"BOCOMPRESS_THREADS": str(args.threads)}
             a = ServiceProcess(db, log_path=Path("/tmp/bocompress-race-a.log"), processes=args.processes,
-                               env=env).start()
+                               env=env, pythonpath=SERVICE_ROOT).start()
             b = ServiceProcess(db, log_path=Path("/tmp/bocompress-race-b.log"), processes=args.processes,
-                               env=env).start()
+                               env=env, pythonpath=SERVICE_ROOT).start()
             try:
                 job_id = make_running_job(a.url, tok, args.race_total, 1024, 3600.0)
                 race = asyncio.run(run_race([a.url, b.url], tok, args.race_leasers, args.race_total))

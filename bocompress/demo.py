@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import BocompressError
+from .procs import ROOT, NotHealthy, ProcessGroup, free_port, wait_healthy
 from .spec import JobSpec
 
 __all__ = ["DemoFailed", "DemoResult", "demo_spec", "run_demo", "MAX_RATIO", "MAX_ACCURACY_DROP"]
@@ -95,85 +93,32 @@ def demo_spec(trials: int, workers: int = 1) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _stop(procs: ProcessGroup, worker_timeout: float = 15.0, service_timeout: float = 5.0) -> None:
+    """Stop the workers (SIGTERM: each hands back its trial), then the service; SIGKILL what lingers.
+
+    The service goes last and gets a short grace: its database is a temporary file, and a
+    proposal being computed when it stops is of no use to anyone.
+    """
+    procs.stop(worker_timeout, only=lambda name: name != "service")
+    procs.stop(service_timeout, only=lambda name: name == "service")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-class _Processes:
-    """The demo's subprocesses, each logging to a file; stopped together, gracefully then by force."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path, IO[bytes]]] = []
-
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-        log_path = self.workdir / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append((name, proc, log_path, log))
-        return proc
-
-    def died(self) -> list[str]:
-        """Descriptions of the processes that exited, with the end of their logs."""
-        return [f"{name} exited with status {p.returncode}:\n{_tail(path)}"
-                for name, p, path, _ in self.procs if p.poll() is not None]
-
-    def stop(self, worker_timeout: float = 15.0, service_timeout: float = 5.0) -> None:
-        """Stop the workers (SIGTERM: each hands back its trial), then the service; SIGKILL what lingers.
-
-        The service goes last and gets a short grace: its database is a temporary file, and a
-        proposal being computed when it stops is of no use to anyone.
-        """
-        workers = [(p, log) for name, p, _, log in self.procs if name != "service"]
-        services = [(p, log) for name, p, _, log in self.procs if name == "service"]
-        for group, timeout in ((workers, worker_timeout), (services, service_timeout)):
-            for proc, _ in group:
-                if proc.poll() is None:
-                    try:
-                        proc.send_signal(signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.monotonic() + timeout
-            for proc, log in group:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                log.close()
-
-
-def _wait_healthy(client: Any, procs: _Processes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+def _wait_healthy(url: str, procs: ProcessGroup, timeout: float) -> None:
+    def started() -> None:
         dead = procs.died()
         if dead:
             raise DemoFailed("the service did not start: " + "\n".join(dead))
-        try:
-            client.health()
-            return
-        except BocompressError as exc:
-            last = exc
-            time.sleep(0.25)
-    raise DemoFailed(f"the service did not answer /healthz within {timeout:.0f} s ({last})")
+
+    try:
+        wait_healthy(url, timeout, check=started, interval=0.25)
+    except NotHealthy as exc:
+        raise DemoFailed(f"the service at {exc}") from None
 
 
 class _Watchdog(threading.Thread):
     """Cancels the demo job when one of the demo's processes dies, so that waiting on it ends."""
 
-    def __init__(self, procs: _Processes, url: str, job_id: int) -> None:
+    def __init__(self, procs: ProcessGroup, url: str, job_id: int) -> None:
         super().__init__(name="demo-watchdog", daemon=True)
         self.procs, self.url, self.job_id = procs, url, job_id
         self.problem = ""
@@ -318,26 +263,27 @@ def run_demo(trials: int = 24, workers: int = 1, keep: bool = False, port: int |
         raise DemoFailed(f"trials and workers must be >= 1 (got {trials}, {workers})")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bocompress-demo-"))
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    repo_root = str(Path(__file__).resolve().parent.parent)
+    repo_root = str(ROOT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)}
     for var in ("BOCOMPRESS_TOKEN", "BOCOMPRESS_URL", "BOCOMPRESS_DATABASE_URL"):
         env.pop(var, None)
-    procs = _Processes(workdir)
+    procs = ProcessGroup(workdir)
     client = Client(url, token=None, timeout=30.0, max_retries=2)
     result: DemoResult | None = None
     try:
         print(f"starting the service at {url} (database {workdir / 'demo.db'}) and {workers} worker(s)...",
               flush=True)
         procs.start("service", [sys.executable, "-m", "bocompress.cli", "serve", "--no-auth", "--port", str(port),
-                                "--database-url", f"sqlite:///{workdir / 'demo.db'}", "--log-level", "warning"], env)
-        _wait_healthy(client, procs, STARTUP_TIMEOUT)
+                                "--database-url", f"sqlite:///{workdir / 'demo.db'}", "--log-level", "warning"], env,
+                    new_session=True)
+        _wait_healthy(url, procs, STARTUP_TIMEOUT)
         for i in range(workers):
             procs.start(f"worker-{i}", [sys.executable, "-m", "worker", "--url", url, "--device", "cpu",
                                         "--name", f"demo-worker-{i}", "--poll", "0.2", "--grace", "5",
-                                        "--log-level", "warning"], env)
+                                        "--log-level", "warning"], env, new_session=True)
         job = client.create_job(demo_spec(trials, workers))
         print(f"job {job.id}: digits-cnn, Tucker-2 on Conv2d + SVD on Linear, min L s.t. R <= {MAX_RATIO}, "
               f"{trials} trials", flush=True)
@@ -368,7 +314,7 @@ def run_demo(trials: int = 24, workers: int = 1, keep: bool = False, port: int |
         raise
     finally:
         client.close()
-        procs.stop()
+        _stop(procs)
         if keep:
             print(f"kept {workdir}", flush=True)
         else:

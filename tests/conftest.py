@@ -7,7 +7,6 @@ Under CI (``CI`` set) an unreachable PostgreSQL fails the run; on a laptop it sk
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from bocompress.procs import free_port  # noqa: F401 - the tests' one free_port, re-exported
 
 PG_ADMIN_URL = os.environ.get("BOCOMPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = bool(os.environ.get("CI"))
@@ -82,12 +83,6 @@ def run_coroutine(coro):  # type: ignore[no-untyped-def]
     if "exc" in box:
         raise box["exc"]
     return box["out"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_database(backend: str, tmp_path: Path, tag: str = "t") -> str:

@@ -92,10 +92,16 @@ def test_the_contract_is_light() -> None:
 
 
 def test_the_client_loads_nothing_heavy_at_import() -> None:
-    for name in ("client.py", "job.py", "uploads.py", "cli.py", "cli_support.py", "__init__.py"):
+    for name in ("client.py", "job.py", "uploads.py", "cli.py", "cli_support.py", "__init__.py", "demo.py", "procs.py"):
         top = _imports(ROOT / "bocompress" / name, top_level_only=True)
         bad = {n for n in top if n.split(".")[0] in HEAVY}
         assert not bad, f"bocompress/{name} imports {sorted(bad)} at import time"
+
+
+def test_no_test_imports_the_benchmarks() -> None:
+    """Tests share the process harness (``bocompress.procs``) with the demo and the benchmarks, never ``bench``."""
+    for path in _py("tests"):
+        assert not _under(_imports(path), "bench"), f"{path.relative_to(ROOT)} imports bench"
 
 
 def test_workers_never_import_the_service() -> None:

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import drop_pg_database, free_port, make_pg_database
+from bocompress.procs import ProcessGroup, free_port, wait_healthy
+from tests.conftest import drop_pg_database, make_pg_database
 
 from .helpers import DOCKER_DIR, ROOT
 
@@ -36,41 +35,9 @@ MAX_PARALLEL = 3
 JOB_TIMEOUT_S = 240.0
 
 
-@dataclass
-class Procs:
-    """Every subprocess the test starts, with its log file; all are ended at teardown."""
-
-    logdir: Path
-    procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
-        proc = subprocess.Popen([sys.executable, "-m", "bocompress.cli", *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        for name, proc, _ in self.procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-
-    def stop_all(self) -> None:
-        """SIGTERM everything (workers hand back their task), then SIGKILL what is still alive."""
-        for _, proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 25
-        for _, proc, log in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            log.close()
+def _bocompress(*args: str) -> list[str]:
+    """The argv of a ``bocompress`` command, run by this interpreter (in the repository root)."""
+    return [sys.executable, "-m", "bocompress.cli", *args]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -81,24 +48,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(args: list[str], env: dict[str, str]) -> str:
-    res = subprocess.run([sys.executable, "-m", "bocompress.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    res = subprocess.run(_bocompress(*args), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=180)
     assert res.returncode == 0, f"bocompress {' '.join(args[:2])} failed ({res.returncode}): {res.stderr}"
     return res.stdout.strip()
-
-
-def _wait_healthy(url: str, procs: Procs, timeout: float = 90.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        procs.check_alive()
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=2)
-            if r.status_code == 200:
-                return dict(r.json())
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
 def _metrics(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -121,17 +74,17 @@ def _total(m: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[dict[str, Any]]:
     db = make_pg_database("topology")
-    procs = Procs(tmp_path)
+    procs = ProcessGroup(tmp_path)
     try:
         yield {"db": db, "procs": procs}
     finally:
-        procs.stop_all()
+        procs.stop()
         drop_pg_database(db)
 
 
 def test_two_replicas_three_workers_complete_a_job(topology: dict[str, Any]) -> None:
     db: str = topology["db"]
-    procs: Procs = topology["procs"]
+    procs: ProcessGroup = topology["procs"]
     base_env = _env(BOCOMPRESS_DATABASE_URL=db)
 
     # migrate (compose: the one-shot `migrate` service), then tokens (docs/deploy.md quick start).
@@ -146,10 +99,11 @@ def test_two_replicas_three_workers_complete_a_job(topology: dict[str, Any]) -> 
         port = free_port()
         env = _env(BOCOMPRESS_DATABASE_URL=db, BOCOMPRESS_REPLICA=f"replica-{replica}",
                    BOCOMPRESS_SCHEDULER_INTERVAL="0.2", BOCOMPRESS_AUTO_MIGRATE="false")
-        procs.start(f"service-{replica}", ["serve", "--host", "127.0.0.1", "--port", str(port)], env)
+        procs.start(f"service-{replica}", _bocompress("serve", "--host", "127.0.0.1", "--port", str(port)), env,
+                    cwd=ROOT)
         urls[replica] = f"http://127.0.0.1:{port}"
     for replica, url in urls.items():
-        health = _wait_healthy(url, procs)
+        health = wait_healthy(url, 90.0, check=procs.check_alive, interval=0.2)
         assert health == {"status": "ok", "database": "postgresql", "auth": True}
         assert httpx.get(f"{url}/api/v1/jobs", timeout=10).status_code == 401, "auth must be on"
         # The container health check script, for real, against a real replica.
@@ -161,7 +115,8 @@ def test_two_replicas_three_workers_complete_a_job(topology: dict[str, Any]) -> 
     plan = {"w1": "A", "w2": "B", "w3": "A"}
     for name, replica in plan.items():
         env = _env(BOCOMPRESS_URL=urls[replica], BOCOMPRESS_TOKEN=worker_token, BOCOMPRESS_WORKER_LOG_LEVEL="info")
-        procs.start(f"worker-{name}", ["worker", "--device", "cpu", "--name", name, "--poll", "0.2"], env)
+        procs.start(f"worker-{name}", _bocompress("worker", "--device", "cpu", "--name", name, "--poll", "0.2"), env,
+                    cwd=ROOT)
 
     spec = {"name": "topology-digits-svd",
             "compression": {"model": "digits-cnn", "data": "digits", "method": "svd"},
@@ -267,15 +222,15 @@ def test_compose_worker_command_on_cuda(tmp_path: Path) -> None:
     assert "database at revision" in _cli(["migrate"], env)
     client_token = _cli(["token", "create", "--role", "client", "--owner", "alice"], env)
     worker_token = _cli(["token", "create", "--role", "worker", "--owner", "gpu"], env)
-    procs = Procs(tmp_path)
+    procs = ProcessGroup(tmp_path)
     try:
         port = free_port()
-        procs.start("service", ["serve", "--host", "127.0.0.1", "--port", str(port)],
-                    _env(BOCOMPRESS_DATABASE_URL=db, BOCOMPRESS_SCHEDULER_INTERVAL="0.2"))
+        procs.start("service", _bocompress("serve", "--host", "127.0.0.1", "--port", str(port)),
+                    _env(BOCOMPRESS_DATABASE_URL=db, BOCOMPRESS_SCHEDULER_INTERVAL="0.2"), cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, procs)
-        procs.start("worker", argv[1:] + ["--name", "gpu0", "--poll", "0.2"],
-                    _env(BOCOMPRESS_URL=url, BOCOMPRESS_TOKEN=worker_token))
+        wait_healthy(url, 90.0, check=procs.check_alive, interval=0.2)
+        procs.start("worker", _bocompress(*argv[1:], "--name", "gpu0", "--poll", "0.2"),
+                    _env(BOCOMPRESS_URL=url, BOCOMPRESS_TOKEN=worker_token), cwd=ROOT)
         spec = {"name": "cuda-digits-svd", "compression": {"model": "digits-cnn", "data": "digits", "method": "svd"},
                 "objective": {"kind": "scalarized", "kappa": 1.0}, "budget": {"max_trials": 6, "max_parallel": 2},
                 "optimizer": {"n_initial": 3, "seed": 0}}
@@ -297,4 +252,4 @@ def test_compose_worker_command_on_cuda(tmp_path: Path) -> None:
         started = [json.loads(ln) for ln in procs.log("worker").splitlines() if ln.startswith("{")]
         assert any(r.get("msg") == "worker started" and "device=cuda" in str(r.get("task")) for r in started)
     finally:
-        procs.stop_all()
+        procs.stop()

@@ -15,7 +15,14 @@ from typing import Any
 
 import httpx
 
-from bench.load import ServiceProcess, check_one_stream, descendants, prepare_database  # noqa: F401 - re-exported
+from bocompress.procs import (  # noqa: F401 - re-exported
+    ServiceProcess,
+    check_one_stream,
+    descendants,
+    prepare_database,
+    stop_process,
+    wait_gone,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -41,13 +48,7 @@ class StandinProc:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, signal.SIGTERM, 10)
 
 
 def spawn_standin(url: str, token: str, name: str, workdir: Path, hold: float, log: Path,
@@ -147,20 +148,3 @@ def check_exactly_once(trials: list[dict[str, Any]], events: list[dict[str, Any]
     done = {t["id"] for t in trials if t["state"] == "completed"}
     assert acked <= done, f"acknowledged results missing: {sorted(acked - done)}"
     return dict(Counter(t["state"] for t in trials))
-
-
-def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
-    """Wait until none of ``pids`` runs (zombies count as gone); returns those still running."""
-    deadline = time.time() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                alive.append(pid)
-        if not alive or time.time() > deadline:
-            return alive
-        time.sleep(0.2)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save
 from sqlalchemy import update
 
-from bench.load import bocompress_cmd
+from bocompress.procs import bocompress_cmd
 from tests.reliability.procs import ServiceProcess, mint, prepare_database
 from service.db.models import Job
 from service.db.session import make_engine

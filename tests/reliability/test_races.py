@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from bench.load import make_running_job, run_race
+from bocompress.procs import make_running_job, run_race
 from tests.conftest import drop_pg_database, make_pg_database, run_coroutine
 from tests.reliability.procs import ServiceProcess, check_one_stream, prepare_database
 
