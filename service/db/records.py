@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio.to_thread
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, issue, lookup, revoke
 from service.db.errors import NotFound
 from service.db.models import Blob, Token, new_blob
-from service.db.session import read_session
+from service.db.session import read_session, run_tx
 from service.db.views import iso
 
 #: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
@@ -63,13 +64,18 @@ class RecordsMixin:
     async def add_upload(self, viewer: Any, kind: str, data: bytes, tensors: dict[str, Any],
                          arch: str | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Keep an upload of ``viewer.owner`` (its safetensors header already checked): its view."""
-        def _add(s: Session) -> dict[str, Any]:
+        def _add() -> dict[str, Any]:
+            # Hashed before the transaction: a large file never holds SQLite's write lock while it is read.
             blob = new_blob(kind, viewer.owner, data, tensors, arch=arch, meta=meta)
-            s.add(blob)
-            s.flush()
-            return blob_out(blob)
 
-        return await self._tx(_add)  # type: ignore[attr-defined, no-any-return]
+            def _insert(s: Session) -> dict[str, Any]:
+                s.add(blob)
+                s.flush()
+                return blob_out(blob)
+
+            return run_tx(self.factory, _insert)  # type: ignore[attr-defined]
+
+        return await anyio.to_thread.run_sync(_add)
 
     async def get_upload(self, blob_id: str, kind: str, viewer: Any) -> dict[str, Any]:
         """An upload of ``kind`` the viewer may see, summarized; else NotFound."""
