@@ -92,7 +92,8 @@ def test_the_contract_is_light() -> None:
 
 
 def test_the_client_loads_nothing_heavy_at_import() -> None:
-    for name in ("client.py", "job.py", "uploads.py", "cli.py", "cli_support.py", "__init__.py", "demo.py", "procs.py"):
+    for name in ("client.py", "job.py", "uploads.py", "cli.py", "cli_support.py", "__init__.py", "demo.py",
+                 "procs.py"):
         top = _imports(ROOT / "bocompress" / name, top_level_only=True)
         bad = {n for n in top if n.split(".")[0] in HEAVY}
         assert not bad, f"bocompress/{name} imports {sorted(bad)} at import time"
