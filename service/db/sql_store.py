@@ -265,12 +265,16 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
 
         try:
             return await self._tx(_create)
-        except IntegrityError:
+        except IntegrityError as exc:
             # Two concurrent creates with one idempotency key: the other won; return its job.
+            if not idempotency_key:
+                raise
+            conflict = exc
+
             def _other(s: Session) -> tuple[dict[str, Any], bool]:
-                prior = self._prior(s, viewer, idempotency_key or "", spec) if idempotency_key else None
+                prior = self._prior(s, viewer, idempotency_key, spec)
                 if prior is None:
-                    raise
+                    raise conflict
                 return job_out(s, prior), False
 
             return await self._read(_other)
