@@ -2,11 +2,14 @@
 
 Four modes of :func:`retrain`, each on a copy of the compressed model:
 
-* ``finetune-distill``: keep the compressed weights; minimise ``|f(x) - f*(x)|^2`` (the squared L2
-  distance of the logits to the original model's, the project's distillation loss ``L``); labels
-  are not needed.
+* ``finetune-distill``: keep the compressed weights; minimise the relative squared L2 distance of
+  the logits to the original model's, ``mean|f(x) - f*(x)|^2 / mean|f*(x)|^2`` over each batch (the
+  project's distillation loss ``L``, scale-free so one learning rate fits every model); labels are
+  not needed.
 * ``finetune-labels``: keep the compressed weights; cross-entropy on labels.
-  Both fine-tunes use SGD with momentum 0.9 at ``lr`` (Liu et al.: 40 epochs at 1e-3).
+  Both fine-tunes first re-estimate the BatchNorm statistics on a few training batches (the
+  compressed model's were the original's), then use SGD with momentum 0.9 at ``lr`` (Liu et al.:
+  40 epochs at 1e-3).
 * ``scratch-e``: re-initialise the compressed architecture and train it from labels for the
   original's epochs ``E`` (``original_epochs``).
 * ``scratch-b``: the same for the same compute: ``ceil(E * F_full / F_pruned)`` epochs, with ``F``
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +48,7 @@ from worker.strategies.training import (
     check_positive_int,
     decay_groups,
     flops_per_sample,
+    recalibrate_bn,
     zero_masks,
 )
 
@@ -65,6 +70,8 @@ class RetrainConfig:
         scratch_lr: peak learning rate of scratch training (SGD, Nesterov momentum 0.9).
         weight_decay: on weights (dim > 1) only.
         batch_size: when the training data are tensors.
+        bn_batches: the fine-tune modes first re-estimate the BatchNorm statistics of the compressed
+            model on this many training batches (its BatchNorms saw the original's inputs; 0: no).
         seed: seeds the re-initialisation and the batch order.
     """
 
@@ -74,6 +81,7 @@ class RetrainConfig:
     scratch_lr: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 64
+    bn_batches: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +91,8 @@ class RetrainConfig:
         for name in ("lr", "scratch_lr"):
             if not float(getattr(self, name)) > 0:
                 raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.bn_batches, bool) or int(self.bn_batches) != self.bn_batches or self.bn_batches < 0:
+            raise OptionError("bn_batches", f"must be an integer >= 0, got {self.bn_batches!r}")
         if float(self.weight_decay) < 0:
             raise OptionError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
 
@@ -147,6 +157,15 @@ def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.track_running_stats:
                     m.reset_running_stats()
     return model
+
+
+def _inputs(train: TrainData, n: int, ticker: Ticker) -> Iterator[Tensor]:
+    """The inputs of up to ``n`` training batches (cancel checked before each)."""
+    for i, (xb, _) in enumerate(train.epoch()):
+        if i >= n:
+            return
+        ticker.check(0, 0)
+        yield xb
 
 
 def retrain(
@@ -234,6 +253,8 @@ def retrain(
         sched = None
 
     ticker = Ticker(f"retrain {mode}", total, progress, should_stop)
+    if mode.startswith("finetune") and cfg.bn_batches:
+        recalibrate_bn(model, _inputs(train, cfg.bn_batches, ticker), device)
     history: list[dict[str, Any]] = []
     for epoch in range(epochs):
         t_epoch = time.perf_counter()
@@ -246,7 +267,8 @@ def retrain(
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(xb)
-                loss = (out.flatten(1) - target.flatten(1)).pow(2).sum(1).mean()
+                t = target.flatten(1)
+                loss = (out.flatten(1) - t).pow(2).sum(1).mean() / t.pow(2).sum(1).mean().clamp_min(1e-12)
             else:
                 loss = F.cross_entropy(out, yb.to(device))  # type: ignore[union-attr]
             opt.zero_grad(set_to_none=True)
