@@ -335,7 +335,8 @@ class ChipNetResult:
     """What :func:`chipnet` returns.
 
     Attributes:
-        model: the hard-pruned model (channels physically removed; eval mode).
+        model: the hard-pruned model (channels physically removed; eval mode), fine-tuned when asked.
+        hard_model: the kept epoch's hard-pruned model before any fine-tuning (``model`` without one).
         masks: per gated group (named after its first producing Conv), a bool tensor of its channels:
             True = kept (in the original model's channel order).
         budget_type: the budget measured.
@@ -354,6 +355,7 @@ class ChipNetResult:
     """
 
     model: nn.Module
+    hard_model: nn.Module
     masks: dict[str, Tensor]
     budget_type: str
     budget: float
@@ -595,6 +597,7 @@ def chipnet(
         raise CompressionError("no epoch's hard-pruned model met the budget")
     acc, best_epoch, pruned, masks, ratio = best
     acc_ft = None
+    hard = pruned
     if cfg.finetune_epochs:
         pruned = _finetune(pruned, data, cfg, ticker, device)
         acc_ft = accuracy(pruned, x_val.to(device), y_val.to(device))
@@ -604,6 +607,7 @@ def chipnet(
     ticker.report(f"done: {budget_type} ratio {ratio:.4f} (target {target}), validation accuracy {acc_ft if acc_ft is not None else acc:.4f}")
     return ChipNetResult(
         model=pruned.eval(),
+        hard_model=hard.eval(),
         masks={g.name: m for g, m in zip(groups, masks)},
         budget_type=budget_type,
         budget=target,
