@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from worker.methods.channel_l1 import analyze_channel_groups
+from worker.methods.channel_groups import analyze_channel_groups
 from worker.strategies import Cancelled, OptionError
 from worker.strategies.chipnet import (
     BUDGET_TYPES,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from worker.methods.channel_l1 import analyze_channel_groups, execute_prune_plan, prune_plan
+from worker.methods.channel_groups import analyze_channel_groups, execute_prune_plan, prune_plan
 from worker.strategies import Cancelled, OptionError
 from worker.strategies.retrain import MODES, RetrainConfig, reinitialize, retrain, scratch_b_epochs
 from worker.strategies.training import accuracy, flops_per_sample
