@@ -1,7 +1,7 @@
 """ChipNet at each of the four budgets on the trained zoo models: achieved ratio, accuracy, wall time.
 
 For ``resnet20`` and ``mobilenet`` (digits32) and each budget type (``channels``, ``activation``,
-``params``, ``flops``) at one target ratio, run :func:`worker.strategies.chipnet.chipnet` with the
+``params``, ``flops``) at one target ratio, run :func:`bocompress.worker.strategies.chipnet.chipnet` with the
 paper's schedules and losses but a few epochs (a CPU run; the paper uses 20), selecting on 200
 samples of the training split and training on the other 1147; then measure the 450 held-out
 digits: the dense model's accuracy, the hard-pruned model's, and after the optional fine-tune.
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from worker.strategies.chipnet import BUDGET_TYPES, ChipNetConfig, chipnet
-from worker.strategies.training import accuracy
-from worker.zoo import load_data, load_model
+from bocompress.worker.strategies.chipnet import BUDGET_TYPES, ChipNetConfig, chipnet
+from bocompress.worker.strategies.training import accuracy
+from bocompress.worker.zoo import load_data, load_model
 
 #: Training-split samples held back for ChipNet's per-epoch model selection.
 N_VAL = 200

@@ -58,7 +58,7 @@ PG_ADMIN_URL = os.environ.get("BOCOMPRESS_TEST_PG", "postgresql://postgres@127.0
 DOC = ROOT / "docs" / "benchmarks.md"
 SERVICE_ROOT = os.environ.get("BOCOMPRESS_BENCH_SERVICE_ROOT", "")
 START, END = "<!-- load:start -->", "<!-- load:end -->"
-DEFAULT_THREADS = 8  # service.config.Settings.threads
+DEFAULT_THREADS = 8  # bocompress.service.config.Settings.threads
 NOTES_START, NOTES_END = "<!-- load:notes:start -->", "<!-- load:notes:end -->"
 
 

@@ -28,9 +28,9 @@ def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
     """
     from sqlalchemy import update
 
-    from service.db.models import Job, Trial, utcnow
-    from service.db.session import make_engine, make_sessionmaker, run_tx
-    from service.db.trials import TransitionError, insert_proposals
+    from bocompress.service.db.models import Job, Trial, utcnow
+    from bocompress.service.db.session import make_engine, make_sessionmaker, run_tx
+    from bocompress.service.db.trials import TransitionError, insert_proposals
 
     rng = random.Random(seed)
     engine = make_engine(database_url)
@@ -66,7 +66,7 @@ def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
 def select_trials(job_id: int) -> Any:
     from sqlalchemy import select
 
-    from service.db.models import Trial
+    from bocompress.service.db.models import Trial
 
     return select(Trial.id, Trial.params).where(Trial.job_id == job_id, Trial.kind == "evaluate",
                                                 Trial.state.in_(("queued", "running")))

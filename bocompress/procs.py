@@ -269,8 +269,8 @@ class ServiceProcess:
 
 def prepare_database(database_url: str) -> str:
     """Migrate ``database_url`` and mint an admin token; returns the token (imports the service)."""
-    from service.auth import create_token
-    from service.db.migrate import upgrade
+    from bocompress.service.auth import create_token
+    from bocompress.service.db.migrate import upgrade
 
     upgrade(database_url)
     return create_token(database_url, "admin", "admin", "load-admin")
@@ -455,8 +455,8 @@ def check_one_stream(database_url: str, job_id: int) -> dict[str, Any]:
     """Read the job's trials and events (imports the service): the facts a lease race is judged on."""
     from sqlalchemy import func, select
 
-    from service.db.models import Event, Job, Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
+    from bocompress.service.db.models import Event, Job, Trial
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 
     engine = make_engine(database_url)
     try:

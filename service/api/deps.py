@@ -10,11 +10,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.errors import APIError
-from service.api.serialize import CURSOR_PATTERN
-from service.auth import LOCAL_ADMIN, Principal
-from service.config import Settings
-from service.db.store import Store, Viewer
+from bocompress.service.api.errors import APIError
+from bocompress.service.api.serialize import CURSOR_PATTERN
+from bocompress.service.auth import LOCAL_ADMIN, Principal
+from bocompress.service.config import Settings
+from bocompress.service.db.store import Store, Viewer
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Context:
     engine: Any
     factory: Any
     metrics: Any
-    #: The jobs and trials (service.db.store.Store): every route's one call.
+    #: The jobs and trials (bocompress.service.db.store.Store): every route's one call.
     store: Store
     scheduler: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.db.errors import REFUSED_VALUES, Invalid, NotFound, StorageError, TransitionError
+from bocompress.service.db.errors import REFUSED_VALUES, Invalid, NotFound, StorageError, TransitionError
 
 log = logging.getLogger("bocompress.api")
 

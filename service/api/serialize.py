@@ -1,11 +1,11 @@
-"""Page cursors of the API (the wire views of rows live with storage, :mod:`service.db.views`,
-and come back from the :class:`~service.db.store.Store`'s calls)."""
+"""Page cursors of the API (the wire views of rows live with storage, :mod:`bocompress.service.db.views`,
+and come back from the :class:`~bocompress.service.db.store.Store`'s calls)."""
 
 from __future__ import annotations
 
 import base64
 
-from service.api.errors import APIError
+from bocompress.service.api.errors import APIError
 
 
 # The base64url (unpadded) of "v1:" + 1 to 18 decimal digits, the only cursors encode_cursor

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from bocompress.schemas import TokenCreate, TokenOut
-from service.api.deps import AdminDep, CtxDep, RowId
-from service.api.errors import APIError
-from service.api.jobs import ERRORS
+from bocompress.service.api.deps import AdminDep, CtxDep, RowId
+from bocompress.service.api.errors import APIError
+from bocompress.service.api.jobs import ERRORS
 
 router = APIRouter(tags=["system"])
 

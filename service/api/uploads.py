@@ -11,11 +11,11 @@ from starlette.concurrency import run_in_threadpool
 
 from bocompress.modelspec import MAX_SPEC_BYTES, ModelSpecError, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep, viewer
-from service.api.errors import APIError, bad_request
-from service.api.jobs import ERRORS
-from service.db.errors import NotFound
-from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
+from bocompress.service.api.deps import AnyRoleDep, ClientDep, CtxDep, viewer
+from bocompress.service.api.errors import APIError, bad_request
+from bocompress.service.api.jobs import ERRORS
+from bocompress.service.db.errors import NotFound
+from bocompress.service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
@@ -30,7 +30,7 @@ FILE_RESPONSE: dict[str, Any] = {"description": "the file (safetensors), its sha
 
 
 async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
-    """:func:`service.safetensors_check.inspect` under the service's header bounds.
+    """:func:`bocompress.service.safetensors_check.inspect` under the service's header bounds.
 
     The bounds are checked first, on the event loop (they read 8 bytes and count one key); the
     JSON header is parsed in the thread pool, so a large one never stalls other requests.

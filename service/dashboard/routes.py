@@ -25,8 +25,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
-from service.api.deps import ClientDep, Context, CtxDep, viewer
-from service.auth import LOCAL_ADMIN, Principal
+from bocompress.service.api.deps import ClientDep, Context, CtxDep, viewer
+from bocompress.service.auth import LOCAL_ADMIN, Principal
 
 COOKIE = "bocompress_token"
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""What storage raises, mapped to HTTP answers by ``service.api.errors`` (no HTTP here)."""
+"""What storage raises, mapped to HTTP answers by ``bocompress.service.api.errors`` (no HTTP here)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError
 
-from service.db.session import StorageError
+from bocompress.service.db.session import StorageError
 
 
 class TransitionError(Exception):

@@ -1,8 +1,8 @@
 """Rows outside a trial's state machine: uploads (models, datasets), tokens, the health check.
 
-:class:`RecordsMixin` implements these parts of :class:`~service.db.store.Store` for the SQL
+:class:`RecordsMixin` implements these parts of :class:`~bocompress.service.db.store.Store` for the SQL
 backends, one transaction in the thread pool each (``_tx``, ``_read`` of
-:class:`~service.db.sql_store.OrmStore`), and answers with the API's views of the rows.
+:class:`~bocompress.service.db.sql_store.OrmStore`), and answers with the API's views of the rows.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import anyio.to_thread
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, issue, lookup, revoke
-from service.db.errors import NotFound
-from service.db.models import Blob, Token, new_blob
-from service.db.session import read_session, run_tx
-from service.db.views import iso
+from bocompress.service.auth import Principal, issue, lookup, revoke
+from bocompress.service.db.errors import NotFound
+from bocompress.service.db.models import Blob, Token, new_blob
+from bocompress.service.db.session import read_session, run_tx
+from bocompress.service.db.views import iso
 
 #: An upload's answer lists at most this many tensors (name -> shape); ``n_tensors`` counts them all.
 SUMMARY_TENSORS = 100
@@ -49,7 +49,7 @@ def _visible_blob(s: Session, blob_id: str, kind: str, viewer: Any) -> Blob:
 
 
 class RecordsMixin:
-    """Uploads, tokens and the health check of :class:`~service.db.sql_store.OrmStore`."""
+    """Uploads, tokens and the health check of :class:`~bocompress.service.db.sql_store.OrmStore`."""
 
     async def ping(self) -> str:
         """Check that the database answers (one ``SELECT 1``): its dialect's name."""

@@ -1,7 +1,7 @@
 """The dashboard's bulk reads: a job's whole trial history in columns, and its rows for the CSV.
 
-:class:`SnapshotMixin` implements these parts of :class:`~service.db.store.Store` for the SQL
-backends (``_read`` and ``dialect`` of :class:`~service.db.sql_store.OrmStore`).
+:class:`SnapshotMixin` implements these parts of :class:`~bocompress.service.db.store.Store` for the SQL
+backends (``_read`` and ``dialect`` of :class:`~bocompress.service.db.sql_store.OrmStore`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from sqlalchemy import BigInteger, Text, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.db.models import Trial
-from service.db.queries import best_trial, visible_job
-from service.db.store import TrialTable
-from service.db.views import iso, job_out, job_warnings, trial_out
+from bocompress.service.db.models import Trial
+from bocompress.service.db.queries import best_trial, visible_job
+from bocompress.service.db.store import TrialTable
+from bocompress.service.db.views import iso, job_out, job_warnings, trial_out
 
 SCALAR_COLUMNS = ("id", "seq", "number", "state", "attempt", "worker", "error")
 TIME_COLUMNS = ("created_at", "started_at", "finished_at")
 JSON_COLUMNS = ("params", "values", "sem")
-#: The trial columns of the CSV export, in :class:`~service.db.store.TrialTable` rows.
+#: The trial columns of the CSV export, in :class:`~bocompress.service.db.store.TrialTable` rows.
 TABLE_COLUMNS = ("id", "number", "seq", "state", "params", "values", "sem", "attempt", "worker", "created_at",
                  "started_at", "finished_at", "error")
-#: One row of a :class:`~service.db.store.TrialTable` (its times as ISO 8601 text, or None).
+#: One row of a :class:`~bocompress.service.db.store.TrialTable` (its times as ISO 8601 text, or None).
 TableRow = namedtuple("TableRow", TABLE_COLUMNS)  # type: ignore[misc]
 
 
@@ -79,12 +79,12 @@ def trial_table(s: Session, job_id: int, viewer: Any) -> TrialTable:
 
 
 class SnapshotMixin:
-    """The dashboard's reads of :class:`~service.db.sql_store.OrmStore`."""
+    """The dashboard's reads of :class:`~bocompress.service.db.sql_store.OrmStore`."""
 
     async def job_snapshot(self, job_id: int, viewer: Any, with_trials: bool = True) -> str:
         """The job and (``with_trials``) its whole trial history in columns, as JSON text.
 
-        The same visibility as :meth:`~service.db.store.Store.get_job` (NotFound for another
+        The same visibility as :meth:`~bocompress.service.db.store.Store.get_job` (NotFound for another
         owner's job), but lean: the job comes without ``best``; the trials' JSON columns are spliced
         in as stored, not decoded and re-encoded; times are epoch milliseconds. ``seq`` is the
         job's change counter, read with the trials in one snapshot.

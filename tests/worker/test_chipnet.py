@@ -1,4 +1,4 @@
-"""ChipNet (worker.strategies.chipnet) on the trained zoo models: budgets met, real pruning, errors, cancel."""
+"""ChipNet (bocompress.worker.strategies.chipnet) on the trained zoo models: budgets met, real pruning, errors, cancel."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from worker.methods.channel_groups import analyze_channel_groups
-from worker.strategies import Cancelled, OptionError
-from worker.strategies.chipnet import (
+from bocompress.worker.methods.channel_groups import analyze_channel_groups
+from bocompress.worker.strategies import Cancelled, OptionError
+from bocompress.worker.strategies.chipnet import (
     BUDGET_TYPES,
     BudgetModel,
     ChipNetConfig,
@@ -20,8 +20,8 @@ from worker.strategies.chipnet import (
     logistic,
     project,
 )
-from worker.strategies.training import accuracy, count_params, flops_per_sample
-from worker.zoo import load_data, load_model
+from bocompress.worker.strategies.training import accuracy, count_params, flops_per_sample
+from bocompress.worker.zoo import load_data, load_model
 
 #: One short soft-pruning epoch on 512 training samples: CPU-cheap, the projection meets the budget.
 QUICK = ChipNetConfig(epochs=1, bn_batches=4)

@@ -1,4 +1,4 @@
-"""Retraining a found architecture (worker.strategies.retrain): the four modes, Scratch-B's epochs, errors, cancel."""
+"""Retraining a found architecture (bocompress.worker.strategies.retrain): the four modes, Scratch-B's epochs, errors, cancel."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from worker.methods.channel_groups import analyze_channel_groups, execute_prune_plan, prune_plan
-from worker.strategies import Cancelled, OptionError
-from worker.strategies.retrain import MODES, RetrainConfig, reinitialize, retrain, scratch_b_epochs
-from worker.strategies.training import accuracy, flops_per_sample
-from worker.zoo import load_data, load_model
+from bocompress.worker.methods.channel_groups import analyze_channel_groups, execute_prune_plan, prune_plan
+from bocompress.worker.strategies import Cancelled, OptionError
+from bocompress.worker.strategies.retrain import MODES, RetrainConfig, reinitialize, retrain, scratch_b_epochs
+from bocompress.worker.strategies.training import accuracy, flops_per_sample
+from bocompress.worker.zoo import load_data, load_model
 
 #: One epoch of each mode (E = 1 for the scratch modes) on 256 training samples.
 QUICK = RetrainConfig(epochs=1, original_epochs=1, batch_size=64)

@@ -1,14 +1,14 @@
 """Training strategies that run as one long worker task: ChipNet pruning and retraining.
 
-* :mod:`worker.strategies.chipnet`: budget-aware soft channel pruning (Tiwari et al. 2021);
-* :mod:`worker.strategies.retrain`: fine-tune or train from scratch a found architecture
+* :mod:`bocompress.worker.strategies.chipnet`: budget-aware soft channel pruning (Tiwari et al. 2021);
+* :mod:`bocompress.worker.strategies.retrain`: fine-tune or train from scratch a found architecture
   (Liu et al. 2019: fine-tune, Scratch-E, Scratch-B);
-* :mod:`worker.strategies.training`: what both share (option errors, :class:`Cancelled`, data).
+* :mod:`bocompress.worker.strategies.training`: what both share (option errors, :class:`Cancelled`, data).
 
 Plain torch code: no service, no HTTP. Each entry point takes ``progress(frac, message)`` and
 ``should_stop()`` callbacks and works on copies, so a cancel leaves nothing half-written.
 """
 
-from worker.strategies.training import Cancelled, OptionError
+from bocompress.worker.strategies.training import Cancelled, OptionError
 
 __all__ = ["Cancelled", "OptionError"]

@@ -1,7 +1,7 @@
 """ChipNet: budget-aware soft channel pruning (Tiwari et al., ICLR 2021), as plain torch code.
 
 One gate ``zeta`` per channel of every prunable BatchNorm channel group (the dependency groups of
-:func:`worker.methods.channel_groups.analyze_channel_groups`: a convolution's output channels, its
+:func:`bocompress.worker.methods.channel_groups.analyze_channel_groups`: a convolution's output channels, its
 BatchNorm and every consumer; in a residual network every convolution tied to the same sum). The
 gate multiplies the output of every BatchNorm of its group (for a fused norm+activation module with
 an ``act`` child, such as ``BatchNormAct2d``, the input of that activation, so the product stays a
@@ -12,7 +12,7 @@ pure scaling of the BatchNorm's affine output), as
 
 The loss is ``CE + w_budget * (V(z) - V0)^2 + w_crisp * mean((z~ - z)^2)`` with ``V`` one of four
 budgets, each a ratio to the dense model computed exactly from the model's shapes (one traced
-forward pass gives the spatial sizes; :func:`worker.methods.channel_base.build_cost_table` gives
+forward pass gives the spatial sizes; :func:`bocompress.worker.methods.channel_base.build_cost_table` gives
 closed forms that are products of kept counts, evaluated here with the soft counts ``sum(z)``):
 
 * ``channels``: output channels of the prunable Conv/Linear layers;
@@ -55,16 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.methods.base import CompressionError
-from worker.methods.channel_base import build_cost_table
-from worker.methods.channel_groups import (
+from bocompress.worker.methods.base import CompressionError
+from bocompress.worker.methods.channel_base import build_cost_table
+from bocompress.worker.methods.channel_groups import (
     ChannelAnalysis,
     ChannelGroup,
     analyze_channel_groups,
     execute_prune_plan,
     prune_plan,
 )
-from worker.strategies.training import (
+from bocompress.worker.strategies.training import (
     Data,
     OptionError,
     Progress,

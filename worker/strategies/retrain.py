@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.strategies.training import (
+from bocompress.worker.strategies.training import (
     Data,
     OptionError,
     Progress,
@@ -190,7 +190,7 @@ def retrain(
         config: the options.
         val_data: optional ``(inputs, labels)`` measured after every epoch.
         progress: ``progress(frac, message)`` after every step.
-        should_stop: checked before every step; True stops with :class:`~worker.strategies.Cancelled`.
+        should_stop: checked before every step; True stops with :class:`~bocompress.worker.strategies.Cancelled`.
 
     Returns:
         The :class:`RetrainResult`.

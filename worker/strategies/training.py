@@ -1,6 +1,6 @@
 """What the training strategies share: option errors, cancellation, labelled data, one training loop.
 
-Both strategies (:mod:`worker.strategies.chipnet`, :mod:`worker.strategies.retrain`) train a copy
+Both strategies (:mod:`bocompress.worker.strategies.chipnet`, :mod:`bocompress.worker.strategies.retrain`) train a copy
 of a model for many steps, report ``progress(frac, message)`` and check ``should_stop()`` before
 every step, so a cancel stops the work within one step and raises :class:`Cancelled` before
 anything is returned (the caller's model is never modified).
