@@ -19,6 +19,16 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path as _Path
+
+# The service, the worker and the migrations are the subpackages ``bocompress.service``,
+# ``bocompress.worker`` and ``bocompress.migrations``. A wheel installs them inside this package; in
+# a source checkout (``make venv``, or PYTHONPATH at the clone) they stay the repository's
+# top-level folders, found through this package's path.
+_ROOT = _Path(__file__).resolve().parent.parent
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "service" / "__init__.py").is_file():
+    __path__.append(str(_ROOT))  # type: ignore[name-defined]  # noqa: F821
+
 from .client import DEFAULT_URL, JOB_DONE_STATES, Client, CollapseWarning, Job
 from .errors import (
     APIConnectionError,

@@ -129,7 +129,9 @@ def _lazy(module: str, attr: str) -> Any:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        raise BocompressError(f"cannot import {module}: {exc} (is the full bocompress package installed?)") from exc
+        extra = "worker" if module.startswith("bocompress.worker") else "service"
+        raise BocompressError(f"cannot import {module}: {exc}; this command needs the {extra} extra: "
+                              f"pip install 'bocompress[{extra}]'") from exc
     try:
         return getattr(mod, attr)
     except AttributeError as exc:

@@ -285,12 +285,13 @@ def test_non_root_and_healthchecks() -> None:
 
 
 def test_copies_exist_are_not_dockerignored_and_cover_the_packages() -> None:
-    import tomllib
+    import ast
 
     patterns = dockerignore_patterns()
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.rstrip("*").rstrip(".") for p in includes}
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    folders = next(ast.literal_eval(n.value) for n in setup.body
+                   if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "FOLDERS")
+    packages = {"bocompress", "setup.py", *folders}
     for fname, df in dockerfiles().items():
         sources = df.copy_sources()
         for src in sources:
@@ -368,9 +369,13 @@ def test_wheel_the_images_install_carries_migrations(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    assert "migrations/env.py" in names
-    assert any(n.startswith("migrations/versions/") and n.endswith(".py") and "__init__" not in n for n in names)
-    assert "worker/zoo/weights/digits-cnn.safetensors" in names
+    assert "bocompress/migrations/env.py" in names
+    assert any(n.startswith("bocompress/migrations/versions/") and n.endswith(".py") and "__init__" not in n
+               for n in names)
+    assert "bocompress/worker/zoo/weights/digits-cnn.safetensors" in names
+    assert "bocompress/service/dashboard/templates/job.html" in names
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"bocompress"}, f"the wheel installs more than the bocompress package: {sorted(tops)}"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     db = tmp_path / "wheel.db"
     res = subprocess.run(
@@ -380,5 +385,5 @@ def test_wheel_the_images_install_carries_migrations(tmp_path: Path) -> None:
          f"sqlite:///{db}"],
         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert str(tmp_path / "site" / "migrations") in res.stdout, "migrations must be found inside the installed wheel"
+    assert str(tmp_path / "site" / "bocompress" / "migrations") in res.stdout, "migrations must be found inside the installed wheel"
     assert "database at revision" in res.stdout

@@ -63,7 +63,7 @@ def test_clone_named_bocompress_does_not_shadow_the_package(tmp_path: Path) -> N
     # this environment's packages (setuptools, pip, torch...) as a plain path entry: its own .pth
     # files (the editable finder of the main checkout) are not run
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    probe = "import bocompress, service, worker; print(bocompress.__file__); print(bocompress.Client.__name__)"
+    probe = "import bocompress, bocompress.service, bocompress.worker; print(bocompress.__file__); print(bocompress.Client.__name__)"
 
     before = _run([str(py), "-c", probe], tmp_path)  # not installed: the folder is a namespace package
     assert "has no attribute 'Client'" in before.stderr or str(clone) not in before.stdout, before
