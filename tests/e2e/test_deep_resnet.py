@@ -46,6 +46,7 @@ def _spec(name: str, method: object, trials: int, engine: str = "auto", **compre
             "optimizer": {"n_initial": trials, "seed": 0, "engine": engine}}
 
 
+@pytest.mark.timeout(900)  # two searches, an export with 100 fine-tune steps: minutes on a busy 2-core machine
 def test_trained_resnet_at_half_size_keeps_its_accuracy_and_a_collapse_is_flagged(
         deep_server: LiveServer, tmp_path: Path) -> None:
     torch.set_num_threads(2)
