@@ -21,11 +21,14 @@ proposes for this task is asserted to fit the budget.
 Writes a median best-so-far plot per task (``docs/bo_quality_<task>.png``) and the table of final
 values (median and interquartile range over seeds) into ``docs/benchmarks.md``.
 
-Run: ``python bench/bo_quality.py [--seeds 5 --first-seed 0 --workers 2 --tasks ... --methods ...]``;
+Run: ``python bench/bo_quality.py [--seeds 5 --first-seed 0 --workers 2 --suite classic|rough|synthetic|all
+--tasks ... --methods ...]`` (``--suite`` names a set of tasks, ``bench.tasks.SUITES``; ``--tasks``, when given,
+overrides it; the default is ``classic``, the five tasks the page had before the rough suite);
 ``--no-docs`` prints only, ``--options JSON`` passes engine options (``Problem.options``) to
 bocompress and ``gp_on_J`` for experiments (``{"bench_n_initial": 5}`` changes their ``n_initial``),
-``--json PATH`` saves the raw per-trial scores and ``--from-json PATH`` re-renders the tables, the
-summary and docs/ from such a file without running anything.
+``--json PATH`` saves the raw per-trial scores and ``--from-json PATH[,PATH...]`` re-renders the tables,
+the summary and docs/ from such files without running anything (several files are merged: e.g. one
+run of the peers and one of bocompress).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tasks import TASK_NAMES, Task, make_tasks  # noqa: E402
+from bench.tasks import ROUGH_NAMES, SUITES, TASK_NAMES, Task, make_tasks  # noqa: E402
 
 METHODS = ("random", "tpe", "optuna_gp", "ax", "gp_on_J", "bocompress")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -279,7 +282,7 @@ def plot(task: Task, results: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel({"synthetic": "best value", "scalarized": "best J = L + R",
                    "constrained": f"best feasible L (R <= {task.budget})"}[task.kind])
-    if task.kind != "synthetic" or task.name == "ackley10":
+    if task.kind != "synthetic" or task.name in ("ackley10", "rosenbrock6", "powell8", "griewank8"):
         ax.set_yscale("log")
     ax.set_title(f"{task.title}\nmedian best-so-far over seeds, IQR band", fontsize=9)
     ax.grid(alpha=0.3)
@@ -373,26 +376,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
-    ap.add_argument("--tasks", default=",".join(TASK_NAMES))
+    ap.add_argument("--suite", default=None, choices=sorted(SUITES),
+                    help="a named set of tasks (classic: the original five; rough: the BoTorch suite; all)")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names (overrides --suite)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--options", default=None, help="JSON engine options for bocompress and gp_on_J (experiments)")
     ap.add_argument("--json", default=None, help="also write the raw per-trial scores here")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     ap.add_argument("--from-json", default=None, help="re-render the tables and docs from a --json file; run nothing")
     args = ap.parse_args()
-    task_names = [t for t in args.tasks.split(",") if t]
+    if args.tasks:
+        task_names = [t for t in args.tasks.split(",") if t]
+    else:
+        task_names = list(SUITES[args.suite or ("all" if args.from_json else "classic")])
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
     options = json.loads(args.options) if args.options else None
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        if isinstance(saved, list):
-            saved = {"results": saved}
-        results = saved["results"]
-        total = float(saved.get("total_s", math.nan))
-        args.workers = int(saved.get("workers", args.workers))
+        results, total = [], 0.0
+        for part in args.from_json.split(","):
+            saved = json.loads(Path(part).read_text())
+            if isinstance(saved, list):
+                saved = {"results": saved}
+            results += saved["results"]
+            total += float(saved.get("total_s", math.nan))
+            args.workers = int(saved.get("workers", args.workers))
         seeds = sorted({r["seed"] for r in results})
         args.seeds, args.first_seed = len(seeds), seeds[0]
         present = {r["task"] for r in results}
