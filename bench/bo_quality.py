@@ -292,20 +292,30 @@ def plot(task: Task, results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _finals(results: list[dict[str, Any]], task: str, method: str) -> list[float]:
+    return [best_so_far(r["scores"])[-1] for r in results if r["task"] == task and r["method"] == method]
+
+
+def _seeds_of(results: list[dict[str, Any]], task: str, method: str) -> list[int]:
+    return sorted(r["seed"] for r in results if r["task"] == task and r["method"] == method)
+
+
 def table(tasks: list[Task], results: list[dict[str, Any]], methods: list[str]) -> str:
-    """Markdown table: median [IQR] of the final best score per method and task."""
-    head = "| method | " + " | ".join(f"{t.title} ({t.trials} trials)" for t in tasks) + " |"
-    lines = [head, "|---|" + "---|" * len(tasks)]
-    for m in methods:
+    """Markdown table, one row per task: median [IQR] of the final best score per method, and the
+    number of seeds where a method ran on fewer than the others."""
+    n_max = max((len(_finals(results, t.name, m)) for t in tasks for m in methods), default=0)
+    lines = ["| task (trials) | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for t in tasks:
         cells = []
-        for t in tasks:
-            finals = [best_so_far(r["scores"])[-1] for r in results if r["task"] == t.name and r["method"] == m]
+        for m in methods:
+            finals = _finals(results, t.name, m)
             if not finals:
                 cells.append("—")
                 continue
             q25, q50, q75 = quantiles(finals)
-            cells.append(f"{_fmt(q50)} [{_fmt(q25)}, {_fmt(q75)}]")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            few = f" ({len(finals)} seeds)" if len(finals) < n_max else ""
+            cells.append(f"{_fmt(q50)} [{_fmt(q25)}, {_fmt(q75)}]{few}")
+        lines.append(f"| {t.title} ({t.trials}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -348,16 +358,20 @@ def _run(
     return results, time.perf_counter() - t0
 
 
+PEERS = ("tpe", "optuna_gp", "ax")
+
+
 def summary(tasks: list[Task], results: list[dict[str, Any]], methods: list[str]) -> str:
-    """One sentence per baseline: on which tasks bocompress's median final score is lower, tied or higher."""
+    """Which tasks bocompress's median final score wins and loses, against each baseline and
+    against the best peer (TPE, Optuna GP, Ax: whichever of them ran, on the seeds they ran)."""
     def med(task: str, method: str) -> float | None:
-        finals = [best_so_far(r["scores"])[-1] for r in results if r["task"] == task and r["method"] == method]
+        finals = _finals(results, task, method)
         return quantiles(finals)[1] if finals else None
 
     if "bocompress" not in methods:
         return ""
     out = []
-    for base in [m for m in ("random", "tpe", "optuna_gp", "ax") if m in methods]:
+    for base in [m for m in ("random",) + PEERS if m in methods]:
         better, worse = [], []
         for t in tasks:
             ours, theirs = med(t.name, "bocompress"), med(t.name, base)
@@ -368,6 +382,20 @@ def summary(tasks: list[Task], results: list[dict[str, Any]], methods: list[str]
             continue
         out.append(f"Against {base}, bocompress's median is lower on {len(better)} of {len(better) + len(worse)} "
                    f"tasks" + (f"; not lower on {', '.join(worse)}" if worse else "") + ".")
+    at_best, behind = [], []
+    for t in tasks:
+        ours = med(t.name, "bocompress")
+        peers = {m: med(t.name, m) for m in PEERS if m in methods}
+        peers = {m: v for m, v in peers.items() if v is not None}
+        if ours is None or not peers:
+            continue
+        best_m = min(peers, key=lambda m: peers[m])  # type: ignore[arg-type, return-value]
+        (at_best if ours <= peers[best_m] else behind).append(
+            f"{t.name} ({_fmt(ours)} vs {best_m} {_fmt(peers[best_m])})")  # type: ignore[arg-type]
+    if at_best or behind:
+        out.append(f"At or below the best peer's median on {len(at_best)} of {len(at_best) + len(behind)} tasks"
+                   + (f": {', '.join(at_best)}" if at_best else "")
+                   + (f"; behind it on {', '.join(behind)}" if behind else "") + ".")
     return " ".join(out)
 
 
@@ -434,11 +462,17 @@ def main() -> None:
         plot(t, results, path)
         pngs.append(f"![{t.title}]({path.name})")
     body = (
-        f"Median [IQR] over {args.seeds} seeds (seeds {args.first_seed}..{args.first_seed + args.seeds - 1}) of the "
+        f"Median [IQR] over up to {args.seeds} seeds (seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; "
+        "a cell run on fewer says how many) of the "
         "final best score (lower is better), every method with the same trial budget per task, one trial at a "
         "time. Synthetic tasks: the best noiseless function value found (each method is told the values are "
         "exact: sem 0; Branin min 0.3979, Hartmann6 min -3.3224, Ackley min 0; Ackley on [-5, 10]^10, so its "
-        "optimum is not at the centre). Compression tasks (zoo `digits-cnn`, Tucker-2 on the convolutions + "
+        "optimum is not at the centre). The rough suite (`--suite rough`, `bench/tasks.py:ROUGH`): BoTorch's "
+        "synthetic test functions, 40 trials each; minima Rosenbrock 0, Levy 0, Styblinski-Tang-8 -313.3, "
+        "Michalewicz-5 -4.688, Griewank 0, Rastrigin 0, Powell 0 (Hartmann-4: BoTorch gives none); where the "
+        "optimum sits at (or within a tenth of the width of) the centre of BoTorch's box (Levy, Griewank, "
+        "Rastrigin, Powell) the box is translated per dimension by a seeded 15-35 % of its width with a random "
+        "sign (`shifted_box`, the same box for every method and seed). Compression tasks (zoo `digits-cnn`, Tucker-2 on the convolutions + "
         "SVD on the linear layers, 5 layers, real relative distillation L on the 450 held-out digits, reported "
         "with its standard error): scalarized J = L + R with R the exact parameter ratio; constrained: the "
         f"best L among trials with R <= 0.4. bocompress's initial design is the service default "
