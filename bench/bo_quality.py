@@ -38,16 +38,16 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tasks import ROUGH_NAMES, SUITES, TASK_NAMES, Task, make_tasks  # noqa: E402
+from bench.tasks import SUITES, Task, make_tasks  # noqa: E402
 
 from bench.bo_quality_report import METHODS, best_so_far, plot, quantiles, summary, table, timing, _fmt  # noqa: E402,F401
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -220,9 +220,13 @@ def _job(args: tuple[str, str, int, dict | None]) -> dict[str, Any]:
 
 
 def _run(
-    tasks: list[Task], methods: list[str], seeds: int, first_seed: int, workers: int, options: dict | None
+    tasks: list[Task], methods: list[str], seeds: int, first_seed: int, workers: int, options: dict | None,
+    save: Callable[[list[dict[str, Any]], float], None] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Every (task, method, seed) search on a process pool; returns the results and the wall time."""
+    """Every (task, method, seed) search on a process pool; returns the results and the wall time.
+
+    ``save``, if given, is called with the results so far after every search (a run stopped early
+    keeps what it finished)."""
     jobs = []
     for t in tasks:
         for m in methods:
@@ -243,6 +247,8 @@ def _run(
             final = best_so_far(r["scores"])[-1]
             print(f"[{time.perf_counter() - t0:7.1f}s] {r['task']:<17} {r['method']:<11} seed {r['seed']}: "
                   f"best {_fmt(final)} ({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
+            if save is not None:
+                save(results, time.perf_counter() - t0)
     return results, time.perf_counter() - t0
 
 
@@ -286,7 +292,11 @@ def main() -> None:
         tasks = make_tasks(task_names)
     else:
         tasks = make_tasks(task_names)
-        results, total = _run(tasks, methods, args.seeds, args.first_seed, args.workers, options)
+        def save(res: list[dict[str, Any]], secs: float) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps({"results": res, "total_s": secs, "workers": args.workers}))
+
+        results, total = _run(tasks, methods, args.seeds, args.first_seed, args.workers, options, save)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "total_s": total, "workers": args.workers}))
     tab = table(tasks, results, methods)
