@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.optimizer import Observation, Problem, propose, ratio  # noqa: E402
-from service.optimizer.synthetic import Landscape, make_landscape  # noqa: E402
+from bocompress.service.optimizer import Observation, Problem, propose, ratio  # noqa: E402
+from bocompress.service.optimizer.synthetic import Landscape, make_landscape  # noqa: E402
 
 METHODS = ("sobol", "gp_on_J", "composite", "composite_additive")
 

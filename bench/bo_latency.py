@@ -2,7 +2,7 @@
 
 Part 1, the engine alone: one GP-stage ``propose`` (GP refit + acquisition optimization, one
 point) after ``n`` observations of a synthetic ``d``-layer compression landscape
-(``service.optimizer.synthetic``), for n in {25, 100, 400, 1000} and d in {4, 16, 64}. Each
+(``bocompress.service.optimizer.synthetic``), for n in {25, 100, 400, 1000} and d in {4, 16, 64}. Each
 configuration runs in a fresh subprocess (one torch thread, as the service runs proposals) and
 reports the median of a few calls (the first cold, the others warm-started from the returned
 state, as the service does), the peak Python heap (tracemalloc) and the process's peak RSS
@@ -52,8 +52,8 @@ def engine_case(n: int, d: int, calls: int) -> dict[str, Any]:
 
     import torch
 
-    from service.optimizer import Problem, propose
-    from service.optimizer.synthetic import make_landscape, sobol_history
+    from bocompress.service.optimizer import Problem, propose
+    from bocompress.service.optimizer.synthetic import make_landscape, sobol_history
 
     torch.set_num_threads(1)
     ls = make_landscape(d=d, seed=0)
@@ -112,8 +112,8 @@ def _synthetic_l(params: dict[str, float]) -> float:
 def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
     """16 simulated workers lease+complete on one GP job of a real ``bocompress serve`` (SQLite); lease latencies."""
     from bench.load import RawClient, ServiceProcess, make_running_job
-    from service.auth import create_token
-    from service.db.migrate import upgrade
+    from bocompress.service.auth import create_token
+    from bocompress.service.db.migrate import upgrade
 
     tmp = tempfile.mkdtemp(prefix="bo_latency_")
     db = f"sqlite:///{tmp}/lat.db"

@@ -1,7 +1,7 @@
 """Search quality of the bocompress BO engine against random search, Optuna and Ax.
 
 Every method gets the same trial budget on each task (``bench/tasks.py``) and runs one trial at a
-time (bocompress through :func:`service.optimizer.propose`, sequentially, as the service calls it
+time (bocompress through :func:`bocompress.service.optimizer.propose`, sequentially, as the service calls it
 for a single worker). Methods:
 
 - ``random``: uniform draws in the box;
@@ -149,7 +149,7 @@ def run_ax(task: Task, seed: int) -> list[dict[str, float]]:
 
 
 def _bocompress(task: Task, seed: int, on_j: bool, options: dict | None) -> list[dict[str, float]]:
-    from service.optimizer import Observation, Problem, propose
+    from bocompress.service.optimizer import Observation, Problem, propose
 
     options = dict(options or {}) or None
     n_initial = int(options.pop("bench_n_initial", N_INITIAL)) if options else N_INITIAL

@@ -4,7 +4,7 @@ one-shot allocators, with the same evaluation code for all.
 Cells: model x method x budget (``min L s.t. R <= budget``, R in parameters). Each optimizer gets the
 same black box, in process:
 
-- the worker's compressor (``worker.methods.build_compressor``) applies theta;
+- the worker's compressor (``bocompress.worker.methods.build_compressor``) applies theta;
 - BatchNorm statistics are re-estimated on the calibration inputs (``--no-bn`` turns it off);
 - L is the relative distillation error on the calibration inputs (``--calibration``, 128 images of
   the zoo model's training split); measurements are cached by the kept counts of theta, so a
@@ -132,7 +132,7 @@ def run_ax(cell: Cell, seed: int, trials: int) -> list[tuple[dict, dict]]:
 
 
 def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = None) -> list[tuple[dict, dict]]:
-    from service.optimizer import Observation, Problem, propose
+    from bocompress.service.optimizer import Observation, Problem, propose
 
     prob = Problem(cell.params, {"kind": "constrained", "budget": cell.budget, "cost": "params"}, cell.profile,
                    N_INITIAL, seed, options=options or None)
@@ -149,7 +149,7 @@ def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = No
 
 
 def run_allocator(cell: Cell, name: str) -> list[tuple[dict, dict]]:
-    from service.optimizer.allocators import allocate
+    from bocompress.service.optimizer.allocators import allocate
 
     a = allocate(name, cell.profile, cell.params, cell.budget, "params")
     if a is None:

@@ -53,7 +53,7 @@ PG_ADMIN_URL = os.environ.get("BOCOMPRESS_TEST_PG", "postgresql://postgres@127.0
 DOC = ROOT / "docs" / "benchmarks.md"
 SERVICE_ROOT = os.environ.get("BOCOMPRESS_BENCH_SERVICE_ROOT", "")
 START, END = "<!-- load:start -->", "<!-- load:end -->"
-DEFAULT_THREADS = 8  # service.config.Settings.threads
+DEFAULT_THREADS = 8  # bocompress.service.config.Settings.threads
 NOTES_START, NOTES_END = "<!-- load:notes:start -->", "<!-- load:notes:end -->"
 
 
@@ -270,8 +270,8 @@ def drop_pg_database(url: str) -> None:
 
 def prepare_database(database_url: str) -> str:
     """Migrate ``database_url`` and mint an admin token; returns the token."""
-    from service.auth import create_token
-    from service.db.migrate import upgrade
+    from bocompress.service.auth import create_token
+    from bocompress.service.db.migrate import upgrade
 
     upgrade(database_url)
     return create_token(database_url, "admin", "admin", "load-admin")
@@ -337,9 +337,9 @@ def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
     """
     from sqlalchemy import update
 
-    from service.db.models import Job, Trial, utcnow
-    from service.db.session import make_engine, make_sessionmaker, run_tx
-    from service.db.trials import TransitionError, insert_proposals
+    from bocompress.service.db.models import Job, Trial, utcnow
+    from bocompress.service.db.session import make_engine, make_sessionmaker, run_tx
+    from bocompress.service.db.trials import TransitionError, insert_proposals
 
     rng = random.Random(seed)
     engine = make_engine(database_url)
@@ -375,7 +375,7 @@ def seed_history(database_url: str, job_id: int, n: int, seed: int = 0) -> int:
 def select_trials(job_id: int) -> Any:
     from sqlalchemy import select
 
-    from service.db.models import Trial
+    from bocompress.service.db.models import Trial
 
     return select(Trial.id, Trial.params).where(Trial.job_id == job_id, Trial.kind == "evaluate",
                                                 Trial.state.in_(("queued", "running")))
@@ -590,8 +590,8 @@ def check_one_stream(database_url: str, job_id: int) -> dict[str, Any]:
     """Read the job's trials and events; the facts a race test asserts on."""
     from sqlalchemy import func, select
 
-    from service.db.models import Event, Job, Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
+    from bocompress.service.db.models import Event, Job, Trial
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 
     engine = make_engine(database_url)
     try:

@@ -1,7 +1,7 @@
 """How informative is the proxy L on a trained deep network? Writes docs/proxy.md.
 
 For a trained ResNet-20 on digits upsampled to 3x32x32 (calibration: training images; held out:
-the 450 test digits), with the worker's own code (``worker.proxy.measure_trial``):
+the 450 test digits), with the worker's own code (``bocompress.worker.proxy.measure_trial``):
 
 1. uniform theta at R ~ 0.5 and R ~ 0.75 (params) for ``channel_l1`` and ``tucker2 + svd``:
    L and held-out accuracy without/with BatchNorm re-estimation, and without/with the
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from bocompress.costs import ratio
-from worker.evaluate import teacher_outputs
-from worker.proxy import Holdout, ProxyOptions, measure_trial
-from worker.methods import CompressorOptions, build_compressor
-from worker.zoo import load_model
-from worker.zoo.data import digits_split
+from bocompress.worker.evaluate import teacher_outputs
+from bocompress.worker.proxy import Holdout, ProxyOptions, measure_trial
+from bocompress.worker.methods import CompressorOptions, build_compressor
+from bocompress.worker.zoo import load_model
+from bocompress.worker.zoo.data import digits_split
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "proxy.md"
 METHODS = {"channel_l1": "channel_l1", "tucker2+svd": {"Conv2d": "tucker2", "Linear": "svd"}}
@@ -47,7 +47,7 @@ THETA_MIN = 0.05
 def digits32(x: torch.Tensor) -> torch.Tensor:
     """The zoo's ``digits32`` transform (bilinear 32x32, 3 equal channels, standardized)."""
     try:
-        from worker.zoo.data import to_digits32  # the zoo branch
+        from bocompress.worker.zoo.data import to_digits32  # the zoo branch
 
         return to_digits32(x)
     except ImportError:
@@ -151,7 +151,7 @@ def main() -> None:
         f"({args.threads} threads)._ ResNet-20 trained on digits upsampled to 3x32x32 "
         f"(original held-out accuracy **{acc0:.1%}** on the 450 test digits); L on {args.n_calibration} "
         "training images (the calibration part), accuracy on the 450 held-out test digits. Every number comes "
-        "from `worker.proxy.measure_trial`, the code a worker runs for a trial.",
+        "from `bocompress.worker.proxy.measure_trial`, the code a worker runs for a trial.",
         "",
         "## Uniform theta (one theta for every layer, bisected to the target R in parameters)",
         "",

@@ -2,7 +2,7 @@
 measurements and fine-tunes cached, and the cache of the cell in progress.
 
 A :class:`Cell` loads a zoo model and its calibration and held-out data, applies theta with the
-worker's compressor (``worker.methods.build_compressor``), re-estimates BatchNorm, and measures L
+worker's compressor (``bocompress.worker.methods.build_compressor``), re-estimates BatchNorm, and measures L
 (cached by the kept counts of theta) and the held-out accuracy before and after a fixed
 distillation fine-tune (cached too). :func:`ensure_signals` measures the per-layer sensitivity
 curves a profile lacks; :func:`get_cell` keeps one model in memory across a cell's budgets.
@@ -76,8 +76,8 @@ class Cell:
     cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from worker.methods import build_compressor
-        from worker.zoo import load_data, load_model
+        from bocompress.worker.methods import build_compressor
+        from bocompress.worker.zoo import load_data, load_model
 
         data = _dataset_for(self.model_name)
         self.model = load_model(self.model_name).to(self.device).eval()
@@ -169,7 +169,7 @@ class Cell:
 
 
 def _dataset_for(model: str) -> str:
-    from worker import zoo
+    from bocompress.worker import zoo
 
     if hasattr(zoo, "dataset_for"):
         return str(zoo.dataset_for(model))

@@ -8,7 +8,7 @@ budget. Two kinds:
   score of a search is the best value found.
 - ``compression`` (the zoo's trained ``digits-cnn``, Tucker-2 on its convolutions and SVD on its
   linear layers, 5 parameters): a trial measures the real relative distillation error L on the
-  450 held-out digits (the formula of ``worker.evaluate``) and the exact cost ratio R of the
+  450 held-out digits (the formula of ``bocompress.worker.evaluate``) and the exact cost ratio R of the
   profile's cost forms. Task A (``scalarized``) scores J = L + R; task B (``constrained``)
   scores L subject to R <= 0.4 (the best *feasible* L). Measurements are cached by the kept
   counts of theta (what the compressed model depends on), so a benchmark pays for each distinct
@@ -258,8 +258,8 @@ def rough_task(name: str) -> Task:
 @lru_cache(maxsize=2)
 def _compressor(key: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The compressor of the compression tasks, the calibration inputs and the teacher outputs."""
-    from worker.methods import build_compressor
-    from worker.zoo import load_data, load_model
+    from bocompress.worker.methods import build_compressor
+    from bocompress.worker.zoo import load_data, load_model
 
     if key != "digits-cnn:tucker2+svd":
         raise ValueError(f"unknown compression task key {key!r}")

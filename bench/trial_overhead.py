@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._docs import write_section  # noqa: E402
-from worker.evaluate import evaluate, teacher_outputs  # noqa: E402
-from worker.methods import build_compressor  # noqa: E402
-from worker.zoo import load_data, load_model  # noqa: E402
+from bocompress.worker.evaluate import evaluate, teacher_outputs  # noqa: E402
+from bocompress.worker.methods import build_compressor  # noqa: E402
+from bocompress.worker.zoo import load_data, load_model  # noqa: E402
 
 CASES = [
     # model, data, n calibration, methods

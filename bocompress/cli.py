@@ -165,7 +165,7 @@ def serve(
       bocompress serve --no-auth          # local, SQLite in ./bocompress.db
       bocompress serve --processes 4 --database-url postgresql://...   # 4 server processes
     """
-    _lazy("service.app", "serve")(host=host, port=port, database_url=database_url, auth=auth,
+    _lazy("bocompress.service.app", "serve")(host=host, port=port, database_url=database_url, auth=auth,
                                      log_level=log_level.value, processes=processes)
 
 
@@ -201,7 +201,7 @@ def worker(
             raise typer.BadParameter(f"{bad[0]!r} is not a module prefix such as 'mypkg' or 'timm'",
                                      param_hint="'--allow-import'")
     name = name or f"{socket.gethostname()}:{os.getpid()}"
-    run_worker = _lazy("worker.loop", "run_worker")
+    run_worker = _lazy("bocompress.worker.loop", "run_worker")
     run_worker(url=url, token=token, device=device, name=name, max_trials=max_trials, poll=poll,
                allowed_prefixes=prefixes)
 
@@ -229,11 +229,11 @@ def migrate(database_url: str = _DB) -> None:
     Example:
       bocompress migrate --database-url postgresql+psycopg://bo:bo@localhost/bo
     """
-    upgrade = _lazy("service.db.migrate", "upgrade")
+    upgrade = _lazy("bocompress.service.db.migrate", "upgrade")
     try:
         revision = upgrade(database_url)
     except Exception as exc:  # a database that cannot be opened: one line and exit code 2, as `serve`
-        message = _lazy("service.db.migrate", "explain_startup_error")(exc, database_url)
+        message = _lazy("bocompress.service.db.migrate", "explain_startup_error")(exc, database_url)
         if message is None:
             raise
         _fail(message, 2)
@@ -254,7 +254,7 @@ def token_create(
       bocompress token create --role client --owner alice --name laptop
       export BOCOMPRESS_TOKEN=$(bocompress token create --role worker --owner ops)
     """
-    create_token = _lazy("service.auth", "create_token")
+    create_token = _lazy("bocompress.service.auth", "create_token")
     try:
         secret = create_token(database_url, role.value, owner, name)
     except ValueError as exc:
@@ -273,7 +273,7 @@ def token_revoke(
     Example:
       bocompress token revoke 3 --database-url sqlite:///./bocompress.db
     """
-    revoke_token = _lazy("service.auth", "revoke_token")
+    revoke_token = _lazy("bocompress.service.auth", "revoke_token")
     try:
         revoke_token(database_url, token_id)
     except (ValueError, LookupError) as exc:

@@ -306,7 +306,7 @@ def load_compressed(path: str | Path, factory: Callable[[], "nn.Module"] | None 
     desc = read_description(path)
     if factory is None:
         arch = desc["arch"]
-        from worker.zoo import ARCHS
+        from bocompress.worker.zoo import ARCHS
 
         if desc.get("arch_spec") or arch not in ARCHS:
             from bocompress.modelspec import build_model, parse_arch

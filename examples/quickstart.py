@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import bocompress
-from worker.zoo import load_data, load_model
+from bocompress.worker.zoo import load_data, load_model
 
 
 def main(argv: list[str] | None = None) -> dict:

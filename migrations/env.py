@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db.models import Base
-from service.db.session import make_engine
+from bocompress.service.db.models import Base
+from bocompress.service.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

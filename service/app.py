@@ -18,13 +18,13 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine
 
-from service.api import errors
-from service.api.deps import Context
-from service.config import Settings
-from service.db.migrate import SchemaOutdated, check_schema, check_writable, ensure_schema, explain_startup_error
-from service.db.session import make_engine, make_sessionmaker
-from service.db.store import open_store
-from service.metrics import Metrics
+from bocompress.service.api import errors
+from bocompress.service.api.deps import Context
+from bocompress.service.config import Settings
+from bocompress.service.db.migrate import SchemaOutdated, check_schema, check_writable, ensure_schema, explain_startup_error
+from bocompress.service.db.session import make_engine, make_sessionmaker
+from bocompress.service.db.store import open_store
+from bocompress.service.metrics import Metrics
 
 log = logging.getLogger("bocompress.service")
 
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = open_store(engine, factory, settings.database_url)
     ctx = Context(settings=settings, engine=engine, factory=factory, metrics=metrics, store=store)
     if settings.scheduler:
-        from service.scheduler import Scheduler
+        from bocompress.service.scheduler import Scheduler
 
         ctx.scheduler = Scheduler(factory, settings, metrics, store)
 
@@ -98,11 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(CountRequests, metrics=metrics)
 
-    from service.api import exports, jobs, system, uploads, workers
+    from bocompress.service.api import exports, jobs, system, uploads, workers
 
     routers = [system.router, jobs.router, workers.router, uploads.router, exports.router]
     try:
-        from service.dashboard import routes as dashboard
+        from bocompress.service.dashboard import routes as dashboard
     except ImportError:  # the dashboard is optional at build time
         dashboard = None  # type: ignore[assignment]
     if dashboard is not None:
@@ -171,7 +171,7 @@ _CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
 
 
 def _needs_token(route: APIRoute) -> bool:
-    from service.api.deps import get_principal
+    from bocompress.service.api.deps import get_principal
 
     stack = [route.dependant]
     while stack:
@@ -396,7 +396,7 @@ class UploadHeaderGuard:
 
 def app_from_env() -> FastAPI:
     """The app of one server process of ``bocompress serve --processes N`` (settings from ``BOCOMPRESS_*``)."""
-    from service.logs import configure
+    from bocompress.service.logs import configure
 
     settings = Settings()
     configure(settings.log_level)
@@ -414,7 +414,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
     """
     import uvicorn
 
-    from service.logs import configure
+    from bocompress.service.logs import configure
 
     configure(log_level)
     kwargs: dict[str, object] = {"host": host, "port": port, "auth": auth, "log_level": log_level}
@@ -445,6 +445,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000, database_url: str | None = 
         os.environ.update({"BOCOMPRESS_DATABASE_URL": settings.database_url, "BOCOMPRESS_AUTH": str(int(auth)),
                            "BOCOMPRESS_HOST": host, "BOCOMPRESS_PORT": str(port), "BOCOMPRESS_LOG_LEVEL": log_level,
                            "BOCOMPRESS_AUTO_MIGRATE": "0"})
-        uvicorn.run("service.app:app_from_env", factory=True, workers=processes, **common)  # type: ignore[arg-type]
+        uvicorn.run("bocompress.service.app:app_from_env", factory=True, workers=processes, **common)  # type: ignore[arg-type]
     else:
         uvicorn.run(app, **common)  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from service.db.models import Token, utcnow
-from service.db.session import make_engine, make_sessionmaker, run_tx
+from bocompress.service.db.models import Token, utcnow
+from bocompress.service.db.session import make_engine, make_sessionmaker, run_tx
 
 ROLES = ("admin", "client", "worker")
 TOKEN_PREFIX = "bct_"
@@ -68,7 +68,7 @@ def revoke(session, token_id: int) -> bool:  # type: ignore[no-untyped-def]
 
 def create_token(database_url: str, role: str, owner: str | None = None, name: str | None = None) -> str:
     """Mint a token directly in the database (``bocompress token create``); returns the secret."""
-    from service.db.migrate import check_schema, ensure_schema
+    from bocompress.service.db.migrate import check_schema, ensure_schema
 
     if database_url.startswith("sqlite"):
         ensure_schema(database_url)

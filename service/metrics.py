@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bocompress.states import JobState, TrialState
-from service.db.models import Job, Trial, utcnow
-from service.db.session import read_session
+from bocompress.service.db.models import Job, Trial, utcnow
+from bocompress.service.db.session import read_session
 
 
 class _DBCollector:

@@ -3,7 +3,7 @@
 Pure functions of a job (its spec and layer table) and a report: no HTTP and no SQL, so storage
 calls them inside its transaction and the same report always yields the same stored values
 (the same report twice hashes the same and is stored once). They raise
-:class:`~service.db.errors.Invalid` (a 422 naming the field).
+:class:`~bocompress.service.db.errors.Invalid` (a 422 naming the field).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from bocompress import costs
 from bocompress.objective import compression_values as _values, feasible
 from bocompress.spec import JobSpec
-from service.db.errors import Invalid
+from bocompress.service.db.errors import Invalid
 
 
 def compression_values(job: Any, params: dict[str, float], values: dict[str, float]) -> dict[str, float]:

@@ -21,11 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bocompress.spec import JobSpec
 from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
-from service.db.errors import TransitionError
-from service.db.models import Job, Trial, utcnow
-from service.db.session import read_session, run_tx
-from service.db.store import Store
-from service.db.trials import acquire_generator, jobs_needing_proposals, release_generator, set_job_state
+from bocompress.service.db.errors import TransitionError
+from bocompress.service.db.models import Job, Trial, utcnow
+from bocompress.service.db.session import read_session, run_tx
+from bocompress.service.db.store import Store
+from bocompress.service.db.trials import acquire_generator, jobs_needing_proposals, release_generator, set_job_state
 
 log = logging.getLogger("bocompress.scheduler")
 _torch_configured = False
@@ -49,7 +49,7 @@ def _configure_torch() -> None:
 
 
 def job_problem(job: Job) -> Any:
-    from service.optimizer import Problem
+    from bocompress.service.optimizer import Problem
 
     spec = job.spec
     opt = spec.get("optimizer", {})
@@ -71,7 +71,7 @@ def _as_input(metric: str, state: str, params: dict, values: dict | None, sem: d
     """What the engine sees of one trial: an Observation, pending params, or None (not its business)."""
     import math
 
-    from service.optimizer import Observation
+    from bocompress.service.optimizer import Observation
 
     if state in OPEN_TRIAL_STATES:
         return dict(params)
@@ -135,7 +135,7 @@ class History:
 
 
 def _child_init(service_pid: int) -> None:
-    import service.optimizer  # noqa: F401 - imported once, before the first proposal
+    import bocompress.service.optimizer  # noqa: F401 - imported once, before the first proposal
 
     _configure_torch()
     threading.Thread(target=_exit_with, args=(service_pid,), name="bocompress-engine-watch", daemon=True).start()
@@ -166,7 +166,7 @@ class EngineProcess:
     p95 of 16 workers was 216 ms; see ``bench/bo_latency.py``).
 
     The child comes from a fork server that has imported the engine once (``forkserver`` with
-    ``service.optimizer`` preloaded), so a new child, after a crash or in the next app of one
+    ``bocompress.service.optimizer`` preloaded), so a new child, after a crash or in the next app of one
     Python process, starts in milliseconds rather than re-importing torch. A crashed child is
     replaced and the proposal retried once; a child whose service was killed ends itself (and
     so lets the fork server end).
@@ -177,7 +177,7 @@ class EngineProcess:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["service.optimizer"])
+        ctx.set_forkserver_preload(["bocompress.service.optimizer"])
         self._new = lambda: ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init,
                                                 initargs=(os.getpid(),))
         self._pool = self._new()
@@ -189,7 +189,7 @@ class EngineProcess:
     def propose(self, *args: Any) -> Any:
         from concurrent.futures.process import BrokenProcessPool
 
-        from service.optimizer import propose
+        from bocompress.service.optimizer import propose
 
         for attempt in (0, 1):
             try:
@@ -249,7 +249,7 @@ class Scheduler:
         lazily in the loop's first fill it took 20 s and more on 2 cores, starved of the GIL
         by request threads, while workers found the queue empty.
         """
-        import service.optimizer  # noqa: F401 - the import is the point
+        import bocompress.service.optimizer  # noqa: F401 - the import is the point
 
         _configure_torch()
         if self.settings.engine_process:
@@ -272,7 +272,7 @@ class Scheduler:
 
     def _run(self) -> None:
         try:  # import the BO engine (torch, BoTorch) now, not on the first proposal
-            import service.optimizer  # noqa: F401
+            import bocompress.service.optimizer  # noqa: F401
         except Exception:  # noqa: BLE001
             log.exception("the optimizer failed to import")
         while not self._stop.is_set():
@@ -349,8 +349,8 @@ class Scheduler:
 
     def fill(self, job_id: int) -> int:
         """Top up one job's buffer of queued proposals, if this replica holds its generator lock."""
-        from service.optimizer import initial_design_only, point_key, propose
-        from service.optimizer.allocators import ALLOCATORS
+        from bocompress.service.optimizer import initial_design_only, point_key, propose
+        from bocompress.service.optimizer.allocators import ALLOCATORS
 
         secs = self.settings.generator_lease_seconds
         if not self._acquire(job_id, secs):

@@ -125,10 +125,10 @@ class LiveServer:
 def start_server(database_url: str, auth: bool = True, **settings: object) -> LiveServer:
     import uvicorn
 
-    from service.app import create_app
-    from service.auth import create_token
-    from service.config import Settings
-    from service.db.migrate import upgrade
+    from bocompress.service.app import create_app
+    from bocompress.service.auth import create_token
+    from bocompress.service.config import Settings
+    from bocompress.service.db.migrate import upgrade
 
     upgrade(database_url)
     admin = create_token(database_url, "admin", "admin", "test-admin")

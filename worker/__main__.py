@@ -1,4 +1,4 @@
-"""``python -m worker --url URL --token TOKEN --device cpu|cuda|cuda:N``: run a worker.
+"""``python -m bocompress.worker --url URL --token TOKEN --device cpu|cuda|cuda:N``: run a worker.
 
 The same as ``bocompress worker``, without Typer: the entry point of worker containers.
 Exits 0 after a clean stop (SIGTERM/SIGINT, or ``--max-trials`` reached), 2 on bad arguments and
@@ -15,8 +15,8 @@ from bocompress.errors import BocompressError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, configure JSON logs on stderr and run :func:`worker.loop.run_worker`."""
-    parser = argparse.ArgumentParser(prog="python -m worker", description="Run a bocompress worker.")
+    """Parse arguments, configure JSON logs on stderr and run :func:`bocompress.worker.loop.run_worker`."""
+    parser = argparse.ArgumentParser(prog="python -m bocompress.worker", description="Run a bocompress worker.")
     parser.add_argument("--url", default=os.environ.get("BOCOMPRESS_URL"),
                         help="service URL (env BOCOMPRESS_URL; default http://127.0.0.1:8000)")
     parser.add_argument("--token", default=os.environ.get("BOCOMPRESS_TOKEN"),
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.poll > 0:
         parser.error("--poll must be > 0")
 
-    from worker.logs import configure_logging
-    from worker.loop import DEFAULT_GRACE, run_worker
+    from bocompress.worker.logs import configure_logging
+    from bocompress.worker.loop import DEFAULT_GRACE, run_worker
 
     configure_logging(args.log_level)
     prefixes = None if args.allow_import is None else [p.strip() for p in args.allow_import.split(",") if p.strip()]

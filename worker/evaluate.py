@@ -10,7 +10,7 @@ measured on the compressed module (``Compressor.count_cost``) and checked agains
 of the profile's cost forms: they must agree within 1%, else :class:`CostMismatch`.
 
 How a trial is measured around this (calibration / held-out split, BatchNorm re-estimation,
-fine-tuning, the sensitivity curves of a profile) is :mod:`worker.proxy`.
+fine-tuning, the sensitivity curves of a profile) is :mod:`bocompress.worker.proxy`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from bocompress.costs import ratio as exact_ratio
-from worker import batch as B
-from worker.methods.base import Compressor, CostMismatch, eval_mode
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import Compressor, CostMismatch, eval_mode
 
 __all__ = [
     "FLOPS_SAMPLES",
@@ -78,7 +78,7 @@ def teacher_outputs(
         inputs: ``N x input shape``.
         batch_size: samples per forward pass.
         device: where to run (default: the model's device).
-        output: which part of the model's output to distill (:func:`worker.batch.select_output`).
+        output: which part of the model's output to distill (:func:`bocompress.worker.batch.select_output`).
 
     Returns:
         ``N x output shape`` float32 on ``device``.
@@ -150,7 +150,7 @@ def evaluate(
         check_all: also measure FLOPs (a FlopCounterMode pass, several forward passes' worth of
             time on a GPU) when the job's cost is not ``flops``; by default the ``flops`` value
             then comes from the profile's exact form.
-        output: which part of the model's output to distill (:func:`worker.batch.select_output`).
+        output: which part of the model's output to distill (:func:`bocompress.worker.batch.select_output`).
 
     Returns:
         ``{"values": {...}, "sem": {...}}`` with values ``distill_l2``, ``ratio`` (measured),

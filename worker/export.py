@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bocompress.compressed import to_bytes
-from worker import batch as B
+from bocompress.worker import batch as B
 
 
 def _relative_l2(student: nn.Module, inputs: B.Batch, teacher_out: Tensor, batch_size: int = 512,
@@ -31,7 +31,7 @@ def finetune(student: nn.Module, inputs: B.Batch, teacher_out: Tensor, steps: in
         teacher_out: The original model's outputs on ``inputs``, N x k.
         steps: Optimizer steps.
         lr: Adam learning rate.
-        output: the part of the model's output distilled (:func:`worker.batch.select_output`).
+        output: the part of the model's output distilled (:func:`bocompress.worker.batch.select_output`).
     """
     if steps <= 0:
         return

@@ -62,7 +62,7 @@ _SHAPE_MARKERS = ("shape", "size mismatch", "sizes of tensors", "dimension", "dt
 def deterministic(exc: BaseException) -> bool:
     """An error that would recur on any attempt: a type, shape, value or lookup error of the
     model's code or its inputs. Memory, device and I/O errors are not (another attempt may pass)."""
-    from worker.batch import BatchError
+    from bocompress.worker.batch import BatchError
 
     if isinstance(exc, (MemoryError, OSError, BocompressError)):
         return False
@@ -82,8 +82,8 @@ def permanent_types() -> tuple[type[BaseException], ...]:
 
     ``CompressionError`` covers ``NoLayerMatched`` and ``CostMismatch``.
     """
-    from worker.methods.base import CompressionError
-    from worker.runtime import TaskError
-    from worker.zoo import WeightsMismatch, ZooError
+    from bocompress.worker.methods.base import CompressionError
+    from bocompress.worker.runtime import TaskError
+    from bocompress.worker.zoo import WeightsMismatch, ZooError
 
     return (TaskError, CompressionError, WeightsMismatch, ZooError)

@@ -9,9 +9,9 @@ One worker runs one task at a time:
 3. Report ``complete`` (the layer table for a profiling task; L, the measured ratio and task metrics
    for a trial) or ``fail`` (``retry=False`` for errors that would recur on any worker: no layer
    matched, weights that do not fit, an import path not allowed, a cost mismatch, and any type,
-   shape, value or lookup error of the model's code, see :func:`worker.failures.deterministic`; ``retry=True``
+   shape, value or lookup error of the model's code, see :func:`bocompress.worker.failures.deterministic`; ``retry=True``
    for memory, device and I/O errors). The stored error is the message on its first line, then
-   the last frames of the traceback (:func:`worker.failures.error_text`).
+   the last frames of the traceback (:func:`bocompress.worker.failures.error_text`).
 
 SIGTERM/SIGINT set a stop event: the current task is finished if it ends within ``grace`` seconds,
 else handed back with ``fail(retry=True)`` (a second signal hands it back at once), and the loop
@@ -42,8 +42,8 @@ from bocompress.errors import (
     PermissionDeniedError,
     UnprocessableEntityError,
 )
-from worker.failures import deterministic, error_text, is_transient, permanent_types
-from worker.logs import configure_logging
+from bocompress.worker.failures import deterministic, error_text, is_transient, permanent_types
+from bocompress.worker.logs import configure_logging
 
 __all__ = ["run_worker", "Worker", "Backoff", "KINDS"]
 
@@ -152,7 +152,7 @@ class Worker:
         grace: float = DEFAULT_GRACE,
         cache_jobs: int = 3,
     ) -> None:
-        from worker.runtime import JobCache, allowed_prefixes_from_env, build_context
+        from bocompress.worker.runtime import JobCache, allowed_prefixes_from_env, build_context
 
         self.device = _check_device(device)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -267,7 +267,7 @@ class Worker:
         permanent = permanent_types()
         try:
             if kind == "profile":
-                from worker.proxy import job_profile
+                from bocompress.worker.proxy import job_profile
 
                 ctx, _ = self.cache.get(job)
                 log.info("profiled in %.2f s", ctx.build_seconds)
@@ -283,8 +283,8 @@ class Worker:
             return _Outcome(False, error=error_text(exc), retry=again)
 
     def _evaluate(self, trial: Mapping[str, Any], job: Mapping[str, Any]) -> _Outcome:
-        from worker.proxy import measure_trial
-        from worker.runtime import TaskError
+        from bocompress.worker.proxy import measure_trial
+        from bocompress.worker.runtime import TaskError
 
         ctx, _ = self.cache.get(job)
         theta = {k: float(v) for k, v in (trial.get("params") or {}).items()}
@@ -303,8 +303,8 @@ class Worker:
     def _export(self, task: Mapping[str, Any], job: Mapping[str, Any],
                 source: Mapping[str, Any] | None) -> _Outcome:
         """Build the source trial's compressed model, fine-tune it if asked, serialize it."""
-        from worker.export import build_export
-        from worker.runtime import TaskError
+        from bocompress.worker.export import build_export
+        from bocompress.worker.runtime import TaskError
 
         if not source or source.get("state") != "completed":
             raise TaskError("the trial to export is not a completed trial of this job")

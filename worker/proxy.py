@@ -1,4 +1,4 @@
-"""The proxy of a trial: what a worker does around :func:`worker.evaluate.evaluate`.
+"""The proxy of a trial: what a worker does around :func:`bocompress.worker.evaluate.evaluate`.
 
 A labelled job's data is split once into a calibration part (everything the search sees) and a
 held-out part (``accuracy`` only; :func:`split_holdout`). A trial's compressed model may have its
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker import batch as B
-from worker.evaluate import evaluate, fidelity, resolve_device
-from worker.methods.base import Compressor, eval_mode, forward_hooked
+from bocompress.worker import batch as B
+from bocompress.worker.evaluate import evaluate, fidelity, resolve_device
+from bocompress.worker.methods.base import Compressor, eval_mode, forward_hooked
 
 __all__ = [
     "HOLDOUT_SEED",
@@ -299,7 +299,7 @@ def measure_trial(ctx: Any, theta: Mapping[str, float]) -> dict[str, dict[str, f
     """One trial of a job: compress, repair (LS, BN, fine-tune), measure.
 
     Args:
-        ctx: the job's :class:`worker.runtime.JobContext` (compressor, calibration inputs and
+        ctx: the job's :class:`bocompress.worker.runtime.JobContext` (compressor, calibration inputs and
             teacher outputs, labels, the held-out part, the proxy options).
         theta: the trial's parameters.
 

@@ -7,7 +7,7 @@ costs about one truncation and one forward pass over the calibration set.
 
 Models come from three places, and only these:
 
-* a zoo name (``digits-cnn``...): :func:`worker.zoo.load_model` with its shipped weights;
+* a zoo name (``digits-cnn``...): :func:`bocompress.worker.zoo.load_model` with its shipped weights;
 * an uploaded model ``mdl_...``: its safetensors bytes are downloaded and read with
   ``safetensors.torch.load`` (never ``torch.load``/pickle) into the architecture the upload names
   (a zoo name, or an import path the worker allows);
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from bocompress.modelspec import ModelSpec, ModelSpecError, build_model, import_allowed, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE
-from worker import batch as B
+from bocompress.worker import batch as B
 
 __all__ = [
     "ALLOW_IMPORT_ENV",
@@ -88,7 +88,7 @@ def allowed_prefixes_from_env(environ: Mapping[str, str] | None = None) -> list[
 def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
                         state_dict: Mapping[str, Tensor] | None) -> nn.Module:
     """Build ``arch`` (an import path or a :class:`ModelSpec`) and load ``state_dict`` strictly."""
-    from worker.zoo import check_state_dict
+    from bocompress.worker.zoo import check_state_dict
 
     name = arch.factory if isinstance(arch, ModelSpec) else arch
     try:
@@ -106,7 +106,7 @@ def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
 def _safetensors_load(data: bytes, what: str) -> dict[str, Tensor]:
     from safetensors.torch import load
 
-    from service.safetensors_check import MAX_HEADER, InvalidSafetensors, inspect
+    from bocompress.service.safetensors_check import MAX_HEADER, InvalidSafetensors, inspect
 
     try:  # the service's upload validator, so both sides agree on what a valid file is
         inspect(data, max_header_bytes=MAX_HEADER, max_tensors=None)
@@ -132,10 +132,10 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
 
     Raises:
         TaskError: unknown reference, an import path not allowed, an unreadable file.
-        worker.zoo.WeightsMismatch: uploaded weights that do not fit the architecture (the message
+        bocompress.worker.zoo.WeightsMismatch: uploaded weights that do not fit the architecture (the message
             names each offending tensor).
     """
-    from worker.zoo import ARCHS, load_model
+    from bocompress.worker.zoo import ARCHS, load_model
 
     if ref in ARCHS:
         return load_model(ref), ref
@@ -212,7 +212,7 @@ def load_job_data(client: Any, ref: str, n: int, arch: Any, model: nn.Module) ->
     Raises:
         TaskError: unknown dataset, synthetic data without a known input shape, a bad file.
     """
-    from worker.zoo import ARCHS, DATASETS, load_data
+    from bocompress.worker.zoo import ARCHS, DATASETS, load_data
 
     if ref in DATASETS:
         if ref == "synthetic" and not (isinstance(arch, str) and arch in ARCHS):
@@ -264,7 +264,7 @@ class JobContext:
             ``device``.
         labels: ``N`` labels on ``device``, or None.
         teacher: the original's outputs ``N x output shape`` (float32) on ``device``.
-        compressor: the job's :class:`~worker.methods.base.Compressor` (factorizations cached).
+        compressor: the job's :class:`~bocompress.worker.methods.base.Compressor` (factorizations cached).
         cost_kind: the objective's cost (``params``, ``flops``...).
         device: where the model and data live.
         build_seconds: how long building the context took.
@@ -285,8 +285,8 @@ class JobContext:
     info: dict[str, Any] = field(default_factory=dict)
     output: str | int | None = None
     linearized: list[str] = field(default_factory=list)
-    holdout: Any = None  # worker.proxy.Holdout: the held-out part of labelled data (accuracy only)
-    proxy: Any = None  # worker.proxy.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
+    holdout: Any = None  # bocompress.worker.proxy.Holdout: the held-out part of labelled data (accuracy only)
+    proxy: Any = None  # bocompress.worker.proxy.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -300,14 +300,14 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
         allowed_prefixes: import-path prefixes this worker may import.
 
     Raises:
-        TaskError, worker.zoo.WeightsMismatch, worker.zoo.ZooError, worker.methods.NoLayerMatched,
-        worker.methods.CompressionError: the job cannot run on any worker.
+        TaskError, bocompress.worker.zoo.WeightsMismatch, bocompress.worker.zoo.ZooError, bocompress.worker.methods.NoLayerMatched,
+        bocompress.worker.methods.CompressionError: the job cannot run on any worker.
     """
     import time
 
-    from worker.evaluate import teacher_outputs
-    from worker.proxy import Holdout, ProxyOptions, split_holdout
-    from worker.methods import CompressorOptions, build_compressor
+    from bocompress.worker.evaluate import teacher_outputs
+    from bocompress.worker.proxy import Holdout, ProxyOptions, split_holdout
+    from bocompress.worker.methods import CompressorOptions, build_compressor
 
     t0 = time.perf_counter()
     spec = job.get("spec") or {}
@@ -315,7 +315,7 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     if not comp:
         raise TaskError(f"job {job.get('id')} is not a compression job (no 'compression' in its spec)")
     dev = torch.device(device)
-    from worker.layers import linearize_conv1d
+    from bocompress.worker.layers import linearize_conv1d
 
     model, arch = load_job_model(client, str(comp["model"]), allowed_prefixes)
     n = int(comp.get("n_calibration", 256))

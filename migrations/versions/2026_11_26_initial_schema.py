@@ -6,7 +6,7 @@ Create Date: 2026-11-26 01:15:54.031899
 """
 from alembic import op
 import sqlalchemy as sa
-import service.db.models
+import bocompress.service.db.models
 
 
 revision = '0001'
@@ -27,7 +27,7 @@ def upgrade() -> None:
     sa.Column('tensors', sa.JSON(), nullable=False),
     sa.Column('meta', sa.JSON(), nullable=True),
     sa.Column('data', sa.LargeBinary(), nullable=False),
-    sa.Column('created_at', service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_blobs'))
     )
     with op.batch_alter_table('blobs', schema=None) as batch_op:
@@ -47,11 +47,11 @@ def upgrade() -> None:
     sa.Column('n_created', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('optimizer_state', sa.JSON(), nullable=True),
     sa.Column('generator_owner', sa.String(length=200), nullable=True),
-    sa.Column('generator_until', service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('generator_until', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
-    sa.Column('created_at', service.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', service.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
     sa.UniqueConstraint('owner', 'idempotency_key', name=op.f('uq_jobs_owner_idempotency_key'))
     )
@@ -65,8 +65,8 @@ def upgrade() -> None:
     sa.Column('role', sa.String(length=16), nullable=False),
     sa.Column('owner', sa.String(length=200), nullable=False),
     sa.Column('secret_hash', sa.String(length=64), nullable=False),
-    sa.Column('created_at', service.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('revoked_at', service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tokens')),
     sa.UniqueConstraint('secret_hash', name=op.f('uq_tokens_secret_hash'))
     )
@@ -78,7 +78,7 @@ def upgrade() -> None:
     sa.Column('from_state', sa.String(length=16), nullable=True),
     sa.Column('to_state', sa.String(length=16), nullable=True),
     sa.Column('detail', sa.Text(), nullable=True),
-    sa.Column('at', service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_events_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_events'))
     )
@@ -99,12 +99,12 @@ def upgrade() -> None:
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=200), nullable=True),
     sa.Column('lease_token', sa.String(length=64), nullable=True),
-    sa.Column('lease_expires_at', service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('result_hash', sa.String(length=64), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('created_at', service.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', service.db.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', bocompress.service.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_trials_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_trials')),
     sa.UniqueConstraint('job_id', 'kind', 'number', name=op.f('uq_trials_job_id_kind_number'))

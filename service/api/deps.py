@@ -12,12 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.errors import APIError
-from service.api.serialize import CURSOR_PATTERN
-from service.auth import LOCAL_ADMIN, Principal, lookup
-from service.config import Settings
-from service.db.session import read_session
-from service.db.store import Store, Viewer
+from bocompress.service.api.errors import APIError
+from bocompress.service.api.serialize import CURSOR_PATTERN
+from bocompress.service.auth import LOCAL_ADMIN, Principal, lookup
+from bocompress.service.config import Settings
+from bocompress.service.db.session import read_session
+from bocompress.service.db.store import Store, Viewer
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Context:
     engine: Engine
     factory: sessionmaker[Session]
     metrics: Any
-    #: The jobs and trials (service.db.store.Store): every route's one call.
+    #: The jobs and trials (bocompress.service.db.store.Store): every route's one call.
     store: Store
     scheduler: Any = None
     _token_cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.db.errors import Invalid, NotFound, StorageError, TransitionError
+from bocompress.service.db.errors import Invalid, NotFound, StorageError, TransitionError
 
 log = logging.getLogger("bocompress.api")
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response, UploadFile
 
 from bocompress.schemas import ExportOut, ExportRequest
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep, viewer
-from service.api.jobs import ERRORS
-from service.api.uploads import _read_limited, checked_safetensors
+from bocompress.service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep, viewer
+from bocompress.service.api.jobs import ERRORS
+from bocompress.service.api.uploads import _read_limited, checked_safetensors
 
 router = APIRouter(prefix="/api/v1", tags=["export"])
 

@@ -19,9 +19,9 @@ from bocompress.schemas import (
     TellRequest,
     TrialOut,
 )
-from service.api.deps import MAX_ID, ClientDep, CtxDep, Cursor, RowId, viewer
-from service.api.errors import bad_request
-from service.api.serialize import decode_cursor, encode_cursor
+from bocompress.service.api.deps import MAX_ID, ClientDep, CtxDep, Cursor, RowId, viewer
+from bocompress.service.api.errors import bad_request
+from bocompress.service.api.serialize import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -52,7 +52,7 @@ def _check_refs(body: JobCreate) -> list[tuple[str, str, str]]:
     return blobs
 
 
-#: The optimizer engines that allocate from a compression job's profile (service.optimizer.allocators).
+#: The optimizer engines that allocate from a compression job's profile (bocompress.service.optimizer.allocators).
 ONE_SHOT_ENGINES = ("uniform", "energy", "global", "knapsack")
 
 

@@ -1,11 +1,11 @@
-"""Page cursors of the API; the wire views of rows live with storage (:mod:`service.db.views`)."""
+"""Page cursors of the API; the wire views of rows live with storage (:mod:`bocompress.service.db.views`)."""
 
 from __future__ import annotations
 
 import base64
 
-from service.api.errors import APIError
-from service.db.views import iso, job_out, job_warnings, trial_out
+from bocompress.service.api.errors import APIError
+from bocompress.service.db.views import iso, job_out, job_warnings, trial_out
 
 
 # The base64url (unpadded) of "v1:" + 1 to 18 decimal digits, the only cursors encode_cursor

@@ -10,14 +10,14 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from bocompress.schemas import TokenCreate, TokenOut
-from service.api.deps import AdminDep, CtxDep, RowId
-from service.api.errors import APIError
-from service.api.jobs import ERRORS
-from service.api.serialize import iso
-from service.auth import issue, revoke
-from service.db.models import Token
-from service.db.session import read_session, run_tx
-from service.db.errors import NotFound
+from bocompress.service.api.deps import AdminDep, CtxDep, RowId
+from bocompress.service.api.errors import APIError
+from bocompress.service.api.jobs import ERRORS
+from bocompress.service.api.serialize import iso
+from bocompress.service.auth import issue, revoke
+from bocompress.service.db.models import Token
+from bocompress.service.db.session import read_session, run_tx
+from bocompress.service.db.errors import NotFound
 
 router = APIRouter(tags=["system"])
 

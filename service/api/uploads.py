@@ -12,15 +12,15 @@ from starlette.concurrency import run_in_threadpool
 
 from bocompress.modelspec import MAX_SPEC_BYTES, ModelSpecError, parse_arch
 from bocompress.schemas import IMPORT_PATH_RE, ZOO_MODELS, UploadOut
-from service.api.deps import AnyRoleDep, ClientDep, CtxDep
-from service.api.errors import APIError, bad_request
-from service.api.jobs import ERRORS
-from service.api.serialize import iso
-from service.auth import Principal
-from service.db.models import Blob, new_blob
-from service.db.session import read_session, run_tx
-from service.db.errors import NotFound
-from service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
+from bocompress.service.api.deps import AnyRoleDep, ClientDep, CtxDep
+from bocompress.service.api.errors import APIError, bad_request
+from bocompress.service.api.jobs import ERRORS
+from bocompress.service.api.serialize import iso
+from bocompress.service.auth import Principal
+from bocompress.service.db.models import Blob, new_blob
+from bocompress.service.db.session import read_session, run_tx
+from bocompress.service.db.errors import NotFound
+from bocompress.service.safetensors_check import InvalidSafetensors, check_bounds, check_prefix, inspect
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 _ID_RE = re.compile(r"^(mdl|ds|art)_[0-9a-f]{24}$")
@@ -51,7 +51,7 @@ def blob_out(b: Blob) -> dict[str, Any]:
 
 
 async def checked_safetensors(ctx: Any, data: bytes) -> dict[str, dict]:
-    """:func:`service.safetensors_check.inspect` under the service's header bounds.
+    """:func:`bocompress.service.safetensors_check.inspect` under the service's header bounds.
 
     The bounds are checked first, on the event loop (they read 8 bytes and count one key); the
     JSON header is parsed in the thread pool, so a large one never stalls other requests.

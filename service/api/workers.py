@@ -9,9 +9,9 @@ from fastapi import APIRouter, Body, Header, Response
 from fastapi.responses import JSONResponse
 
 from bocompress.schemas import CompleteRequest, FailRequest, HeartbeatRequest, LeaseRequest, LeaseResponse, TrialOut
-from service.api.deps import CtxDep, RowId, WorkerDep
-from service.api.jobs import ERRORS
-from service.db.store import Result
+from bocompress.service.api.deps import CtxDep, RowId, WorkerDep
+from bocompress.service.api.jobs import ERRORS
+from bocompress.service.db.store import Result
 
 router = APIRouter(prefix="/api/v1", tags=["workers"])
 

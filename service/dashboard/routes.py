@@ -28,12 +28,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import BigInteger, Text, cast, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.api.deps import ClientDep, Context, CtxDep, viewer
-from service.api.serialize import iso, job_out, job_warnings, trial_out
-from service.auth import LOCAL_ADMIN, Principal
-from service.db.models import Trial
-from service.db.session import read_session
-from service.db.queries import best_trial, visible_job
+from bocompress.service.api.deps import ClientDep, Context, CtxDep, viewer
+from bocompress.service.api.serialize import iso, job_out, job_warnings, trial_out
+from bocompress.service.auth import LOCAL_ADMIN, Principal
+from bocompress.service.db.models import Trial
+from bocompress.service.db.session import read_session
+from bocompress.service.db.queries import best_trial, visible_job
 
 COOKIE = "bocompress_token"
 HERE = Path(__file__).resolve().parent

@@ -1,10 +1,10 @@
-"""What storage raises, mapped to HTTP answers by ``service.api.errors`` (no HTTP here)."""
+"""What storage raises, mapped to HTTP answers by ``bocompress.service.api.errors`` (no HTTP here)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.db.session import StorageError
+from bocompress.service.db.session import StorageError
 
 
 class TransitionError(Exception):

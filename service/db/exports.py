@@ -1,7 +1,7 @@
 """Export tasks: a worker builds a completed trial's compressed model, stored as an artifact blob.
 
 An export is a task (a trial of kind ``export``) leased like any other; these are the parts of
-:class:`~service.db.store.Store` that only exports have (asked for, read, the artifact stored
+:class:`~bocompress.service.db.store.Store` that only exports have (asked for, read, the artifact stored
 and served). :class:`ExportsMixin` implements them for the SQL backends.
 """
 
@@ -13,10 +13,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
-from service.db.errors import NotFound, TransitionError
-from service.db.models import Blob, Trial, new_blob, utcnow
-from service.db.queries import visible_job
-from service.db.trials import add_event, bump_seq, check_lease, lock_trial
+from bocompress.service.db.errors import NotFound, TransitionError
+from bocompress.service.db.models import Blob, Trial, new_blob, utcnow
+from bocompress.service.db.queries import visible_job
+from bocompress.service.db.trials import add_event, bump_seq, check_lease, lock_trial
 
 
 def export_out(t: Trial) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def _visible_export(s: Session, job_id: int, trial_id: int, viewer: Any) -> Tria
 
 
 class ExportsMixin:
-    """The export methods of :class:`~service.db.sql_store.OrmStore` (``_tx``, ``_read``, ``dialect``)."""
+    """The export methods of :class:`~bocompress.service.db.sql_store.OrmStore` (``_tx``, ``_read``, ``dialect``)."""
 
     async def request_export(self, job_id: int, trial_id: int, viewer: Any, finetune_steps: int,
                              lr: float) -> dict[str, Any]:

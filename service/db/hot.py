@@ -2,7 +2,7 @@
 
 Every worker cycle is three requests (lease -> heartbeat -> complete), so these three decide how
 many trials per second one service process can hand out. The ORM functions of
-:mod:`service.db.trials` stay the reference behaviour; the hot path does the *common case* of
+:mod:`bocompress.service.db.trials` stay the reference behaviour; the hot path does the *common case* of
 each with the same guarded updates, the same ``seq`` bump and the same event rows, and returns
 ``None`` whenever anything is unusual (a lost lease, a cancelled job, a profiling or export task,
 a repeated result). The caller then runs the ORM path, which raises the exact 404/409 with its
@@ -16,7 +16,7 @@ message. So an unusual call costs one extra statement; a usual one costs:
 
 This module holds what both backends share (:class:`JobInfoCache`, the claim rule, the result's
 columns) and the SQLite form, Core statements in the caller's transaction, run in the thread
-pool. The PostgreSQL form is :mod:`service.db.hot_pg`: async, on the event loop, autocommit.
+pool. The PostgreSQL form is :mod:`bocompress.service.db.hot_pg`: async, on the event loop, autocommit.
 
 What a job never changes after it runs (its spec and layer table) is cached per process in
 :class:`JobInfo`, so no hot statement reads the job's JSON columns.
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Row
 
 from bocompress.spec import JobSpec
 from bocompress.states import ACTIVE_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState, sql_in
-from service.db.models import Event, Job, Trial, utcnow
+from bocompress.service.db.models import Event, Job, Trial, utcnow
 
 TRIALS = Trial.__table__
 JOBS = Job.__table__

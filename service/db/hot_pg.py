@@ -1,6 +1,6 @@
 """The worker hot path on PostgreSQL, on the event loop: psycopg's async pool, one statement each.
 
-:mod:`service.db.hot` explains the hot path; this is its PostgreSQL form. A request of the
+:mod:`bocompress.service.db.hot` explains the hot path; this is its PostgreSQL form. A request of the
 worker loop (lease, heartbeat, result) no longer hops to a thread and back to reach the
 database: it awaits its statement on the event loop, over a pooled connection in autocommit. A
 thread hop, the GIL hand-offs around it and SQLAlchemy's statement machinery cost more CPU than
@@ -31,10 +31,10 @@ from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState, sql_in
-from service.db.hot import CLAIM_WHERE, JOB_INFO_COLS, RESULT_COLS, Finished, JobInfo, JobInfoCache
-from service.db.models import utcnow
-from service.db.session import StorageError
-from service.db.views import trial_page_sql
+from bocompress.service.db.hot import CLAIM_WHERE, JOB_INFO_COLS, RESULT_COLS, Finished, JobInfo, JobInfoCache
+from bocompress.service.db.models import utcnow
+from bocompress.service.db.session import StorageError
+from bocompress.service.db.views import trial_page_sql
 
 log = logging.getLogger("bocompress.db")
 T = TypeVar("T")
@@ -218,7 +218,7 @@ class _Bound:
         return None if row is None else self.jobs.store(row)
 
     async def lease(self, worker: str, kinds: list[str]) -> tuple[Any, Any, JobInfo] | None:
-        """:func:`service.db.hot.lease`: (trial row, the job's changed columns, JobInfo) or None."""
+        """:func:`bocompress.service.db.hot.lease`: (trial row, the job's changed columns, JobInfo) or None."""
         if not kinds:
             return None
         row = await self._one(self.relaxed, _LEASE, {"kinds": list(kinds), "now": utcnow(), "worker": worker,
@@ -230,7 +230,7 @@ class _Bound:
         return row, row, info
 
     async def heartbeat(self, trial_id: int, token: str | None) -> tuple[Any, JobInfo] | None:
-        """:func:`service.db.hot.heartbeat`: (the lease columns, JobInfo) or None."""
+        """:func:`bocompress.service.db.hot.heartbeat`: (the lease columns, JobInfo) or None."""
         row = await self._one(self.relaxed, _HEARTBEAT, {"id": trial_id, "now": utcnow(), "token": token})
         if row is None:
             return None
@@ -239,11 +239,11 @@ class _Bound:
         return row, info
 
     async def result_row(self, trial_id: int) -> Any:
-        """:func:`service.db.hot.result_row` (unlocked: :meth:`finish` re-checks under its lock)."""
+        """:func:`bocompress.service.db.hot.result_row` (unlocked: :meth:`finish` re-checks under its lock)."""
         return await self._one(self.durable, _RESULT_ROW, {"id": trial_id})
 
     async def finish(self, t: Any, values: dict[str, Any], sem: dict[str, Any], result_hash: str) -> Finished | None:
-        """:func:`service.db.hot.finish`, one durable statement."""
+        """:func:`bocompress.service.db.hot.finish`, one durable statement."""
         now = utcnow()
         j = await self._one(self.durable, _FINISH, {"now": now, "id": t.id, "attempt": t.attempt,
                                                     "values": Json(values), "sem": Json(sem), "hash": result_hash})

@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from service.db.session import make_engine, normalize_url
+from bocompress.service.db.session import make_engine, normalize_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 

@@ -1,9 +1,9 @@
-"""The PostgreSQL backend of :class:`~service.db.store.Store`: the hot path on the event loop.
+"""The PostgreSQL backend of :class:`~bocompress.service.db.store.Store`: the hot path on the event loop.
 
 Lease, heartbeat, result and the trial poll await one statement each over psycopg's async pools
-(:class:`~service.db.hot_pg.PgHot`), in autocommit, with no thread hop; anything unusual (and
+(:class:`~bocompress.service.db.hot_pg.PgHot`), in autocommit, with no thread hop; anything unusual (and
 any call on a loop without pools, such as a test client's) goes to the ORM reference of
-:class:`~service.db.sql_store.OrmStore` in the thread pool, which answers it exactly.
+:class:`~bocompress.service.db.sql_store.OrmStore` in the thread pool, which answers it exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import hot
-from service.db.errors import NotFound
-from service.db.hot_pg import PgHot
-from service.db.sql_store import OrmStore, hot_result_ok, hot_values, lease_answer, lease_info
-from service.db.store import Result, TrialPage, Viewer
-from service.db.views import job_light, trial_page_sql
+from bocompress.service.db import hot
+from bocompress.service.db.errors import NotFound
+from bocompress.service.db.hot_pg import PgHot
+from bocompress.service.db.sql_store import OrmStore, hot_result_ok, hot_values, lease_answer, lease_info
+from bocompress.service.db.store import Result, TrialPage, Viewer
+from bocompress.service.db.views import job_light, trial_page_sql
 
 
 class PostgresStore(OrmStore):

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from bocompress.spec import JobSpec, refill_step
 from bocompress.states import JobState, TrialState
-from service.db.errors import TransitionError
-from service.db.models import Event, Job, Trial, UTCDateTime, utcnow
+from bocompress.service.db.errors import TransitionError
+from bocompress.service.db.models import Event, Job, Trial, UTCDateTime, utcnow
 
 _PG_INSERT_PROPOSALS = text("""
 WITH j AS (

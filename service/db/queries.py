@@ -10,12 +10,12 @@ from sqlalchemy.orm import Session
 from bocompress.objective import pareto_front
 from bocompress.spec import JobSpec
 from bocompress.states import TrialState
-from service.db.errors import NotFound
-from service.db.models import Job, Trial
+from bocompress.service.db.errors import NotFound
+from bocompress.service.db.models import Job, Trial
 
 
 def visible_job(session: Session, job_id: int, viewer: Any) -> Job:
-    """The job, if ``viewer`` (a :class:`~service.db.store.Viewer`) may see it; else NotFound."""
+    """The job, if ``viewer`` (a :class:`~bocompress.service.db.store.Viewer`) may see it; else NotFound."""
     job = session.get(Job, job_id)
     if job is None or not viewer.may_see(job.owner):
         raise NotFound("job", job_id)

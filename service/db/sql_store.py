@@ -1,9 +1,9 @@
-"""The ORM reference behind :class:`~service.db.store.Store`, and the SQLite backend.
+"""The ORM reference behind :class:`~bocompress.service.db.store.Store`, and the SQLite backend.
 
 :class:`OrmStore` implements every method with the guarded transitions of
-:mod:`service.db.trials`, one transaction in the thread pool each; it is the behaviour both
+:mod:`bocompress.service.db.trials`, one transaction in the thread pool each; it is the behaviour both
 backends share and what they fall back to for anything unusual. :class:`SQLiteStore` adds the
-worker hot path of :mod:`service.db.hot` (lease, heartbeat, result as a few Core statements).
+worker hot path of :mod:`bocompress.service.db.hot` (lease, heartbeat, result as a few Core statements).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bocompress.spec import JobSpec
 from bocompress.states import FINISHED_JOB_STATES, JobState, TrialState
-from service.db import hot
-from service.db.errors import Invalid, NotFound, TransitionError
-from service.db.exports import ExportsMixin
-from service.db.models import Blob, Job, Trial, utcnow
-from service.db.queries import pareto_trials, visible_job
-from service.db.session import read_session, run_conn, run_tx
-from service.db.store import JobPage, Result, Store, TrialPage, Viewer
-from service.db.trials import (
+from bocompress.service.db import hot
+from bocompress.service.db.errors import Invalid, NotFound, TransitionError
+from bocompress.service.db.exports import ExportsMixin
+from bocompress.service.db.models import Blob, Job, Trial, utcnow
+from bocompress.service.db.queries import pareto_trials, visible_job
+from bocompress.service.db.session import read_session, run_conn, run_tx
+from bocompress.service.db.store import JobPage, Result, Store, TrialPage, Viewer
+from bocompress.service.db.trials import (
     add_event,
     cancel_job,
     claim_next,
@@ -45,8 +45,8 @@ from service.db.trials import (
     result_hash,
     set_job_state,
 )
-from service.db.views import iso, job_light, job_out, trial_out
-from service.results import evaluate_values, unreachable_budget, validate_profile
+from bocompress.service.db.views import iso, job_light, job_out, trial_out
+from bocompress.service.results import evaluate_values, unreachable_budget, validate_profile
 
 log = logging.getLogger("bocompress.trials")
 T = TypeVar("T")

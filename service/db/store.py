@@ -1,20 +1,20 @@
 """The storage interface: every change of a job's or trial's state, behind one class.
 
-The routers in ``service.api`` make one call here per route and pass the answer on; they hold
+The routers in ``bocompress.service.api`` make one call here per route and pass the answer on; they hold
 no SQL and never ask which database they run on. The shape is Optuna's ``BaseStorage``: the
 state machine of a trial (claim with a lease, heartbeat, finish, fail), proposals, cancel, and
-pages of trials, answered as the contract's wire dicts (:mod:`service.db.views`).
+pages of trials, answered as the contract's wire dicts (:mod:`bocompress.service.db.views`).
 
 Backends (:func:`open_store` picks one from the engine):
 
-- :class:`~service.db.sql_store.SQLiteStore`: the worker hot path as a few Core statements in
-  one ``BEGIN IMMEDIATE`` (:mod:`service.db.hot`), in the thread pool;
-- :class:`~service.db.pg_store.PostgresStore`: the hot path on the event loop, one statement per
-  call over psycopg's async pools (:mod:`service.db.hot_pg`).
+- :class:`~bocompress.service.db.sql_store.SQLiteStore`: the worker hot path as a few Core statements in
+  one ``BEGIN IMMEDIATE`` (:mod:`bocompress.service.db.hot`), in the thread pool;
+- :class:`~bocompress.service.db.pg_store.PostgresStore`: the hot path on the event loop, one statement per
+  call over psycopg's async pools (:mod:`bocompress.service.db.hot_pg`).
 
-Both fall back to the ORM reference (:mod:`service.db.trials`) for anything unusual, which
-raises the exact :class:`~service.db.errors.NotFound` / :class:`~service.db.errors.TransitionError`
-/ :class:`~service.db.errors.Invalid`. The HTTP-facing methods are ``async``; the scheduler's
+Both fall back to the ORM reference (:mod:`bocompress.service.db.trials`) for anything unusual, which
+raises the exact :class:`~bocompress.service.db.errors.NotFound` / :class:`~bocompress.service.db.errors.TransitionError`
+/ :class:`~bocompress.service.db.errors.Invalid`. The HTTP-facing methods are ``async``; the scheduler's
 (:meth:`Store.propose`, :meth:`Store.reap`) are plain, for its thread.
 """
 
@@ -47,7 +47,7 @@ class Result:
 
     values: dict[str, float] = field(default_factory=dict)
     sem: dict[str, float] = field(default_factory=dict)
-    #: A profiling task's layer table (JSON), checked by :func:`service.results.validate_profile`.
+    #: A profiling task's layer table (JSON), checked by :func:`bocompress.service.results.validate_profile`.
     profile: dict[str, Any] | None = None
     #: An export task's artifact reference.
     artifact: dict[str, Any] | None = None
@@ -184,10 +184,10 @@ class Store(ABC):
 def open_store(engine: Engine, factory: sessionmaker[Session], database_url: str) -> Store:
     """The backend for ``engine``'s database."""
     if engine.dialect.name == "postgresql":
-        from service.db.pg_store import PostgresStore
+        from bocompress.service.db.pg_store import PostgresStore
 
         return PostgresStore(engine, factory, database_url)
-    from service.db.sql_store import SQLiteStore
+    from bocompress.service.db.sql_store import SQLiteStore
 
     return SQLiteStore(engine, factory)
 

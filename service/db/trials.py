@@ -30,17 +30,17 @@ from bocompress.states import (
     JobState,
     TrialState,
 )
-from service.db.errors import NotFound, TransitionError
-from service.db.models import Event, Job, Trial, utcnow
-from service.db.proposals import (
+from bocompress.service.db.errors import NotFound, TransitionError
+from bocompress.service.db.models import Event, Job, Trial, utcnow
+from bocompress.service.db.proposals import (
     acquire_generator,
     insert_proposals,
     jobs_needing_proposals,
     refill_step,
     release_generator,
 )
-from service.db.queries import best_trial, count_states
-from service.results import compression_values
+from bocompress.service.db.queries import best_trial, count_states
+from bocompress.service.results import compression_values
 
 log = logging.getLogger("bocompress.trials")
 

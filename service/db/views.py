@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from bocompress.spec import JobSpec
-from service.db.models import Job, Trial
+from bocompress.service.db.models import Job, Trial
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -130,7 +130,7 @@ def _job_view(static: Any, state: str, reason: str | None, updated_at: datetime,
 
 def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = False) -> dict[str, Any]:
     """A job as the contract shows it; ``light`` skips counts and best (the lease path; no session needed)."""
-    from service.db.queries import best_trial, count_states
+    from bocompress.service.db.queries import best_trial, count_states
 
     assert light or s is not None, "a full job view reads counts and best: it needs a session"
     best = best_trial(s, job) if with_best and not light and s is not None else None
@@ -140,7 +140,7 @@ def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = F
 
 
 def job_light(info: Any, dyn: Any) -> dict[str, Any]:
-    """``job_out(light=True)`` from the hot path's cached :class:`~service.db.hot.JobInfo` and the
+    """``job_out(light=True)`` from the hot path's cached :class:`~bocompress.service.db.hot.JobInfo` and the
     columns its ``seq`` bump returned."""
     return _job_view(info, dyn.job_state, dyn.job_reason, dyn.job_updated_at, dyn.job_seq, dyn.job_n_created, {},
                      None)

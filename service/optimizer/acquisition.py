@@ -1,4 +1,4 @@
-"""The GP stage's training data and acquisition functions (see :mod:`service.optimizer.engine`).
+"""The GP stage's training data and acquisition functions (see :mod:`bocompress.service.optimizer.engine`).
 
 :func:`training_data` turns observations into the modelled outcome and each point's job objective;
 :func:`build_acqf` builds the log-EI-family acquisition of the job's objective kind.
@@ -89,7 +89,7 @@ def fit_subset(ctx: Compiled, J: Tensor, mix: int) -> Tensor:
 
 
 def build_acqf(ctx: Compiled, model: Any, X: Tensor, Y: Tensor, X_pending: Tensor | None, mc: int, seed: int) -> Any:
-    """The acquisition function of the job's objective (see :mod:`service.optimizer.engine`)."""
+    """The acquisition function of the job's objective (see :mod:`bocompress.service.optimizer.engine`)."""
     sampler = SobolQMCNormalSampler(sample_shape=torch.Size([mc]), seed=seed)
     space = ctx.space
     if ctx.kind is None:

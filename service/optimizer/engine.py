@@ -10,15 +10,15 @@ Stages (``Problem.engine``):
   ``X_pending``:
 
   * ``scalarized``: qLogNEI of ``-(kappa * exp(log L) + R(theta))``, R exact in form and
-    relaxed to be continuous (:class:`~service.optimizer.objectives.CostModel`);
+    relaxed to be continuous (:class:`~bocompress.service.optimizer.objectives.CostModel`);
   * ``constrained``: qLogNEI of ``-log L`` with a penalty on the relaxed ``R - budget``; every
     candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
   * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
   * generic: qLogNEI on the metric (negated when minimizing), modelled after a monotone outcome
-    transform chosen from the data (:mod:`~service.optimizer.transforms`: Yeo-Johnson when the
+    transform chosen from the data (:mod:`~bocompress.service.optimizer.transforms`: Yeo-Johnson when the
     metric's bad tail is heavy, else none), incumbents ranked by the metric as reported.
 - ``uniform`` | ``energy`` | ``global`` | ``knapsack`` (compression jobs): one one-shot allocation
-  (:mod:`service.optimizer.allocators`) per target R (the budget of ``constrained``, else 0.25,
+  (:mod:`bocompress.service.optimizer.allocators`) per target R (the budget of ``constrained``, else 0.25,
   0.5, 0.75), each once; then nothing is left to propose and the job completes.
 - ``auto``: for compression jobs, first every available allocator's point at each target
   (``seed_allocators``, default True; the initial design is then ``max(n_initial, #points)``
@@ -28,10 +28,10 @@ Stages (``Problem.engine``):
   been observed (``min_gp_obs``): with several workers, the first GP batch would otherwise come
   from a fit on two or three points.
 
-The stages live in their own modules: :mod:`~service.optimizer.problem` (inputs, budgets, the
-compiled problem), :mod:`~service.optimizer.initial` (the initial design),
-:mod:`~service.optimizer.acquisition` (training data, acquisition functions) and
-:mod:`~service.optimizer.candidates` (starting points, re-ranking, the trust region). Why the
+The stages live in their own modules: :mod:`~bocompress.service.optimizer.problem` (inputs, budgets, the
+compiled problem), :mod:`~bocompress.service.optimizer.initial` (the initial design),
+:mod:`~bocompress.service.optimizer.acquisition` (training data, acquisition functions) and
+:mod:`~bocompress.service.optimizer.candidates` (starting points, re-ranking, the trust region). Why the
 defaults are what they are, with the measurements behind them: ``docs/benchmarks.md``, section
 "Engine design notes (measured)".
 

@@ -57,7 +57,7 @@ class Problem:
             ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
             ``mean`` (``constant`` | ``linear``; default linear for compression jobs, constant
             for generic ones), ``transform`` (generic jobs: ``auto`` | ``none`` | ``power`` |
-            ``log`` | ``rank``, the metric's outcome transform, :mod:`service.optimizer.transforms`;
+            ``log`` | ``rank``, the metric's outcome transform, :mod:`bocompress.service.optimizer.transforms`;
             default auto), ``min_gp_obs`` (observations before the GP stage; default
             ``max(2, ceil(n_initial / 2))``), ``rank_snapped`` (default True), ``center``
             (trial 0 is the centre of the space instead of Sobol point 0; default True for
@@ -252,7 +252,7 @@ def compile_problem(problem: Problem) -> Compiled:
 
 
 def _transform_option(opts: dict, compression: bool) -> str:
-    """The generic metric's outcome transform (:mod:`service.optimizer.transforms`); compression
+    """The generic metric's outcome transform (:mod:`bocompress.service.optimizer.transforms`); compression
     jobs model log L and take none."""
     from .transforms import TRANSFORMS
 

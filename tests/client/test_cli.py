@@ -86,8 +86,8 @@ def test_serve_and_worker_pass_their_options(monkeypatch) -> None:
     import types
 
     calls: dict[str, dict] = {}
-    monkeypatch.setitem(sys.modules, "service.app", types.SimpleNamespace(serve=lambda **kw: calls.update(serve=kw)))
-    monkeypatch.setitem(sys.modules, "worker.loop",
+    monkeypatch.setitem(sys.modules, "bocompress.service.app", types.SimpleNamespace(serve=lambda **kw: calls.update(serve=kw)))
+    monkeypatch.setitem(sys.modules, "bocompress.worker.loop",
                         types.SimpleNamespace(run_worker=lambda **kw: calls.update(worker=kw)))
     monkeypatch.setenv("BOCOMPRESS_DATABASE_URL", "sqlite:///tmp/x.db")
     assert runner.invoke(app, ["serve", "--no-auth", "--port", "9000", "--log-level", "debug"]).exit_code == 0

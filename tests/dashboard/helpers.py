@@ -107,9 +107,9 @@ def insert_history(database_url: str, job_id: int, n: int, seed: int = 0) -> Non
     """
     from sqlalchemy import update
 
-    from service.db.models import Job, Trial, utcnow
-    from service.db.session import make_engine, make_sessionmaker, run_tx
-    from service.db.trials import TransitionError, compression_values, insert_proposals
+    from bocompress.service.db.models import Job, Trial, utcnow
+    from bocompress.service.db.session import make_engine, make_sessionmaker, run_tx
+    from bocompress.service.db.trials import TransitionError, compression_values, insert_proposals
 
     rng = random.Random(seed)
     engine = make_engine(database_url)

@@ -246,8 +246,8 @@ def is_dockerignored(relpath: str, patterns: list[str]) -> bool:
 
 
 def settings_env_names() -> dict[str, str]:
-    """``BOCOMPRESS_<FIELD>`` -> field name, for every field of ``service.config.Settings``."""
-    from service.config import Settings
+    """``BOCOMPRESS_<FIELD>`` -> field name, for every field of ``bocompress.service.config.Settings``."""
+    from bocompress.service.config import Settings
 
     prefix = str(Settings.model_config.get("env_prefix", ""))
     return {f"{prefix}{name}".upper(): name for name in Settings.model_fields}

@@ -10,11 +10,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: What routers may import of storage: the interface, its errors, and (uploads, tokens and the
 #: dashboard's bulk read, which are no part of a trial's state machine) sessions, models, read helpers.
-ROUTER_DB_ALLOWED = {"service.db.store", "service.db.errors", "service.db.session", "service.db.models",
-                     "service.db.queries", "service.db.views", "service.db.migrate"}
+ROUTER_DB_ALLOWED = {"bocompress.service.db.store", "bocompress.service.db.errors", "bocompress.service.db.session", "bocompress.service.db.models",
+                     "bocompress.service.db.queries", "bocompress.service.db.views", "bocompress.service.db.migrate"}
 #: The trial state machine's backends: routers never reach them.
-BACKENDS = {"service.db.trials", "service.db.hot", "service.db.hot_pg", "service.db.sql_store",
-            "service.db.pg_store", "service.db.proposals", "service.db.exports"}
+BACKENDS = {"bocompress.service.db.trials", "bocompress.service.db.hot", "bocompress.service.db.hot_pg", "bocompress.service.db.sql_store",
+            "bocompress.service.db.pg_store", "bocompress.service.db.proposals", "bocompress.service.db.exports"}
 CONTRACT = ["schemas", "schemas_types", "schemas_profile", "schemas_trials", "states", "spec", "objective",
             "costs", "errors"]
 HEAVY = ("torch", "sqlalchemy", "fastapi", "service", "worker", "numpy", "psycopg", "starlette")
@@ -51,7 +51,7 @@ def _under(names: set[str], prefix: str) -> set[str]:
 def test_routers_use_only_the_storage_interface() -> None:
     for path in _py("service/api") + _py("service/dashboard"):
         names = _imports(path)
-        db = {n for n in _under(names, "service.db") if n.count(".") == 2 or n in BACKENDS}
+        db = {n for n in _under(names, "bocompress.service.db") if n.count(".") == 2 or n in BACKENDS}
         db = {".".join(n.split(".")[:3]) for n in db}
         assert not (db & BACKENDS), f"{path.relative_to(ROOT)} imports a storage backend: {sorted(db & BACKENDS)}"
         assert db <= ROUTER_DB_ALLOWED, f"{path.relative_to(ROOT)} imports {sorted(db - ROUTER_DB_ALLOWED)}"
@@ -67,14 +67,14 @@ def test_the_worker_routes_hold_no_sql_and_no_backend_switch() -> None:
 
 def test_storage_never_imports_the_api() -> None:
     for path in _py("service/db") + [ROOT / "service/results.py", ROOT / "service/scheduler.py"]:
-        assert not _under(_imports(path), "service.api"), f"{path.relative_to(ROOT)} imports service.api"
+        assert not _under(_imports(path), "bocompress.service.api"), f"{path.relative_to(ROOT)} imports bocompress.service.api"
         assert not _under(_imports(path), "fastapi"), f"{path.relative_to(ROOT)} imports FastAPI"
 
 
 def test_the_optimizer_knows_no_storage_nor_http() -> None:
     for path in _py("service/optimizer"):
         names = _imports(path)
-        for layer in ("service.api", "service.db", "fastapi", "sqlalchemy"):
+        for layer in ("bocompress.service.api", "bocompress.service.db", "fastapi", "sqlalchemy"):
             assert not _under(names, layer), f"{path.relative_to(ROOT)} imports {layer}"
 
 
@@ -99,7 +99,7 @@ def test_workers_never_import_the_service() -> None:
     """Workers talk to the service over HTTP only: none of its routers, storage or scheduler."""
     for path in _py("worker"):
         names = _imports(path)
-        for layer in ("service.api", "service.db", "service.scheduler", "service.app", "service.optimizer"):
+        for layer in ("bocompress.service.api", "bocompress.service.db", "bocompress.service.scheduler", "bocompress.service.app", "bocompress.service.optimizer"):
             assert not _under(names, layer), f"{path.relative_to(ROOT)} imports {layer}"
 
 

@@ -113,7 +113,7 @@ def test_known_env_is_derived_from_code() -> None:
     # Sanity of the derivation itself (each source contributes what it must).
     assert "BOCOMPRESS_DATABASE_URL" in settings_env_names()
     assert {"BOCOMPRESS_URL", "BOCOMPRESS_TOKEN", "BOCOMPRESS_DATABASE_URL"} <= set(cli_envvars())
-    from worker.runtime import ALLOW_IMPORT_ENV
+    from bocompress.worker.runtime import ALLOW_IMPORT_ENV
 
     assert ALLOW_IMPORT_ENV in env_reads_in_code()
     assert "BOCOMPRESS_NOT_A_SETTING" not in known
@@ -158,7 +158,7 @@ def test_serve_env_is_not_shadowed_by_cli_options(compose: dict[str, Any]) -> No
 
 def test_service_settings_validate(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The service's command + environment build a valid Settings: auth on, PostgreSQL, no auto-migrate."""
-    from service.config import Settings
+    from bocompress.service.config import Settings
 
     svc = compose["services"]["service"]
     for var in list(os.environ):
@@ -375,7 +375,7 @@ def test_wheel_the_images_install_carries_migrations(tmp_path: Path) -> None:
     db = tmp_path / "wheel.db"
     res = subprocess.run(
         [sys.executable, "-c",
-         "import bocompress.cli, service.db.migrate as m, sys; print(m.MIGRATIONS_DIR); "
+         "import bocompress.cli, bocompress.service.db.migrate as m, sys; print(m.MIGRATIONS_DIR); "
          "sys.argv = ['bocompress', 'migrate', '--database-url', sys.argv[1]]; bocompress.cli.main()",
          f"sqlite:///{db}"],
         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -110,9 +110,9 @@ def _exposed_metric_names(tmp_path: Path) -> set[str]:
     """Sample and family names a real service Metrics registry exposes (every series observed once)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.db.migrate import upgrade
-    from service.db.session import make_engine, make_sessionmaker
-    from service.metrics import Metrics
+    from bocompress.service.db.migrate import upgrade
+    from bocompress.service.db.session import make_engine, make_sessionmaker
+    from bocompress.service.metrics import Metrics
 
     url = f"sqlite:///{tmp_path / 'metrics.db'}"
     upgrade(url)

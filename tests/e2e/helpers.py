@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
-from worker.zoo import load_model
-from worker.zoo.models import DigitsCNN
+from bocompress.worker.zoo import load_model
+from bocompress.worker.zoo.models import DigitsCNN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Seconds each forward pass of :class:`SlowDigitsCNN` over a batch of >= 64 samples sleeps (unset: none).
@@ -48,7 +48,7 @@ def slow_digits_cnn() -> SlowDigitsCNN:
 def worker_process(url: str, token: str | None, log_path: Path, *extra: str,
                    env: dict[str, str] | None = None, command: list[str] | None = None,
                    name: str = "e2e-worker") -> Iterator[subprocess.Popen[bytes]]:
-    """A real worker subprocess (``python -m worker``, or ``command`` such as ``bocompress worker``);
+    """A real worker subprocess (``python -m bocompress.worker``, or ``command`` such as ``bocompress worker``);
     stopped (SIGTERM, then SIGKILL) on exit."""
     base = command or [sys.executable, "-m", "worker"]
     argv = [*base, "--url", url, "--poll", "0.2", "--name", name, *extra]

@@ -19,7 +19,7 @@ import torch
 import bocompress
 from tests.conftest import LiveServer, start_server
 from tests.e2e.helpers import wait_job, worker_process
-from worker.zoo import load_data, load_model
+from bocompress.worker.zoo import load_data, load_model
 
 #: The fixed short fine-tune every exported model gets (distillation on the calibration inputs).
 FINETUNE_STEPS = 100

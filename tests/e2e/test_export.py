@@ -12,7 +12,7 @@ import torch
 import bocompress
 from tests.conftest import LiveServer, start_server
 from tests.e2e.helpers import REPO_ROOT, worker_process
-from worker.zoo import load_data
+from bocompress.worker.zoo import load_data
 
 
 @pytest.fixture
@@ -49,8 +49,8 @@ def test_quickstart_example_end_to_end(sqlite_server: LiveServer, tmp_path: Path
         model = bocompress.load_compressed(path)
         theta = {k: float(v) for k, v in best["params"].items()}
         # the worker's own path for this job: the same calibration part, compression and repairs
-        from worker.proxy import prepare
-        from worker.runtime import build_context
+        from bocompress.worker.proxy import prepare
+        from bocompress.worker.runtime import build_context
 
         ctx = build_context(client, {"id": job.id, "spec": job.spec}, "cpu", [])
         reference, _ = prepare(ctx.compressor, theta, ctx.inputs, ctx.teacher, ctx.proxy)
@@ -72,8 +72,8 @@ def test_quickstart_example_end_to_end(sqlite_server: LiveServer, tmp_path: Path
 def _exports(srv: LiveServer, job_id: int) -> list[dict]:
     from sqlalchemy import select
 
-    from service.db.models import Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
+    from bocompress.service.db.models import Trial
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 
     engine = make_engine(srv.database_url)
     try:

@@ -237,8 +237,8 @@ def test_mobilenet_fused_bn_act(live: tuple[LiveServer, Path], client: bocompres
 def _profile_task(srv: LiveServer, job_id: int) -> Any:
     from sqlalchemy import select
 
-    from service.db.models import Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
+    from bocompress.service.db.models import Trial
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 
     engine = make_engine(srv.database_url)
     try:

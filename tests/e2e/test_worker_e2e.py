@@ -11,7 +11,7 @@ import pytest
 from bocompress.client import Client
 from tests.conftest import LiveServer
 from tests.e2e.helpers import digits_cnn_spec, log_tail, save_state_dict, trials, wait_job, worker_process
-from worker.zoo import load_model
+from bocompress.worker.zoo import load_model
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_uploaded_weights_with_a_wrong_tensor_fail_the_job(server: LiveServer, a
 
 def test_uploaded_weights_and_dataset_are_used(server: LiveServer, alice: Client, worker) -> None:  # noqa: ANN001
     """An uploaded state dict (safetensors) and an uploaded calibration set drive a job to completion."""
-    from worker.zoo import load_data
+    from bocompress.worker.zoo import load_data
 
     model = load_model("digits-cnn")
     uploaded = alice.upload_model(model, arch="digits-cnn")

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from bocompress import costs
-from service.optimizer.allocators import ALLOCATORS, allocate, allocations, available, smallest_ratio
-from service.optimizer.synthetic import Landscape, make_landscape
+from bocompress.service.optimizer.allocators import ALLOCATORS, allocate, allocations, available, smallest_ratio
+from bocompress.service.optimizer.synthetic import Landscape, make_landscape
 
 
 def _with_signals(ls: Landscape, sensitivity: bool = True) -> dict:

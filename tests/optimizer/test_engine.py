@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bocompress import costs
-from service.optimizer import Budgets, Observation, Problem, point_key
-from service.optimizer import propose as propose_uncapped
-from service.optimizer.sobol import sobol_points
-from service.optimizer.space import Space
-from service.optimizer.synthetic import make_landscape, sobol_history
+from bocompress.service.optimizer import Budgets, Observation, Problem, point_key
+from bocompress.service.optimizer import propose as propose_uncapped
+from bocompress.service.optimizer.sobol import sobol_points
+from bocompress.service.optimizer.space import Space
+from bocompress.service.optimizer.synthetic import make_landscape, sobol_history
 
 
 # Every call here caps the GP stage's budgets to a few iterations (as BoTorch's ``mock_optimize``),
@@ -77,7 +77,7 @@ def test_sobol_stage_is_reproducible_and_indexed_by_trial() -> None:
 
 
 def test_winsorize_clips_only_the_bad_tail() -> None:
-    from service.optimizer.acquisition import winsorize_low as _winsorize_low
+    from bocompress.service.optimizer.acquisition import winsorize_low as _winsorize_low
 
     # Larger is better: the one very bad value is raised to the lower Tukey fence, the rest stay.
     y = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, -500.0], dtype=torch.float64)
@@ -312,7 +312,7 @@ def test_scalarized_gp_stage_finds_a_better_j_than_its_sobol_stage() -> None:
 
 
 def test_auto_compression_jobs_start_with_the_allocators_and_allocator_engines_stop() -> None:
-    from service.optimizer.allocators import allocate
+    from bocompress.service.optimizer.allocators import allocate
 
     ls = make_landscape(d=6, seed=2)
     budget = 0.3

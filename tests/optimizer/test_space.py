@@ -9,8 +9,8 @@ import torch
 
 from bocompress import costs
 from bocompress.costs import kept
-from service.optimizer import CostModel, Observation, Problem, Space, propose, ratio
-from service.optimizer.synthetic import make_landscape
+from bocompress.service.optimizer import CostModel, Observation, Problem, Space, propose, ratio
+from bocompress.service.optimizer.synthetic import make_landscape
 
 
 def test_int_params_cover_every_value_evenly() -> None:

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from service.optimizer import Budgets, Observation, Problem
-from service.optimizer import propose as propose_uncapped
-from service.optimizer.acquisition import training_data
-from service.optimizer.candidates import TR_FAIL, TR_INIT, TR_MAX, TR_MIN, TR_SUCC, update_trust_region
-from service.optimizer.problem import compile_problem
-from service.optimizer.sobol import sobol_points
-from service.optimizer.synthetic import make_landscape
-from service.optimizer.transforms import LR_MIN, apply, choose, power_evidence, skewness
+from bocompress.service.optimizer import Budgets, Observation, Problem
+from bocompress.service.optimizer import propose as propose_uncapped
+from bocompress.service.optimizer.acquisition import training_data
+from bocompress.service.optimizer.candidates import TR_FAIL, TR_INIT, TR_MAX, TR_MIN, TR_SUCC, update_trust_region
+from bocompress.service.optimizer.problem import compile_problem
+from bocompress.service.optimizer.sobol import sobol_points
+from bocompress.service.optimizer.synthetic import make_landscape
+from bocompress.service.optimizer.transforms import LR_MIN, apply, choose, power_evidence, skewness
 
 FAST = Budgets(fit_maxiter=15, num_restarts=2, raw_samples=64, maxiter=15, mc_samples=32)
 propose = functools.partial(propose_uncapped, cap=FAST)

@@ -98,8 +98,8 @@ def trial_history(database_url: str, job_id: int) -> tuple[list[dict[str, Any]],
     """The job's evaluate trials and events, straight from the database."""
     from sqlalchemy import select
 
-    from service.db.models import Event, Trial
-    from service.db.session import make_engine, make_sessionmaker, read_session
+    from bocompress.service.db.models import Event, Trial
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 
     engine = make_engine(database_url)
     try:

@@ -5,7 +5,7 @@ for generated requests to hit: a running compression job, a generic job with an 
 uploaded model and dataset. Schemathesis's own engine (what ``schemathesis run`` drives) runs its
 examples, coverage, fuzzing and stateful phases, with every check, once per role, each run with a
 token of its own, and must find nothing: the OpenAPI document says what the service enforces
-(``service.app.openapi_document``), the service answers what the document says.
+(``bocompress.service.app.openapi_document``), the service answers what the document says.
 
 Two rules of a generic job's parameters cannot be said in JSON Schema (``low < high`` with a
 finite width, unique names), nor can a safetensors file's format, nor facts of the data (the id
@@ -34,10 +34,10 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.generation import GenerationMode
 
-from service.app import create_app
-from service.auth import create_token
-from service.config import Settings
-from service.db.migrate import upgrade
+from bocompress.service.app import create_app
+from bocompress.service.auth import create_token
+from bocompress.service.config import Settings
+from bocompress.service.db.migrate import upgrade
 from tests.conftest import drop_pg_database, new_database
 from tests.service.helpers import compression_job, profile_job, synthetic_profile
 
@@ -142,7 +142,7 @@ def _semantic_repairs(schema: Any, env: Env, own_token_id: int, spare_token_id: 
 
 def _trial_needs(env: Env, trial_id: Any) -> tuple[str | None, str]:
     """(the trial's kind, the metric its job needs in a result: its generic metric, or ``distill_l2``)."""
-    from service.db.models import Job, Trial
+    from bocompress.service.db.models import Job, Trial
 
     try:
         trial_id = int(trial_id)
@@ -279,7 +279,7 @@ def test_cursor_pattern_is_exactly_what_the_service_issues_and_takes() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from service.api.serialize import CURSOR_PATTERN, decode_cursor, encode_cursor
+    from bocompress.service.api.serialize import CURSOR_PATTERN, decode_cursor, encode_cursor
 
     pattern = re.compile(CURSOR_PATTERN)
     for value in [*range(0, 1200), 2**31 - 1, 10**17, 10**18 - 1]:

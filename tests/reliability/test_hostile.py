@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save
 from sqlalchemy import func, select
 
-from service.db.models import Blob, Job, Trial
-from service.db.session import make_engine, make_sessionmaker, read_session
+from bocompress.service.db.models import Blob, Job, Trial
+from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 from tests.conftest import LiveServer, drop_pg_database, new_database, start_server
 from tests.service.helpers import compression_job, lease, profile_job
 

@@ -29,8 +29,8 @@ from sqlalchemy import update
 
 from bench.load import bocompress_cmd
 from tests.reliability.procs import ServiceProcess, mint, prepare_database
-from service.db.models import Job
-from service.db.session import make_engine
+from bocompress.service.db.models import Job
+from bocompress.service.db.session import make_engine
 from tests.conftest import PG_ADMIN_URL, LiveServer, drop_pg_database, free_port, new_database, start_server
 from tests.service.helpers import synthetic_profile
 
@@ -305,7 +305,7 @@ MALFORMED = {
 def test_item8_upload_and_worker_share_one_validator(probe: LiveServer, case: str) -> None:
     from safetensors.torch import load
 
-    from worker.runtime import TaskError, _safetensors_load
+    from bocompress.worker.runtime import TaskError, _safetensors_load
 
     data = _raw_safetensors(MALFORMED[case], b"\0")
     with pytest.raises(Exception):  # noqa: B017, PT011 - the real loader refuses it (its own error type)
@@ -487,7 +487,7 @@ def test_item10_example_job_files_still_validate() -> None:
 def _startup_cases(tmp_path: Path) -> list[tuple[str, str, str]]:
     """(label, database URL, a phrase the one line must hold)."""
     ro = tmp_path / "ro.db"
-    from service.db.migrate import upgrade
+    from bocompress.service.db.migrate import upgrade
 
     upgrade(f"sqlite:///{ro}")
     os.chmod(ro, 0o444)

@@ -6,11 +6,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from service.app import create_app
-from service.config import Settings
-from service.db.migrate import SchemaOutdated, upgrade
-from service.db.models import Base
-from service.db.session import make_engine
+from bocompress.service.app import create_app
+from bocompress.service.config import Settings
+from bocompress.service.db.migrate import SchemaOutdated, upgrade
+from bocompress.service.db.models import Base
+from bocompress.service.db.session import make_engine
 
 
 def test_upgrade_head_matches_models(database_url: str) -> None:

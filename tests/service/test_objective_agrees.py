@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from bocompress.objective import job_objective
-from service.db.models import Job
-from service.db.session import read_session
-from service.optimizer.acquisition import training_data
-from service.optimizer.problem import compile_problem
-from service.scheduler import job_problem, observations
+from bocompress.service.db.models import Job
+from bocompress.service.db.session import read_session
+from bocompress.service.optimizer.acquisition import training_data
+from bocompress.service.optimizer.problem import compile_problem
+from bocompress.service.scheduler import job_problem, observations
 from tests.conftest import LiveServer, start_server
 from tests.service.helpers import lease, profile_job
 

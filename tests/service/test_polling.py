@@ -1,7 +1,7 @@
 """The trial list (the dashboard's poll): every item as ``GET /trials/{id}`` shows it, on both backends.
 
 On PostgreSQL the items' JSON is built by the database; these tests pin it to the Python view
-(:func:`service.api.serialize.trial_out`) field by field, including nulls, error text that needs
+(:func:`bocompress.service.api.serialize.trial_out`) field by field, including nulls, error text that needs
 escaping, timestamps with and without microseconds, and paging.
 """
 
@@ -13,8 +13,8 @@ import time
 import httpx
 from sqlalchemy import update
 
-from service.db.models import Trial
-from service.db.session import make_engine
+from bocompress.service.db.models import Trial
+from bocompress.service.db.session import make_engine
 from tests.conftest import LiveServer
 from tests.service.test_generic_jobs import BRANIN
 

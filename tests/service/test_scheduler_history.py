@@ -7,10 +7,10 @@ import time
 
 import httpx
 
-from service.db.models import Job
-from service.db.session import read_session
-from service.optimizer import point_key
-from service.scheduler import History, job_problem, observations
+from bocompress.service.db.models import Job
+from bocompress.service.db.session import read_session
+from bocompress.service.optimizer import point_key
+from bocompress.service.scheduler import History, job_problem, observations
 from tests.conftest import LiveServer
 from tests.service.helpers import compression_job, lease, profile_job
 

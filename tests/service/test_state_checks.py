@@ -11,8 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from bocompress import schemas
 from bocompress.states import JobState, TrialState
-from service.db.migrate import current_revision, head_revision, upgrade
-from service.db.session import make_engine
+from bocompress.service.db.migrate import current_revision, head_revision, upgrade
+from bocompress.service.db.session import make_engine
 
 NOW = "2026-12-01 10:00:00"
 

@@ -1,6 +1,6 @@
 """One conformance suite for every storage backend: the same calls, the same answers.
 
-Each backend (:func:`service.db.store.open_store`'s SQLite and PostgreSQL, with their hot paths,
+Each backend (:func:`bocompress.service.db.store.open_store`'s SQLite and PostgreSQL, with their hot paths,
 and the ORM reference both fall back to) runs on a real database: a compression job from its
 profiling task through leases, heartbeats, results, retries and failures to cancel; a generic
 job through ask/tell; proposals, pages of trials, reaping, and the exact errors.
@@ -19,12 +19,12 @@ from sqlalchemy import update
 from bocompress.objective import job_objective
 from bocompress.schemas import JobCreate, ProfileReport
 from bocompress.states import JobState, TrialState
-from service.db.errors import Invalid, NotFound, TransitionError
-from service.db.migrate import upgrade
-from service.db.models import Trial
-from service.db.session import make_engine, make_sessionmaker, run_tx
-from service.db.sql_store import OrmStore
-from service.db.store import Result, Store, Viewer, open_store
+from bocompress.service.db.errors import Invalid, NotFound, TransitionError
+from bocompress.service.db.migrate import upgrade
+from bocompress.service.db.models import Trial
+from bocompress.service.db.session import make_engine, make_sessionmaker, run_tx
+from bocompress.service.db.sql_store import OrmStore
+from bocompress.service.db.store import Result, Store, Viewer, open_store
 from tests.conftest import run_coroutine
 from tests.service.helpers import synthetic_profile
 
@@ -206,7 +206,7 @@ def test_expired_leases_are_reaped(store: Store) -> None:
         def expire(sess: Any) -> None:
             from datetime import timedelta
 
-            from service.db.models import utcnow
+            from bocompress.service.db.models import utcnow
 
             sess.execute(update(Trial).where(Trial.id == a["trial"]["id"])
                          .values(lease_expires_at=utcnow() - timedelta(seconds=5)))

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save
 from sqlalchemy import func, select
 
-from service.db.models import Blob
-from service.db.session import make_engine, make_sessionmaker, read_session
+from bocompress.service.db.models import Blob
+from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
 from tests.conftest import LiveServer, start_server
-from worker.zoo import load_model
+from bocompress.worker.zoo import load_model
 
 
 def blob_count(url: str) -> int:

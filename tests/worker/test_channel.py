@@ -11,20 +11,20 @@ from torch import Tensor, nn
 
 from bocompress.costs import kept, ratio
 from bocompress.schemas import ProfileReport
-from worker.evaluate import evaluate, teacher_outputs
-from worker.methods import NoLayerMatched, build_compressor, get_compressor_class
-from worker.methods.base import CompressionError, CompressorOptions, measure_flops
-from worker.methods.channel_l1 import ChannelL1Compressor
-from worker.methods.channel_lasso import ChannelLassoCompressor
-from worker.methods.channel_select import (
+from bocompress.worker.evaluate import evaluate, teacher_outputs
+from bocompress.worker.methods import NoLayerMatched, build_compressor, get_compressor_class
+from bocompress.worker.methods.base import CompressionError, CompressorOptions, measure_flops
+from bocompress.worker.methods.channel_l1 import ChannelL1Compressor
+from bocompress.worker.methods.channel_lasso import ChannelLassoCompressor
+from bocompress.worker.methods.channel_select import (
     lasso_select,
     least_squares_weight,
     relative_error,
     select_first_k,
     select_max_response,
 )
-from worker.methods.lsq import conv_patches
-from worker.zoo import load_data, load_model
+from bocompress.worker.methods.lsq import conv_patches
+from bocompress.worker.zoo import load_data, load_model
 
 THETA_MIN = 0.05
 KINDS = ("params", "flops", "channels", "activation")

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from worker.evaluate import evaluate, teacher_outputs
-from worker.methods import CostMismatch, build_compressor
-from worker.zoo import load_data, load_model
+from bocompress.worker.evaluate import evaluate, teacher_outputs
+from bocompress.worker.methods import CostMismatch, build_compressor
+from bocompress.worker.zoo import load_data, load_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

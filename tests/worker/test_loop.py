@@ -28,10 +28,10 @@ from tests.e2e.helpers import (
     wait_job,
     worker_process,
 )
-from worker.logs import JsonFormatter
-from worker.loop import Backoff, Worker, run_worker
-from worker.methods.base import CostMismatch
-from worker.runtime import JobCache, import_allowed
+from bocompress.worker.logs import JsonFormatter
+from bocompress.worker.loop import Backoff, Worker, run_worker
+from bocompress.worker.methods.base import CostMismatch
+from bocompress.worker.runtime import JobCache, import_allowed
 
 
 @pytest.fixture
@@ -251,9 +251,9 @@ def test_bad_token_raises(srv: LiveServer) -> None:
 def test_reconnects_when_the_service_comes_up_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
-    from service.app import create_app
-    from service.config import Settings
-    from service.db.migrate import upgrade
+    from bocompress.service.app import create_app
+    from bocompress.service.config import Settings
+    from bocompress.service.db.migrate import upgrade
 
     monkeypatch.setattr(Backoff.__init__, "__defaults__", (0.2, 1.0))
     port = free_port()

@@ -10,7 +10,7 @@ from torch import nn
 
 from bocompress.costs import kept, ratio
 from bocompress.schemas import ProfileReport
-from worker.methods import (
+from bocompress.worker.methods import (
     METHOD_MODULES,
     CompositeCompressor,
     CompressionError,
@@ -19,10 +19,10 @@ from worker.methods import (
     build_compressor,
     get_compressor_class,
 )
-from worker.methods.magnitude import MagnitudeCompressor
-from worker.methods.svd import SVDCompressor
-from worker.methods.tucker2 import Tucker2Compressor
-from worker.zoo import load_data, load_model
+from bocompress.worker.methods.magnitude import MagnitudeCompressor
+from bocompress.worker.methods.svd import SVDCompressor
+from bocompress.worker.methods.tucker2 import Tucker2Compressor
+from bocompress.worker.zoo import load_data, load_model
 
 THETA_MIN = 0.05
 MAPPING = {"Conv2d": "tucker2", "Linear": "svd"}
@@ -270,8 +270,8 @@ def test_registry_is_lazy_and_isolates_broken_methods(monkeypatch: pytest.Monkey
     assert get_compressor_class("tucker2") is Tucker2Compressor
     with pytest.raises(CompressionError, match="unknown compression method"):
         get_compressor_class("zip")
-    monkeypatch.setitem(METHOD_MODULES, "channel_lasso", "worker.methods._no_such_module")
-    import worker.methods as wm
+    monkeypatch.setitem(METHOD_MODULES, "channel_lasso", "bocompress.worker.methods._no_such_module")
+    import bocompress.worker.methods as wm
 
     monkeypatch.delitem(wm._CLASSES, "channel_lasso", raising=False)
     with pytest.raises(CompressionError, match="channel_lasso.*unavailable"):

@@ -15,8 +15,8 @@ from torch import nn
 
 from bocompress.costs import kept, ratio
 from bocompress.schemas import CompressionSpec, ProfileReport, split_layer_patterns
-from worker.evaluate import fidelity, teacher_outputs
-from worker.proxy import (
+from bocompress.worker.evaluate import fidelity, teacher_outputs
+from bocompress.worker.proxy import (
     Holdout,
     ProxyOptions,
     batchnorms_after,
@@ -26,8 +26,8 @@ from worker.proxy import (
     recalibrate_bn,
     split_holdout,
 )
-from worker.methods import CompressorOptions, NoLayerMatched, build_compressor
-from worker.zoo.data import digits_split
+from bocompress.worker.methods import CompressorOptions, NoLayerMatched, build_compressor
+from bocompress.worker.zoo.data import digits_split
 
 THETA_MIN = 0.05
 

@@ -13,10 +13,10 @@ from torch import nn
 import bocompress
 from bocompress.compressed import read_description, save_compressed
 from bocompress.modelspec import ModelSpecError, build_model, parse_arch
-from worker import batch as B
-from worker.layers import attention_layers, linearize_conv1d
-from worker.failures import MAX_ERROR_CHARS, deterministic, error_text
-from worker.methods import build_compressor
+from bocompress.worker import batch as B
+from bocompress.worker.layers import attention_layers, linearize_conv1d
+from bocompress.worker.failures import MAX_ERROR_CHARS, deterministic, error_text
+from bocompress.worker.methods import build_compressor
 
 GPT2 = {"factory": "transformers:GPT2LMHeadModel",
         "config": {"model_type": "gpt2", "vocab_size": 40, "n_positions": 16, "n_embd": 32, "n_layer": 1,

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from worker.zoo import (
+from bocompress.worker.zoo import (
     ARCHS,
     DATASETS,
     WEIGHTS_DIR,
@@ -105,7 +105,7 @@ def test_load_data() -> None:
 
 
 def test_training_is_deterministic() -> None:
-    from worker.zoo.train import train
+    from bocompress.worker.zoo.train import train
 
     a, _ = train("digits-mlp", epochs=1)
     b, _ = train("digits-mlp", epochs=1)
@@ -146,7 +146,7 @@ def test_deep_models_ship_trained_weights(name: str) -> None:
 
 
 def test_digits32_and_tokens_are_views_of_the_digits_split() -> None:
-    from worker.zoo.data import DIGITS32_MEAN, DIGITS32_STD, TOKEN_LEVELS
+    from bocompress.worker.zoo.data import DIGITS32_MEAN, DIGITS32_STD, TOKEN_LEVELS
 
     assert {"digits32", "digits32-train", "digits-tokens", "digits-tokens-train"} <= set(DATASETS)
     x8, y8 = load_data("digits", 10_000)
@@ -178,7 +178,7 @@ def test_digits32_and_tokens_are_views_of_the_digits_split() -> None:
 
 
 def test_augmentation_shifts_only_in_training() -> None:
-    from worker.zoo.data import shift32, shift_tokens
+    from bocompress.worker.zoo.data import shift32, shift_tokens
 
     x, _ = load_data("digits32-train", 8)
     gen = torch.Generator().manual_seed(0)
@@ -186,7 +186,7 @@ def test_augmentation_shifts_only_in_training() -> None:
     assert sx.shape == x.shape and not torch.equal(sx, x)
     assert torch.equal(shift32(x, torch.Generator().manual_seed(0), 3), sx)
     # each image is its original translated by at most 3 pixels, the border filled with background
-    from worker.zoo.data import DIGITS32_MEAN, DIGITS32_STD
+    from bocompress.worker.zoo.data import DIGITS32_MEAN, DIGITS32_STD
 
     bg = -DIGITS32_MEAN / DIGITS32_STD
     padded = torch.nn.functional.pad(x, (3, 3, 3, 3), value=bg)
@@ -200,7 +200,7 @@ def test_augmentation_shifts_only_in_training() -> None:
 
 
 def test_mobilenet_and_transformer_structure() -> None:
-    from worker.zoo.models import BatchNormAct2d, InvertedResidual, SelfAttention
+    from bocompress.worker.zoo.models import BatchNormAct2d, InvertedResidual, SelfAttention
 
     mb = load_model("mobilenet")
     fused = [m for m in mb.modules() if isinstance(m, BatchNormAct2d)]
@@ -246,7 +246,7 @@ def test_a_job_on_a_trained_deep_model_profiles_and_runs_a_trial(live, model: st
     """The built-in path end to end: the service accepts the job, the worker profiles the trained model
     with its built-in (integer or float) data, evaluates one trial, and reports the original accuracy."""
     from tests.e2e.helpers import trials, wait_job
-    from worker.loop import run_worker
+    from bocompress.worker.loop import run_worker
 
     server, client = live
     spec = {"name": f"zoo-{model}-{data}", "objective": {"kind": "scalarized", "kappa": 1.0},

@@ -2,7 +2,7 @@
 
 A method's module is imported only when that method is asked for, so a missing or broken module
 (or a heavy dependency of one method) does not break the others. Each module defines one
-:class:`~worker.methods.base.Compressor` subclass (or names it ``COMPRESSOR``).
+:class:`~bocompress.worker.methods.base.Compressor` subclass (or names it ``COMPRESSOR``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from bocompress.schemas import split_layer_patterns
-from worker.methods.base import (
+from bocompress.worker.methods.base import (
     TYPE_CLASSES,
     CompressionError,
     Compressor,
@@ -24,9 +24,9 @@ from worker.methods.base import (
     CostMismatch,
     NoLayerMatched,
 )
-from worker.methods.composite import CompositeCompressor
-from worker.methods.layerwise import LayerwiseCompressor
-from worker.methods.tracing import lenient_patterns
+from bocompress.worker.methods.composite import CompositeCompressor
+from bocompress.worker.methods.layerwise import LayerwiseCompressor
+from bocompress.worker.methods.tracing import lenient_patterns
 
 __all__ = [
     "METHOD_MODULES",
@@ -44,11 +44,11 @@ __all__ = [
 
 #: Method name -> the module that implements it (imported on first use).
 METHOD_MODULES: dict[str, str] = {
-    "svd": "worker.methods.svd",
-    "tucker2": "worker.methods.tucker2",
-    "magnitude": "worker.methods.magnitude",
-    "channel_l1": "worker.methods.channel_l1",
-    "channel_lasso": "worker.methods.channel_lasso",
+    "svd": "bocompress.worker.methods.svd",
+    "tucker2": "bocompress.worker.methods.tucker2",
+    "magnitude": "bocompress.worker.methods.magnitude",
+    "channel_l1": "bocompress.worker.methods.channel_l1",
+    "channel_lasso": "bocompress.worker.methods.channel_lasso",
 }
 
 #: Methods that change layer shapes across dependent layers (channel pruning): they cannot share a

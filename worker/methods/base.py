@@ -5,7 +5,7 @@ once (finding the layers, tracing spatial sizes, full SVD / HOSVD factors, sorte
 that :meth:`Compressor.apply` costs about a truncation. :meth:`Compressor.profile` returns the
 layer table with each layer's cost as a closed form in theta (``bocompress.schemas.CostForm``);
 the service computes R(theta) from it exactly with :func:`bocompress.costs.ratio`, and
-``worker.evaluate`` checks that this exact ratio equals the one measured on the compressed module.
+``bocompress.worker.evaluate`` checks that this exact ratio equals the one measured on the compressed module.
 
 Cost conventions (every method follows them, so forms and measurements agree):
 
@@ -17,10 +17,10 @@ Cost conventions (every method follows them, so forms and measurements agree):
   the number of output positions (``H_out * W_out`` for a conv), measured by a forward hook when
   the compressor is built.
 
-The machinery most methods reuse is in modules of its own: :mod:`worker.methods.tracing` (layer
-selection by pattern and type, spatial sizes), :mod:`worker.methods.signals` (break-even bounds,
-the energy and LAMP curves of a profile), :mod:`worker.methods.layerwise` (the base class of the
-per-layer methods) and :mod:`worker.methods.composite` (several methods over disjoint layer types).
+The machinery most methods reuse is in modules of its own: :mod:`bocompress.worker.methods.tracing` (layer
+selection by pattern and type, spatial sizes), :mod:`bocompress.worker.methods.signals` (break-even bounds,
+the energy and LAMP curves of a profile), :mod:`bocompress.worker.methods.layerwise` (the base class of the
+per-layer methods) and :mod:`bocompress.worker.methods.composite` (several methods over disjoint layer types).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from worker import batch as B
+from bocompress.worker import batch as B
 
 __all__ = [
     "TYPE_CLASSES",

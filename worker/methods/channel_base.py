@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from bocompress.costs import kept, model_cost
 from bocompress.schemas import ProfileReport
-from worker import batch as B
-from worker.methods.base import Compressor, CostMismatch, forward_hooked, theta_value
-from worker.methods.channel_groups import (
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import Compressor, CostMismatch, forward_hooked, theta_value
+from bocompress.worker.methods.channel_groups import (
     CONV,
     ChannelAnalysis,
     ChannelGroup,
@@ -38,8 +38,8 @@ from worker.methods.channel_groups import (
     group_l1_importance,
     prune_plan,
 )
-from worker.methods.signals import importance_curves, signal_grid, signals_dict
-from worker.methods.tracing import check_patterns, method_types
+from bocompress.worker.methods.signals import importance_curves, signal_grid, signals_dict
+from bocompress.worker.methods.tracing import check_patterns, method_types
 
 __all__ = ["ChannelCompressorBase", "build_cost_table"]
 

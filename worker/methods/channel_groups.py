@@ -6,8 +6,8 @@ input channels of every consumer, and, in a residual network, every convolution 
 residual sum). Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds the groups once, on
 the original model (:func:`analyze_channel_groups`); :func:`prune_plan` and
 :func:`execute_prune_plan` remove chosen channels of several groups at once, in original
-coordinates. Shared by :mod:`worker.methods.channel_l1` and :mod:`worker.methods.channel_lasso`
-(with the layer table of :mod:`worker.methods.channel_base`).
+coordinates. Shared by :mod:`bocompress.worker.methods.channel_l1` and :mod:`bocompress.worker.methods.channel_lasso`
+(with the layer table of :mod:`bocompress.worker.methods.channel_base`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from worker import batch as B
-from worker.layers import attention_layers
-from worker.methods.base import TYPE_CLASSES, CompressionError
+from bocompress.worker import batch as B
+from bocompress.worker.layers import attention_layers
+from bocompress.worker.methods.base import TYPE_CLASSES, CompressionError
 
 __all__ = [
     "BATCH_NORM",

@@ -7,9 +7,9 @@ Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds the groups once, o
 model; ``theta[group]`` is the fraction of the group's channels kept, and the kept channels are
 those whose filters have the largest L1 norm (averaged over the group's producing layers).
 
-The group analysis and the pruning plans are :mod:`worker.methods.channel_groups`; the exact
-layer table and the base class it shares with :mod:`worker.methods.channel_lasso` are
-:mod:`worker.methods.channel_base`.
+The group analysis and the pruning plans are :mod:`bocompress.worker.methods.channel_groups`; the exact
+layer table and the base class it shares with :mod:`bocompress.worker.methods.channel_lasso` are
+:mod:`bocompress.worker.methods.channel_base`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from worker import batch as B
-from worker.methods.base import CompressorOptions
-from worker.methods.channel_base import ChannelCompressorBase
-from worker.methods.channel_groups import (
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import CompressorOptions
+from bocompress.worker.methods.channel_base import ChannelCompressorBase
+from bocompress.worker.methods.channel_groups import (
     GroupMember,
     ModuleCalls,
     execute_prune_plan,
@@ -32,7 +32,7 @@ from worker.methods.channel_groups import (
     match_any,
     prune_plan,
 )
-from worker.methods.lsq import Site, refit_in_forward, sample_sites, site_problem
+from bocompress.worker.methods.lsq import Site, refit_in_forward, sample_sites, site_problem
 
 __all__ = ["ChannelL1Compressor"]
 
@@ -157,7 +157,7 @@ class ChannelL1Compressor(ChannelCompressorBase):
         """Refit, by least squares, each consumer whose input channels were removed (He et al.'s step 2).
 
         The refit layer reproduces the original network's output (its kept output channels) from
-        the inputs it now receives, layer after layer in forward order (:mod:`worker.methods.lsq`).
+        the inputs it now receives, layer after layer in forward order (:mod:`bocompress.worker.methods.lsq`).
 
         Returns:
             The names of the refitted layers.

@@ -23,7 +23,7 @@ pass over the calibration inputs (each layer is refitted inside it, by a pre-hoo
 solves.
 
 The selection itself (the LASSO, the least squares, the paper's baselines) is
-:mod:`worker.methods.channel_select`.
+:mod:`bocompress.worker.methods.channel_select`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from bocompress.costs import kept
-from worker import batch as B
-from worker.methods.base import CompressionError, CompressorOptions, eval_mode, theta_value
-from worker.methods.channel_base import ChannelCompressorBase
-from worker.methods.channel_groups import (
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import CompressionError, CompressorOptions, eval_mode, theta_value
+from bocompress.worker.methods.channel_base import ChannelCompressorBase
+from bocompress.worker.methods.channel_groups import (
     BATCH_NORM,
     PER_CHANNEL,
     ChannelGroup,
@@ -51,8 +51,8 @@ from worker.methods.channel_groups import (
     prune_plan,
     with_name,
 )
-from worker.methods.channel_select import select_channels, selection_problem
-from worker.methods.lsq import PatchStats, Stop, conv_patches, refit
+from bocompress.worker.methods.channel_select import select_channels, selection_problem
+from bocompress.worker.methods.lsq import PatchStats, Stop, conv_patches, refit
 
 __all__ = ["ChannelLassoCompressor"]
 

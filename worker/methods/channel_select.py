@@ -6,7 +6,7 @@ outputs ``Y`` (``N x n``): a non-negative LASSO on the channel-selection vector 
 penalty until exactly ``k`` channels are non-zero (:func:`lasso_select`, :func:`select_channels`),
 then least squares for the kept part of ``W`` (:func:`least_squares_weight`). The baselines of
 the paper, :func:`select_first_k` and :func:`select_max_response`, are here too.
-:mod:`worker.methods.channel_lasso` runs these layer after layer inside a pruned network.
+:mod:`bocompress.worker.methods.channel_lasso` runs these layer after layer inside a pruned network.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.methods.base import CompressionError
-from worker.methods.lsq import PatchStats, refit
+from bocompress.worker.methods.base import CompressionError
+from bocompress.worker.methods.lsq import PatchStats, refit
 
 __all__ = [
     "lasso_select",

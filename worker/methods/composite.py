@@ -9,8 +9,8 @@ from typing import Any
 from torch import nn
 
 from bocompress.schemas import ProfileReport
-from worker.methods.base import CompressionError, Compressor
-from worker.methods.layerwise import LayerwiseCompressor, run_ls_refit
+from bocompress.worker.methods.base import CompressionError, Compressor
+from bocompress.worker.methods.layerwise import LayerwiseCompressor, run_ls_refit
 
 __all__ = ["CompositeCompressor"]
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from bocompress.schemas import ProfileReport
-from worker import batch as B
-from worker.methods.base import Compressor, CompressorOptions, input_batch_size, theta_value
-from worker.methods.signals import signal_grid, signals_dict
-from worker.methods.tracing import LayerTrace, check_patterns, method_types, select_modules, set_submodule, trace_layers
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import Compressor, CompressorOptions, input_batch_size, theta_value
+from bocompress.worker.methods.signals import signal_grid, signals_dict
+from bocompress.worker.methods.tracing import LayerTrace, check_patterns, method_types, select_modules, set_submodule, trace_layers
 
 __all__ = ["LayerPlan", "LayerwiseCompressor", "dense_costs", "form", "run_ls_refit"]
 
@@ -196,7 +196,7 @@ class LayerwiseCompressor(Compressor):
         if not changed:
             return {}
         if getattr(self, "_ls_cache", None) is None:
-            from worker.methods.lsq import sample_sites
+            from bocompress.worker.methods.lsq import sample_sites
 
             inputs = self.options.calib_inputs if self.options.calib_inputs is not None else self.example_input
             inputs = B.head(inputs, min(B.n_samples(inputs), 256))
@@ -231,7 +231,7 @@ def run_ls_refit(module: nn.Module, sites: Mapping[str, Any], comp: Compressor) 
     """Refit the given sites of ``module`` in one forward pass over the compressor's LS inputs."""
     if not sites:
         return
-    from worker.methods.lsq import refit_in_forward
+    from bocompress.worker.methods.lsq import refit_in_forward
 
     parts = getattr(comp, "parts", [comp])
     inputs = next(p._ls_cache[0] for p in parts if getattr(p, "_ls_cache", None) is not None)

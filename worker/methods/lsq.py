@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker import batch as B
+from bocompress.worker import batch as B
 
 __all__ = [
     "PatchStats",
@@ -199,7 +199,7 @@ def sample_sites(
     Returns:
         name -> :class:`Site` for every layer that ran.
     """
-    from worker.methods.base import forward_hooked
+    from bocompress.worker.methods.base import forward_hooked
 
     gen = torch.Generator().manual_seed(int(seed))
     sites: dict[str, Site] = {}
@@ -254,7 +254,7 @@ def refit_in_forward(
     Returns:
         The names of the layers refitted.
     """
-    from worker.methods.base import eval_mode
+    from bocompress.worker.methods.base import eval_mode
 
     todo = [n for n in sites if _has(model, n)]
     if not todo:

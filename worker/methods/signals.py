@@ -2,7 +2,7 @@
 
 :func:`break_even` finds where a factorized layer stops saving (the SearchParam's ``high``);
 :func:`importance_curves` and :func:`signals_dict` give the energy and LAMP curves over
-:func:`signal_grid` that the one-shot allocators (``service.optimizer.allocators``) read.
+:func:`signal_grid` that the one-shot allocators (``bocompress.service.optimizer.allocators``) read.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from worker import batch as B
-from worker.methods.base import TYPE_CLASSES, CompressionError, NoLayerMatched, eval_mode, input_batch_size
+from bocompress.worker import batch as B
+from bocompress.worker.methods.base import TYPE_CLASSES, CompressionError, NoLayerMatched, eval_mode, input_batch_size
 
 __all__ = [
     "LayerTrace",

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from bocompress.costs import kept
-from worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form, layer_info
-from worker.methods.signals import break_even, importance_curves
-from worker.methods.tracing import LayerTrace
+from bocompress.worker.methods.layerwise import LayerPlan, LayerwiseCompressor, dense_costs, form, layer_info
+from bocompress.worker.methods.signals import break_even, importance_curves
+from bocompress.worker.methods.tracing import LayerTrace
 
 __all__ = ["Tucker2Compressor", "mode_basis"]
 

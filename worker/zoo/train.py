@@ -1,18 +1,18 @@
-"""Train the zoo models and write their weights: ``python -m worker.zoo.train [--deep | --only NAME]``.
+"""Train the zoo models and write their weights: ``python -m bocompress.worker.zoo.train [--deep | --only NAME]``.
 
-* ``python -m worker.zoo.train``: the digits models (``digits-mlp``, ``digits-cnn``) on the 8x8
+* ``python -m bocompress.worker.zoo.train``: the digits models (``digits-mlp``, ``digits-cnn``) on the 8x8
   ``digits`` (about half a minute on one core).
-* ``python -m worker.zoo.train --deep``: ``resnet20``, ``resnet56``, ``mobilenet`` on ``digits32``
+* ``python -m bocompress.worker.zoo.train --deep``: ``resnet20``, ``resnet56``, ``mobilenet`` on ``digits32``
   and ``transformer`` on ``digits-tokens`` (minutes each; see ``worker/zoo/weights/README.md``).
 * ``--all``: both groups; ``--only NAME``: one model; ``--out DIR`` (default: the shipped weights
   folder); ``--epochs N`` (overrides the recipe, for quick checks).
 
-Every model is trained on the 75% training split of :func:`worker.zoo.data.digits_split` only
+Every model is trained on the 75% training split of :func:`bocompress.worker.zoo.data.digits_split` only
 (the 25% held-out split is measured once, after training; no early stopping on it). Training is
 seeded (:data:`SEED`), single-threaded and uses deterministic algorithms, so a rerun on the same
 torch/CPU gives the same bits (other BLAS builds may differ in the last bits). The deep models see
-random shifts of their training images (:func:`worker.zoo.data.shift32`,
-:func:`~worker.zoo.data.shift_tokens`); the built-in datasets themselves are never augmented.
+random shifts of their training images (:func:`bocompress.worker.zoo.data.shift32`,
+:func:`~bocompress.worker.zoo.data.shift_tokens`); the built-in datasets themselves are never augmented.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.zoo import ARCHS, WEIGHTS_DIR
-from worker.zoo.data import digits32_split, digits_split, digits_tokens_split, shift32, shift_tokens
+from bocompress.worker.zoo import ARCHS, WEIGHTS_DIR
+from bocompress.worker.zoo.data import digits32_split, digits_split, digits_tokens_split, shift32, shift_tokens
 
 __all__ = ["TRAIN_CONFIG", "DIGITS_MODELS", "DEEP_MODELS", "accuracy", "train", "main"]
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train zoo models and write their safetensors (see the module docstring)."""
     from safetensors.torch import save_file
 
-    ap = argparse.ArgumentParser(prog="python -m worker.zoo.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bocompress.worker.zoo.train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--only", choices=sorted(TRAIN_CONFIG))
