@@ -21,11 +21,14 @@ proposes for this task is asserted to fit the budget.
 Writes a median best-so-far plot per task (``docs/bo_quality_<task>.png``) and the table of final
 values (median and interquartile range over seeds) into ``docs/benchmarks.md``.
 
-Run: ``python bench/bo_quality.py [--seeds 5 --first-seed 0 --workers 2 --tasks ... --methods ...]``;
+Run: ``python bench/bo_quality.py [--seeds 5 --first-seed 0 --workers 2 --suite classic|rough|synthetic|all
+--tasks ... --methods ...]`` (``--suite`` names a set of tasks, ``bench.tasks.SUITES``; ``--tasks``, when given,
+overrides it; the default is ``classic``, the five tasks the page had before the rough suite);
 ``--no-docs`` prints only, ``--options JSON`` passes engine options (``Problem.options``) to
 bocompress and ``gp_on_J`` for experiments (``{"bench_n_initial": 5}`` changes their ``n_initial``),
-``--json PATH`` saves the raw per-trial scores and ``--from-json PATH`` re-renders the tables, the
-summary and docs/ from such a file without running anything.
+``--json PATH`` saves the raw per-trial scores and ``--from-json PATH[,PATH...]`` re-renders the tables,
+the summary and docs/ from such files without running anything (several files are merged: e.g. one
+run of the peers and one of bocompress).
 """
 
 from __future__ import annotations
@@ -35,18 +38,18 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tasks import TASK_NAMES, Task, make_tasks  # noqa: E402
+from bench.tasks import SUITES, Task, make_tasks  # noqa: E402
 
-METHODS = ("random", "tpe", "optuna_gp", "ax", "gp_on_J", "bocompress")
+from bench.bo_quality_report import METHODS, best_so_far, plot, quantiles, summary, table, timing, _fmt  # noqa: E402,F401
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: The Sobol initial design of bocompress (the service's default ``n_initial``).
 N_INITIAL = 8
@@ -216,112 +219,14 @@ def _job(args: tuple[str, str, int, dict | None]) -> dict[str, Any]:
     return {"task": task_name, "method": method, "seed": seed, "scores": scores, "seconds": elapsed}
 
 
-# --------------------------------------------------------------------------- reporting
-
-
-def best_so_far(scores: list[float]) -> list[float]:
-    """Running minimum of per-trial scores (``inf`` until the first finite one)."""
-    out, best = [], math.inf
-    for s in scores:
-        best = min(best, s)
-        out.append(best)
-    return out
-
-
-def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile), ``inf`` entries sorting last."""
-    ys = sorted(xs)
-    if len(ys) == 1:
-        return ys[0], ys[0], ys[0]
-    q = statistics.quantiles(ys, n=4, method="inclusive") if all(math.isfinite(y) for y in ys) else None
-    if q is None:
-        def at(f: float) -> float:
-            k = f * (len(ys) - 1)
-            lo, hi = math.floor(k), math.ceil(k)
-            if not (math.isfinite(ys[lo]) and math.isfinite(ys[hi])):
-                return ys[hi]
-            return ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
-        return at(0.25), at(0.5), at(0.75)
-    return q[0], statistics.median(ys), q[2]
-
-
-def _fmt(x: float) -> str:
-    if not math.isfinite(x):
-        return "none feasible"
-    return f"{x:.4g}"
-
-
-def plot(task: Task, results: list[dict[str, Any]], path: Path) -> None:
-    """Median (and IQR band) of the best-so-far score per trial, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in METHODS:
-        runs = [r for r in results if r["task"] == task.name and r["method"] == method]
-        if not runs:
-            continue
-        curves = [best_so_far(r["scores"]) for r in runs]
-        xs = list(range(1, task.trials + 1))
-        med, lo, hi = [], [], []
-        for i in range(task.trials):
-            q25, q50, q75 = quantiles([c[i] for c in curves])
-            med.append(q50 if math.isfinite(q50) else float("nan"))
-            lo.append(q25 if math.isfinite(q25) else float("nan"))
-            hi.append(q75 if math.isfinite(q75) else float("nan"))
-        style = {"linewidth": 2.4} if method == "bocompress" else {"linewidth": 1.4}
-        (line,) = ax.plot(xs, med, label=method, **style)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-    if task.optimum is not None:
-        ax.axhline(task.optimum, color="k", linestyle=":", linewidth=1, label="optimum")
-    ax.set_xlabel("trial")
-    ax.set_ylabel({"synthetic": "best value", "scalarized": "best J = L + R",
-                   "constrained": f"best feasible L (R <= {task.budget})"}[task.kind])
-    if task.kind != "synthetic" or task.name == "ackley10":
-        ax.set_yscale("log")
-    ax.set_title(f"{task.title}\nmedian best-so-far over seeds, IQR band", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def table(tasks: list[Task], results: list[dict[str, Any]], methods: list[str]) -> str:
-    """Markdown table: median [IQR] of the final best score per method and task."""
-    head = "| method | " + " | ".join(f"{t.title} ({t.trials} trials)" for t in tasks) + " |"
-    lines = [head, "|---|" + "---|" * len(tasks)]
-    for m in methods:
-        cells = []
-        for t in tasks:
-            finals = [best_so_far(r["scores"])[-1] for r in results if r["task"] == t.name and r["method"] == m]
-            if not finals:
-                cells.append("—")
-                continue
-            q25, q50, q75 = quantiles(finals)
-            cells.append(f"{_fmt(q50)} [{_fmt(q25)}, {_fmt(q75)}]")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def timing(results: list[dict[str, Any]], methods: list[str], tasks: list[Task]) -> str:
-    """Markdown table: median seconds per search."""
-    lines = ["| method | " + " | ".join(t.name for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for m in methods:
-        cells = []
-        for t in tasks:
-            secs = [r["seconds"] for r in results if r["task"] == t.name and r["method"] == m]
-            cells.append(f"{statistics.median(secs):.1f}" if secs else "—")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _run(
-    tasks: list[Task], methods: list[str], seeds: int, first_seed: int, workers: int, options: dict | None
+    tasks: list[Task], methods: list[str], seeds: int, first_seed: int, workers: int, options: dict | None,
+    save: Callable[[list[dict[str, Any]], float], None] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Every (task, method, seed) search on a process pool; returns the results and the wall time."""
+    """Every (task, method, seed) search on a process pool; returns the results and the wall time.
+
+    ``save``, if given, is called with the results so far after every search (a run stopped early
+    keeps what it finished)."""
     jobs = []
     for t in tasks:
         for m in methods:
@@ -342,30 +247,9 @@ def _run(
             final = best_so_far(r["scores"])[-1]
             print(f"[{time.perf_counter() - t0:7.1f}s] {r['task']:<17} {r['method']:<11} seed {r['seed']}: "
                   f"best {_fmt(final)} ({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
+            if save is not None:
+                save(results, time.perf_counter() - t0)
     return results, time.perf_counter() - t0
-
-
-def summary(tasks: list[Task], results: list[dict[str, Any]], methods: list[str]) -> str:
-    """One sentence per baseline: on which tasks bocompress's median final score is lower, tied or higher."""
-    def med(task: str, method: str) -> float | None:
-        finals = [best_so_far(r["scores"])[-1] for r in results if r["task"] == task and r["method"] == method]
-        return quantiles(finals)[1] if finals else None
-
-    if "bocompress" not in methods:
-        return ""
-    out = []
-    for base in [m for m in ("random", "tpe", "optuna_gp", "ax") if m in methods]:
-        better, worse = [], []
-        for t in tasks:
-            ours, theirs = med(t.name, "bocompress"), med(t.name, base)
-            if ours is None or theirs is None:
-                continue
-            (better if ours < theirs else worse).append(f"{t.name} ({_fmt(ours)} vs {_fmt(theirs)})")
-        if not better and not worse:
-            continue
-        out.append(f"Against {base}, bocompress's median is lower on {len(better)} of {len(better) + len(worse)} "
-                   f"tasks" + (f"; not lower on {', '.join(worse)}" if worse else "") + ".")
-    return " ".join(out)
 
 
 def main() -> None:
@@ -373,26 +257,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
-    ap.add_argument("--tasks", default=",".join(TASK_NAMES))
+    ap.add_argument("--suite", default=None, choices=sorted(SUITES),
+                    help="a named set of tasks (classic: the original five; rough: the BoTorch suite; all)")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names (overrides --suite)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--options", default=None, help="JSON engine options for bocompress and gp_on_J (experiments)")
     ap.add_argument("--json", default=None, help="also write the raw per-trial scores here")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
     ap.add_argument("--from-json", default=None, help="re-render the tables and docs from a --json file; run nothing")
     args = ap.parse_args()
-    task_names = [t for t in args.tasks.split(",") if t]
+    if args.tasks:
+        task_names = [t for t in args.tasks.split(",") if t]
+    else:
+        task_names = list(SUITES[args.suite or ("all" if args.from_json else "classic")])
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
     options = json.loads(args.options) if args.options else None
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        if isinstance(saved, list):
-            saved = {"results": saved}
-        results = saved["results"]
-        total = float(saved.get("total_s", math.nan))
-        args.workers = int(saved.get("workers", args.workers))
+        results, total = [], 0.0
+        for part in args.from_json.split(","):
+            saved = json.loads(Path(part).read_text())
+            if isinstance(saved, list):
+                saved = {"results": saved}
+            results += saved["results"]
+            total += float(saved.get("total_s", math.nan))
+            args.workers = int(saved.get("workers", args.workers))
         seeds = sorted({r["seed"] for r in results})
         args.seeds, args.first_seed = len(seeds), seeds[0]
         present = {r["task"] for r in results}
@@ -401,7 +292,11 @@ def main() -> None:
         tasks = make_tasks(task_names)
     else:
         tasks = make_tasks(task_names)
-        results, total = _run(tasks, methods, args.seeds, args.first_seed, args.workers, options)
+        def save(res: list[dict[str, Any]], secs: float) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps({"results": res, "total_s": secs, "workers": args.workers}))
+
+        results, total = _run(tasks, methods, args.seeds, args.first_seed, args.workers, options, save)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "total_s": total, "workers": args.workers}))
     tab = table(tasks, results, methods)
@@ -424,11 +319,17 @@ def main() -> None:
         plot(t, results, path)
         pngs.append(f"![{t.title}]({path.name})")
     body = (
-        f"Median [IQR] over {args.seeds} seeds (seeds {args.first_seed}..{args.first_seed + args.seeds - 1}) of the "
+        f"Median [IQR] over up to {args.seeds} seeds (seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; "
+        "a cell run on fewer says how many) of the "
         "final best score (lower is better), every method with the same trial budget per task, one trial at a "
         "time. Synthetic tasks: the best noiseless function value found (each method is told the values are "
         "exact: sem 0; Branin min 0.3979, Hartmann6 min -3.3224, Ackley min 0; Ackley on [-5, 10]^10, so its "
-        "optimum is not at the centre). Compression tasks (zoo `digits-cnn`, Tucker-2 on the convolutions + "
+        "optimum is not at the centre). The rough suite (`--suite rough`, `bench/tasks.py:ROUGH`): BoTorch's "
+        "synthetic test functions, 40 trials each; minima Rosenbrock 0, Levy 0, Styblinski-Tang-8 -313.3, "
+        "Michalewicz-5 -4.688, Griewank 0, Rastrigin 0, Powell 0 (Hartmann-4: BoTorch gives none); where the "
+        "optimum sits at (or within a tenth of the width of) the centre of BoTorch's box (Levy, Griewank, "
+        "Rastrigin, Powell) the box is translated per dimension by a seeded 15-35 % of its width with a random "
+        "sign (`shifted_box`, the same box for every method and seed). Compression tasks (zoo `digits-cnn`, Tucker-2 on the convolutions + "
         "SVD on the linear layers, 5 layers, real relative distillation L on the 450 held-out digits, reported "
         "with its standard error): scalarized J = L + R with R the exact parameter ratio; constrained: the "
         f"best L among trials with R <= 0.4. bocompress's initial design is the service default "

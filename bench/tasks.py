@@ -3,8 +3,9 @@
 Every task is a minimization problem over a box of named float parameters, with a fixed trial
 budget. Two kinds:
 
-- ``synthetic`` (Branin 2-d, Hartmann6, Ackley-10): ``value(params)`` is the function value,
-  noiseless; the score of a search is the best value found.
+- ``synthetic`` (Branin 2-d, Hartmann6, Ackley-10, and the ``rough`` suite of BoTorch test
+  functions in 4-12 dims, :data:`ROUGH`): ``value(params)`` is the function value, noiseless; the
+  score of a search is the best value found.
 - ``compression`` (the zoo's trained ``digits-cnn``, Tucker-2 on its convolutions and SVD on its
   linear layers, 5 parameters): a trial measures the real relative distillation error L on the
   450 held-out digits (the formula of ``bocompress.worker.evaluate``) and the exact cost ratio R of the
@@ -173,6 +174,84 @@ def _box(d: int, low: float, high: float) -> list[dict]:
     return [{"name": f"x{i}", "type": "float", "low": low, "high": high, "log": False} for i in range(d)]
 
 
+# --------------------------------------------------------------------------- the rough suite
+
+#: The rough suite: (task name, BoTorch class, dims, shift the box?). Rough, multimodal, narrow
+#: valleys, heavy tails: where a stationary GP on raw values struggles. Those whose optimum sits at
+#: (or within a tenth of the width of) the centre of BoTorch's box get a shifted box
+#: (:func:`shifted_box`); the others keep BoTorch's box.
+ROUGH = (
+    ("rosenbrock6", "Rosenbrock", 6, False),  # optimum (1, ..., 1) in [-5, 10]^6: 0.4 of the width
+    ("levy10", "Levy", 10, True),  # (1, ..., 1) in [-10, 10]^10: 0.55, shifted
+    ("styblinski8", "StyblinskiTang", 8, False),  # (-2.90, ...) in [-5, 5]^8: 0.21
+    ("michalewicz5", "Michalewicz", 5, False),  # (2.20, 1.57, 1.28, 1.92, 1.72) in [0, pi]^5
+    ("griewank8", "Griewank", 8, True),  # the origin in [-600, 600]^8: the centre, shifted
+    ("rastrigin6", "Rastrigin", 6, True),  # the origin in [-5.12, 5.12]^6: the centre, shifted
+    ("powell8", "Powell", 8, True),  # the origin in [-4, 5]^8: 0.44, shifted
+    ("hartmann4", "Hartmann", 4, False),  # (0.19, 0.19, 0.56, 0.26) in [0, 1]^4
+)
+ROUGH_NAMES = tuple(r[0] for r in ROUGH)
+#: The seed of the boxes' shifts (one per task, the same for every method and search seed).
+SHIFT_SEED = 20261203
+#: The trial budget of every rough task.
+ROUGH_TRIALS = 40
+
+
+def shifted_box(name: str, low: float, high: float, d: int) -> list[tuple[float, float]]:
+    """BoTorch's box ``[low, high]^d`` translated, per dimension, by a seeded ``s_i``.
+
+    ``|s_i|`` is drawn uniformly in ``[0.15, 0.35]`` of the width with a random sign (seeded by
+    :data:`SHIFT_SEED` and the task's name), so the optimum, where it sat at the centre, sits at
+    0.15-0.35 of the width from it, in a different corner for each task and still inside the box.
+    The function is evaluated as BoTorch defines it (all of these are defined outside the box).
+    """
+    import random
+
+    rng = random.Random(f"{SHIFT_SEED}:{name}")
+    width = high - low
+    out = []
+    for _ in range(d):
+        s = rng.uniform(0.15, 0.35) * width * rng.choice((-1.0, 1.0))
+        out.append((low + s, high + s))
+    return out
+
+
+def botorch_fn(cls_name: str, d: int, shift: bool, name: str) -> tuple[Callable[[dict[str, float]], float], list[tuple[float, float]], float | None]:
+    """``(params -> value, box, optimal value or None)`` of a BoTorch synthetic test function.
+
+    With ``shift`` the box is :func:`shifted_box` of BoTorch's, passed as the function's ``bounds``
+    (BoTorch checks that its optimizers lie inside them).
+    """
+    from botorch.test_functions import synthetic
+
+    f0 = getattr(synthetic, cls_name)(dim=d, dtype=torch.float64)
+    box = [(float(lo), float(hi)) for lo, hi in f0._bounds]
+    if shift:
+        box = shifted_box(name, box[0][0], box[0][1], d)
+    f = getattr(synthetic, cls_name)(dim=d, dtype=torch.float64, bounds=box)
+
+    def value(p: dict[str, float]) -> float:
+        x = torch.tensor([[float(p[f"x{i}"]) for i in range(d)]], dtype=torch.float64)
+        with torch.no_grad():
+            return float(f.evaluate_true(x)[0])
+
+    try:
+        opt: float | None = float(f.optimal_value)
+    except NotImplementedError:  # Hartmann-4: BoTorch gives none
+        opt = None
+    return value, box, opt
+
+
+def rough_task(name: str) -> Task:
+    """One task of the rough suite (:data:`ROUGH`)."""
+    (row,) = [r for r in ROUGH if r[0] == name]
+    _, cls_name, d, shift = row
+    fn, box, opt = botorch_fn(cls_name, d, shift, name)
+    title = f"{cls_name}-{d} (shifted box)" if shift else f"{cls_name}-{d}"
+    params = [{"name": f"x{i}", "type": "float", "low": lo, "high": hi, "log": False} for i, (lo, hi) in enumerate(box)]
+    return Task(name, title, "synthetic", params, trials=ROUGH_TRIALS, optimum=opt, fn=fn)
+
+
 # --------------------------------------------------------------------------- compression
 
 
@@ -215,7 +294,7 @@ def make_tasks(names: list[str] | None = None) -> list[Task]:
     """The benchmark tasks (all of them, or those named), in a fixed order.
 
     Budgets: Branin 25 trials, Hartmann6 40, Ackley-10 40 (on ``[-5, 10]^10``, an asymmetric box,
-    so the optimum is not at the centre), both compression tasks 30.
+    so the optimum is not at the centre), both compression tasks 30, every rough task 40.
     """
     wanted = set(names) if names else None
     out: list[Task] = []
@@ -243,7 +322,17 @@ def make_tasks(names: list[str] | None = None) -> list[Task]:
         if want("comp_constrained"):
             out.append(Task("comp_constrained", f"digits-cnn, Tucker-2 + SVD: min L s.t. R <= {CONSTRAINED_BUDGET}",
                             "constrained", params, trials=30, profile=prof, budget=CONSTRAINED_BUDGET))
+    for name in ROUGH_NAMES:
+        if want(name):
+            out.append(rough_task(name))
     return out
 
 
 TASK_NAMES = ("branin", "hartmann6", "ackley10", "comp_scalarized", "comp_constrained")
+#: Named subsets of the tasks (``bench/bo_quality.py --suite``).
+SUITES = {
+    "classic": TASK_NAMES,
+    "rough": ROUGH_NAMES,
+    "synthetic": ("branin", "hartmann6", "ackley10") + ROUGH_NAMES,
+    "all": TASK_NAMES + ROUGH_NAMES,
+}

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from bocompress.objective import job_objective
 
+from . import transforms
 from .gp import MIN_YVAR
 from .problem import MIN_L, Compiled, Observation
 
@@ -47,6 +48,14 @@ def training_data(ctx: Compiled, obs: list[Observation]) -> tuple[Tensor, Tensor
         Y = vals if ctx.maximize else -vals
         var = sem**2
         J = -Y
+        # A monotone transform chosen from the data (``none`` unless the bad tail is heavy):
+        # the order of the points, and so J and the incumbent, are unchanged.
+        name = transforms.choose(Y, ctx.transform)
+        Y, slope = transforms.apply(name, Y)
+        if slope is None:
+            have_sem = False  # rank scores: no derivative to carry the noise through; infer it
+        else:
+            var = var * slope**2
         if ctx.winsorize and Y.numel() >= 4:
             Y = winsorize_low(Y)
     Yvar = None

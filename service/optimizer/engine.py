@@ -14,7 +14,9 @@ Stages (``Problem.engine``):
   * ``constrained``: qLogNEI of ``-log L`` with a penalty on the relaxed ``R - budget``; every
     candidate is then repaired (theta scaled toward ``low`` until the exact R fits the budget);
   * ``pareto``: qLogNEHVI over ``(-log L, -R)``, R deterministic;
-  * generic: qLogNEI on the metric (negated when minimizing).
+  * generic: qLogNEI on the metric (negated when minimizing), modelled after a monotone outcome
+    transform chosen from the data (:mod:`~bocompress.service.optimizer.transforms`: Yeo-Johnson when the
+    metric's bad tail is heavy, else none), incumbents ranked by the metric as reported.
 - ``uniform`` | ``energy`` | ``global`` | ``knapsack`` (compression jobs): one one-shot allocation
   (:mod:`bocompress.service.optimizer.allocators`) per target R (the budget of ``constrained``, else 0.25,
   0.5, 0.75), each once; then nothing is left to propose and the job completes.

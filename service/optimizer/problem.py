@@ -56,7 +56,9 @@ class Problem:
             the incumbent for the GP stage's candidates and acquisition optimizer; default False),
             ``kernel`` (``rbf`` | ``additive``), ``max_fit_points``,
             ``mean`` (``constant`` | ``linear``; default linear for compression jobs, constant
-            for generic ones), ``min_gp_obs`` (observations before the GP stage; default
+            for generic ones), ``transform`` (generic jobs: ``auto`` | ``none`` | ``power`` |
+            ``log`` | ``rank``, the metric's outcome transform, :mod:`bocompress.service.optimizer.transforms`;
+            default auto), ``min_gp_obs`` (observations before the GP stage; default
             ``max(2, ceil(n_initial / 2))``), ``rank_snapped`` (default True), ``center``
             (trial 0 is the centre of the space instead of Sobol point 0; default True for
             generic jobs), ``winsorize`` (generic jobs: clip the metric's bad tail at the Tukey
@@ -153,6 +155,7 @@ class Compiled:
     init: str = "sobol"
     alloc: list[dict[str, float]] | None = None
     trust_region: bool = False
+    transform: str = "none"
 
     @property
     def compression(self) -> bool:
@@ -243,8 +246,22 @@ def compile_problem(problem: Problem) -> Compiled:
         center=bool(opts.get("center", not compression)),
         init=str(opts.get("init", "sobol")),
         trust_region=bool(opts.get("trust_region", False)),
+        transform=_transform_option(opts, compression),
         alloc=alloc_points(problem) if compression else None,
     )
+
+
+def _transform_option(opts: dict, compression: bool) -> str:
+    """The generic metric's outcome transform (:mod:`bocompress.service.optimizer.transforms`); compression
+    jobs model log L and take none."""
+    from .transforms import TRANSFORMS
+
+    name = str(opts.get("transform", "none" if compression else "auto"))
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown transform {name!r}; use one of {TRANSFORMS}")
+    if compression and name != "none":
+        raise ValueError("the outcome transform is for generic jobs (compression jobs model log L)")
+    return name
 
 
 def ratio(problem: Problem, params: Mapping[str, float]) -> float:
