@@ -10,13 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bocompress.worker.methods.channel_groups import analyze_channel_groups
 from bocompress.worker.strategies import Cancelled, OptionError
-from bocompress.worker.strategies.chipnet import (
+from bocompress.worker.strategies.chipnet import ChipNetConfig, chipnet
+from bocompress.worker.strategies.gates import (
     BUDGET_TYPES,
     BudgetModel,
-    ChipNetConfig,
-    _gated_groups,
-    chipnet,
     continuous_heaviside,
+    gated_groups,
     logistic,
     project,
 )
@@ -90,7 +89,7 @@ def test_budget_model_matches_pruned_models_and_projection(resnet20, digits32):
     """Projected masks of random gates meet every target, exactly measured; the ratio grows with the mask."""
     (x, _), _, _ = digits32
     analysis = analyze_channel_groups(resnet20, x[:1])
-    groups = _gated_groups(resnet20, analysis)
+    groups = gated_groups(resnet20, analysis)
     bm = BudgetModel(resnet20, analysis, groups)
     gen = torch.Generator().manual_seed(1)
     zetas = [torch.randn(g.size, generator=gen) for g in groups]

@@ -1,6 +1,7 @@
 """Training strategies that run as one long worker task: ChipNet pruning and retraining.
 
-* :mod:`bocompress.worker.strategies.chipnet`: budget-aware soft channel pruning (Tiwari et al. 2021);
+* :mod:`bocompress.worker.strategies.chipnet`: budget-aware soft channel pruning (Tiwari et al. 2021),
+  with its gates and budgets in :mod:`bocompress.worker.strategies.gates`;
 * :mod:`bocompress.worker.strategies.retrain`: fine-tune or train from scratch a found architecture
   (Liu et al. 2019: fine-tune, Scratch-E, Scratch-B);
 * :mod:`bocompress.worker.strategies.training`: what both share (option errors, :class:`Cancelled`, data).
