@@ -56,6 +56,8 @@ class JobOut(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="what a user must know about the best trial")
     collapsed: bool = Field(default=False, description="the best trial lost the model's function (L >= 0.9 or "
                             "held-out accuracy near chance)")
+    progress: dict[str, Any] | None = Field(
+        default=None, description="a ChipNet job's one long task: its state, fraction done and message")
 
 
 class Page(BaseModel):
@@ -136,6 +138,9 @@ class FailRequest(_Strict):
 
 class HeartbeatRequest(_Strict):
     lease_token: str | None = Field(default=None, max_length=64)
+    progress: Num | None = Field(default=None, ge=0.0, le=1.0,
+                                 description="a long task's (ChipNet's) fraction done, shown with the job")
+    message: str | None = Field(default=None, max_length=500, description="what the long task is doing now")
 
 
 class LeaseRequest(_Strict):

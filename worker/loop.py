@@ -50,8 +50,8 @@ __all__ = ["run_worker", "Worker", "Backoff", "KINDS"]
 logger = logging.getLogger("bocompress.worker")
 
 
-#: Task kinds this worker runs.
-KINDS = ("profile", "evaluate", "export")
+#: Task kinds this worker runs (``chipnet``: a ChipNet job's one long task, bocompress.worker.tasks_chipnet).
+KINDS = ("profile", "evaluate", "export", "chipnet")
 #: Longest wait between two attempts to reach a service that is away, in seconds.
 MAX_BACKOFF = 10.0
 #: Default seconds a stopping worker lets the current task finish before handing it back.
@@ -95,6 +95,8 @@ class _Outcome:
     error: str | None = None
     retry: bool = False
     artifact: bytes | None = None
+    #: What the service stores with an uploaded artifact besides its reference (ChipNet: θ, masks).
+    artifact_info: dict[str, Any] | None = None
 
 
 class _Heartbeat(threading.Thread):
@@ -107,11 +109,21 @@ class _Heartbeat(threading.Thread):
         self.lost = threading.Event()
         self.reason = ""
         self._stop_event = threading.Event()
+        #: A long task's ``(fraction, message)``, sent with the next beat (None: a plain beat).
+        self.progress: tuple[float, str] | None = None
+
+    def report(self, fraction: float, message: str) -> None:
+        """Keep a long task's progress for the next beat (called from the compute thread)."""
+        self.progress = (min(1.0, max(0.0, float(fraction))), str(message)[:500])
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
+            body: dict[str, Any] = {"lease_token": self.token}
+            progress = self.progress
+            if progress is not None:
+                body.update(progress=progress[0], message=progress[1])
             try:
-                self.client.request("POST", f"/trials/{self.trial_id}/heartbeat", json={"lease_token": self.token})
+                self.client.request("POST", f"/trials/{self.trial_id}/heartbeat", json=body)
             except (ConflictError, NotFoundError) as exc:
                 self.reason = getattr(exc, "detail", str(exc))
                 self.lost.set()
@@ -226,7 +238,7 @@ class Worker:
 
             def compute() -> None:
                 try:
-                    result.append(self._compute(kind, trial, job, log, lease.get("source")))
+                    result.append(self._compute(kind, trial, job, log, lease.get("source"), hb))
                 finally:
                     finished.set()
 
@@ -262,10 +274,12 @@ class Worker:
     # ------------------------------------------------------------------ computing
 
     def _compute(self, kind: str, trial: Mapping[str, Any], job: Mapping[str, Any],
-                 log: _Log, source: Mapping[str, Any] | None = None) -> _Outcome:
+                 log: _Log, source: Mapping[str, Any] | None = None, hb: _Heartbeat | None = None) -> _Outcome:
         """Run a task; never raises: errors become a failed outcome, with or without retry."""
         permanent = permanent_types()
         try:
+            if kind == "chipnet":
+                return self._chipnet(trial, job, hb)
             if kind == "profile":
                 from bocompress.worker.proxy import job_profile
 
@@ -319,6 +333,25 @@ class Worker:
         )
         return _Outcome(True, values=values, sem={}, artifact=data)
 
+    def _chipnet(self, task: Mapping[str, Any], job: Mapping[str, Any], hb: _Heartbeat | None) -> _Outcome:
+        """A ChipNet job's long task: progress rides on the heartbeats, and a heartbeat refused
+        (the job was cancelled) stops the training before its next step; nothing is reported then."""
+        from bocompress.worker.strategies import Cancelled
+        from bocompress.worker.tasks_chipnet import run_chipnet_task
+
+        ctx, _ = self.cache.get(job)
+
+        def should_stop() -> bool:
+            return hb is not None and hb.lost.is_set() or self.hurry.is_set()
+
+        try:
+            out = run_chipnet_task(ctx, job, task, progress=hb.report if hb is not None else None,
+                                   should_stop=should_stop)
+        except Cancelled as exc:
+            self.log.info("ChipNet stopped: %s", exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
+            return _Outcome(False, error=str(exc), retry=True)
+        return _Outcome(True, values=out.values, sem=out.sem, artifact=out.data, artifact_info=out.info)
+
     # ------------------------------------------------------------------ reporting
 
     def _report(self, trial_id: int, token: str | None, outcome: _Outcome, hb: _Heartbeat,
@@ -332,7 +365,8 @@ class Worker:
                 body["profile"] = outcome.profile
             if outcome.artifact is not None:
                 try:
-                    body["artifact"] = self.client.upload_artifact(trial_id, outcome.artifact, lease_token=token)
+                    body["artifact"] = {**self.client.upload_artifact(trial_id, outcome.artifact, lease_token=token),
+                                        **(outcome.artifact_info or {})}
                 except (ConflictError, NotFoundError) as exc:
                     log.warning("artifact refused (%s): the lease was lost or the job cancelled", exc)
                     return False

@@ -19,6 +19,12 @@ from bocompress.service.db.queries import visible_job
 from bocompress.service.db.trials import add_event, bump_seq, check_lease, lock_trial
 
 
+def chipnet_export(s: Session, job: Any, src: Trial, params: dict[str, Any]) -> Trial | None:
+    from bocompress.service.db.strategies import chipnet_export as _export
+
+    return _export(s, job, src, params)
+
+
 def export_out(t: Trial) -> dict[str, Any]:
     return {"id": t.id, "job_id": t.job_id, "trial_id": int(t.params["trial_id"]), "state": t.state,
             "finetune_steps": int(t.params.get("finetune_steps", 0)), "lr": float(t.params.get("lr", 1e-4)),
@@ -70,6 +76,9 @@ class ExportsMixin:
             if latest is not None and latest.params == params and latest.state in (*OPEN_TRIAL_STATES,
                                                                                      TrialState.COMPLETED):
                 return export_out(latest)
+            chip = chipnet_export(s, job, src, params)  # a ChipNet trial: its stored pruned model
+            if chip is not None:
+                return export_out(chip)
             n = s.execute(select(func.count()).select_from(Trial)
                           .where(Trial.job_id == job_id, Trial.kind == "export")).scalar_one()
             task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state=TrialState.QUEUED,
@@ -108,7 +117,7 @@ class ExportsMixin:
         """Keep the compressed model of the export task the caller holds the lease of."""
         def _store(s: Session) -> dict[str, Any]:
             t = lock_trial(s, task_id, self.dialect)  # type: ignore[attr-defined]
-            if t.kind != "export":
+            if t.kind not in ("export", "chipnet"):
                 raise TransitionError(f"trial {task_id} is not an export task", "not_export")
             if t.state != TrialState.RUNNING:
                 raise TransitionError(f"export task {task_id} is {t.state}: upload refused", "lease_lost")

@@ -102,6 +102,12 @@ class Store(ABC):
         """Extend a lease: ``{"lease": ...}``; TransitionError when it was lost or the job was cancelled."""
 
     @abstractmethod
+    async def task_progress(self, trial_id: int, token: str | None, fraction: float,
+                            message: str | None) -> dict[str, Any]:
+        """A heartbeat carrying a long task's progress (ChipNet): kept with the task, shown as the
+        job's ``progress``; the same answer and errors as :meth:`heartbeat`."""
+
+    @abstractmethod
     async def complete(self, trial_id: int, token: str | None, result: Result) -> dict[str, Any]:
         """Store a result once (the same again is a no-op): the trial as it now is."""
 

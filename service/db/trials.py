@@ -291,6 +291,10 @@ def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
         return
     if trial.kind == "evaluate":
         _close_if_done(session, job)
+    if trial.kind == "chipnet" and trial.state in LOST_TRIAL_STATES and job.state == JobState.RUNNING:
+        # a ChipNet job's one long task: the job cannot go on without it
+        set_job_state(session, job, JobState.FAILED, (JobState.RUNNING,),
+                      reason=f"ChipNet failed: {(trial.error or trial.state).splitlines()[0][:500]}")
 
 
 def _close_if_done(session: Session, job: Job) -> None:
