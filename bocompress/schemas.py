@@ -39,6 +39,7 @@ from bocompress.schemas_trials import (
     LeaseRequest,
     LeaseResponse,
     Page,
+    RetrainOptions,
     TellRequest,
     TokenCreate,
     TokenOut,
@@ -85,7 +86,7 @@ __all__ = [
     # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
     "TrialOut", "JobOut", "Page", "AskRequest", "AskResponse", "TellRequest", "CompleteRequest", "FailRequest",
     "HeartbeatRequest", "LeaseRequest", "LeaseInfo", "LeaseResponse", "HeartbeatResponse", "UploadOut",
-    "TokenCreate", "TokenOut", "ExportRequest", "ExportOut", "ErrorOut",
+    "TokenCreate", "TokenOut", "RetrainOptions", "ExportRequest", "ExportOut", "ErrorOut",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")

@@ -200,11 +200,41 @@ class TokenOut(BaseModel):
     token: str | None = Field(default=None, description="the secret; shown once, at creation")
 
 
+#: The retraining modes of an export (Liu et al. 2019; the worker's bocompress.worker.strategies.retrain).
+RETRAIN_MODES = ("finetune-distill", "finetune-labels", "scratch-e", "scratch-b")
+
+
+class RetrainOptions(_Strict):
+    """``retrain`` of an export: fine-tune or train from scratch the trial's compressed architecture.
+
+    ``finetune-distill`` needs no labels; the other three train on labels. ``epochs`` are the
+    fine-tunes' epochs and, for the scratch modes, the original's training epochs ``E``
+    (Scratch-E trains ``E`` epochs, Scratch-B ``ceil(E * F_full / F_pruned)``: the same compute).
+    """
+
+    mode: Literal["finetune-distill", "finetune-labels", "scratch-e", "scratch-b"]
+    epochs: Int = Field(ge=1, le=10_000)
+    dataset: str | None = Field(default=None, min_length=1, max_length=200,
+                                description="training data: an uploaded dataset id or a built-in set "
+                                "(default: the job's own data, its calibration part)")
+    lr: Num | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune (or scratch peak) learning rate")
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+
 class ExportRequest(_Strict):
     """``POST /api/v1/jobs/{id}/trials/{trial_id}/export``: build the compressed model of a trial."""
 
     finetune_steps: Int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
     lr: Num = Field(default=1e-4, gt=0.0, le=1.0)
+    retrain: RetrainOptions | None = Field(default=None, description="retrain the compressed architecture "
+                                           "(instead of finetune_steps): docs/strategies.md")
+
+    @model_validator(mode="after")
+    def _one_training(self) -> "ExportRequest":
+        if self.retrain is not None and self.finetune_steps:
+            raise ValueError("retrain: give either finetune_steps or retrain, not both")
+        return self
 
 
 class ExportOut(BaseModel):
@@ -217,6 +247,8 @@ class ExportOut(BaseModel):
     values: dict[str, float] = Field(default_factory=dict)
     artifact: dict[str, Any] | None = None
     error: str | None = None
+    retrain: dict[str, Any] | None = Field(default=None, description="the retraining asked for, if any")
+    progress: dict[str, Any] | None = Field(default=None, description="a retraining's fraction done and message")
 
 
 class ErrorOut(BaseModel):

@@ -287,7 +287,7 @@ class Worker:
                 log.info("profiled in %.2f s", ctx.build_seconds)
                 return _Outcome(True, values={}, sem={}, profile=job_profile(ctx))
             if kind == "export":
-                return self._export(trial, job, source)
+                return self._export(trial, job, source, hb)
             return self._evaluate(trial, job)
         except permanent as exc:
             return _Outcome(False, error=error_text(exc, str(exc) or None), retry=False)
@@ -315,8 +315,8 @@ class Worker:
         return _Outcome(True, values=values, sem=sem)
 
     def _export(self, task: Mapping[str, Any], job: Mapping[str, Any],
-                source: Mapping[str, Any] | None) -> _Outcome:
-        """Build the source trial's compressed model, fine-tune it if asked, serialize it."""
+                source: Mapping[str, Any] | None, hb: _Heartbeat | None = None) -> _Outcome:
+        """Build the source trial's compressed model, fine-tune or retrain it if asked, serialize it."""
         from bocompress.worker.export import build_export
         from bocompress.worker.runtime import TaskError
 
@@ -325,6 +325,8 @@ class Worker:
         ctx, _ = self.cache.get(job)
         theta = {k: float(v) for k, v in (source.get("params") or {}).items()}
         params = task.get("params") or {}
+        if params.get("retrain"):
+            return self._retrain(ctx, task, job, source, params["retrain"], hb)
         data, values, _ = build_export(
             ctx.model, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
             steps=int(params.get("finetune_steps", 0)), lr=float(params.get("lr", 1e-4)),
@@ -351,6 +353,23 @@ class Worker:
             self.log.info("ChipNet stopped: %s", exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
             return _Outcome(False, error=str(exc), retry=True)
         return _Outcome(True, values=out.values, sem=out.sem, artifact=out.data, artifact_info=out.info)
+
+    def _retrain(self, ctx: Any, task: Mapping[str, Any], job: Mapping[str, Any], source: Mapping[str, Any],
+                 opts: Mapping[str, Any], hb: _Heartbeat | None) -> _Outcome:
+        """An export that retrains (bocompress.worker.tasks_retrain), with progress and cancel as ChipNet's."""
+        from bocompress.worker.strategies import Cancelled
+        from bocompress.worker.tasks_retrain import retrain_export
+
+        def should_stop() -> bool:
+            return hb is not None and hb.lost.is_set() or self.hurry.is_set()
+
+        try:
+            data, values = retrain_export(self.client, ctx, job, source, opts,
+                                          progress=hb.report if hb is not None else None, should_stop=should_stop)
+        except Cancelled as exc:
+            self.log.info("retraining stopped: %s", exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
+            return _Outcome(False, error=str(exc), retry=True)
+        return _Outcome(True, values=values, sem={}, artifact=data)
 
     # ------------------------------------------------------------------ reporting
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bocompress.schemas import ChipNetOptions, JobCreate
+from bocompress.schemas import ZOO_DATA, ChipNetOptions, JobCreate, RetrainOptions
 from bocompress.service.api.errors import bad_request
 
 #: Zoo models with BatchNorm layers (a static fact of their architectures; checked against the zoo
@@ -57,6 +57,30 @@ def chipnet_spec(body: JobCreate, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Retraining modes that train on labels.
+LABEL_MODES = ("finetune-labels", "scratch-e", "scratch-b")
+
+
+def checked_retrain(opts: RetrainOptions | None) -> dict[str, Any] | None:
+    """An export's ``retrain`` options as the task stores them, or None; what the request alone
+    says is checked here (the job's own data and uploads are checked by the store).
+
+    Raises:
+        APIError: 422 naming ``retrain.dataset`` for an unknown set or one without labels for a
+            mode that trains on labels.
+    """
+    if opts is None:
+        return None
+    ds = opts.dataset
+    if ds is not None and not ds.startswith("ds_") and ds not in ZOO_DATA:
+        raise bad_request("retrain.dataset", f"{ds!r} is neither an uploaded dataset id (ds_...) nor a built-in "
+                          f"set ({', '.join(ZOO_DATA)})")
+    if ds in ZOO_UNLABELLED and opts.mode in LABEL_MODES:
+        raise bad_request("retrain.dataset", f"{ds!r} has no labels: {opts.mode} trains on labels "
+                          "(finetune-distill needs none)")
+    return opts.model_dump(mode="json", exclude_none=True)
+
+
 def _zoo_without_bn() -> tuple[str, ...]:
     from bocompress.schemas import ZOO_MODELS
 
@@ -66,4 +90,4 @@ def _zoo_without_bn() -> tuple[str, ...]:
 #: Zoo models ChipNet refuses.
 ZOO_MODELS_WITHOUT_BN = _zoo_without_bn()
 
-__all__ = ["CHIPNET_METHOD", "ZOO_MODELS_WITHOUT_BN", "ZOO_UNLABELLED", "ZOO_WITH_BATCHNORM", "chipnet_spec"]
+__all__ = ["CHIPNET_METHOD", "LABEL_MODES", "checked_retrain", "ZOO_MODELS_WITHOUT_BN", "ZOO_UNLABELLED", "ZOO_WITH_BATCHNORM", "chipnet_spec"]

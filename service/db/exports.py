@@ -25,10 +25,17 @@ def chipnet_export(s: Session, job: Any, src: Trial, params: dict[str, Any]) -> 
     return _export(s, job, src, params)
 
 
+def checked_retrain(s: Session, job: Any, src: Trial, viewer: Any, retrain: dict[str, Any]) -> dict[str, Any]:
+    from bocompress.service.db.strategies import checked_retrain as _check
+
+    return _check(s, job, src, viewer, retrain)
+
+
 def export_out(t: Trial) -> dict[str, Any]:
     return {"id": t.id, "job_id": t.job_id, "trial_id": int(t.params["trial_id"]), "state": t.state,
             "finetune_steps": int(t.params.get("finetune_steps", 0)), "lr": float(t.params.get("lr", 1e-4)),
-            "values": t.values or {}, "artifact": (t.extra or {}).get("artifact"), "error": t.error}
+            "values": t.values or {}, "artifact": (t.extra or {}).get("artifact"), "error": t.error,
+            "retrain": t.params.get("retrain"), "progress": (t.extra or {}).get("progress")}
 
 
 def _source_trial(s: Session, job_id: int, trial_id: int) -> Trial:
@@ -59,7 +66,7 @@ class ExportsMixin:
     """The export methods of :class:`~bocompress.service.db.sql_store.OrmStore` (``_tx``, ``_read``, ``dialect``)."""
 
     async def request_export(self, job_id: int, trial_id: int, viewer: Any, finetune_steps: int,
-                             lr: float) -> dict[str, Any]:
+                             lr: float, retrain: dict[str, Any] | None = None) -> dict[str, Any]:
         """Queue an export task for a completed trial (the same request again: the same task)."""
         def _req(s: Session) -> dict[str, Any]:
             job = visible_job(s, job_id, viewer)
@@ -72,6 +79,8 @@ class ExportsMixin:
             if job.state not in (JobState.RUNNING, JobState.COMPLETED):
                 raise TransitionError(f"job {job_id} is {job.state}: no worker will build it", "job_state")
             params = {"trial_id": trial_id, "finetune_steps": finetune_steps, "lr": lr}
+            if retrain is not None:
+                params["retrain"] = checked_retrain(s, job, src, viewer, retrain)
             latest = _latest_export(s, job_id, trial_id)
             if latest is not None and latest.params == params and latest.state in (*OPEN_TRIAL_STATES,
                                                                                      TrialState.COMPLETED):

@@ -166,8 +166,14 @@ class Store(ABC):
 
     @abstractmethod
     async def request_export(self, job_id: int, trial_id: int, viewer: Viewer, finetune_steps: int,
-                             lr: float) -> dict[str, Any]:
-        """Queue an export task for a completed trial; the same request again returns the same task."""
+                             lr: float, retrain: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue an export task for a completed trial; the same request again returns the same task.
+        ``retrain``: the export retrains the compressed architecture (Invalid for data without the
+        labels its mode needs)."""
+
+    @abstractmethod
+    async def cancel_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:
+        """Cancel the trial's latest export if it is still open; the export as it now is."""
 
     @abstractmethod
     async def get_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:

@@ -161,6 +161,35 @@ def chipnet_export(s: Session, job: Job, src: Trial, params: dict[str, Any]) -> 
     return task
 
 
+#: Retraining modes that train on labels (``finetune-distill`` needs none).
+LABEL_MODES = ("finetune-labels", "scratch-e", "scratch-b")
+
+
+def checked_retrain(s: Session, job: Job, src: Trial, viewer: Any, retrain: dict[str, Any]) -> dict[str, Any]:
+    """An export's ``retrain`` options, checked against the data they train on (the job's own when
+    they name none): an upload must exist for the caller, and hold ``labels`` for a mode that needs them.
+
+    Raises:
+        Invalid: naming ``retrain.dataset`` (or ``retrain`` for a ChipNet trial, exported as trained).
+    """
+    if (src.extra or {}).get("chipnet"):
+        raise Invalid.field("retrain", "a ChipNet trial is exported as ChipNet trained it; retrain a BO trial, "
+                            "or fine-tune with optimizer.chipnet.finetune_epochs")
+    ds = retrain.get("dataset") or ((job.spec or {}).get("compression") or {}).get("data")
+    fld = "retrain.dataset" if retrain.get("dataset") else "compression.data"
+    needs_labels = retrain.get("mode") in LABEL_MODES
+    if isinstance(ds, str) and ds.startswith("ds_"):
+        blob = s.get(Blob, ds)
+        if blob is None or blob.kind != "dataset" or not (viewer.sees_all or blob.owner == viewer.owner):
+            raise Invalid.field(fld, f"no uploaded dataset {ds!r}")
+        if needs_labels and "labels" not in (blob.tensors or {}):
+            raise Invalid.field(fld, f"uploaded dataset {ds!r} has no 'labels' tensor: {retrain['mode']} trains "
+                                "on labels (finetune-distill needs none)")
+    elif needs_labels and ds == "synthetic":
+        raise Invalid.field(fld, f"{ds!r} has no labels: {retrain['mode']} trains on labels")
+    return dict(retrain)
+
+
 def job_progress(s: Session, job: Job) -> dict[str, Any] | None:
     """A ChipNet job's long task as the job shows it: state, fraction done, message (else None)."""
     if not is_chipnet(job.spec):
@@ -182,6 +211,22 @@ def job_progress(s: Session, job: Job) -> dict[str, Any] | None:
 
 class StrategiesMixin:
     """The long tasks' part of :class:`~bocompress.service.db.sql_store.OrmStore` (``_tx``, ``dialect``)."""
+
+    async def cancel_export(self, job_id: int, trial_id: int, viewer: Any) -> dict[str, Any]:
+        """Cancel the trial's latest export while it is open (its worker stops at the next heartbeat)."""
+        from bocompress.states import OPEN_TRIAL_STATES
+        from bocompress.service.db.exports import _visible_export, export_out
+        from bocompress.service.db.trials import transition
+
+        def _cancel(s: Session) -> dict[str, Any]:
+            t = _visible_export(s, job_id, trial_id, viewer)
+            t = lock_trial(s, t.id, self.dialect)  # type: ignore[attr-defined]
+            if t.state in OPEN_TRIAL_STATES:
+                t = transition(s, t, TrialState.CANCELLED, OPEN_TRIAL_STATES, event="export_cancelled",
+                               finished_at=utcnow(), lease_expires_at=None, guard_attempt=False)
+            return export_out(t)
+
+        return await self._tx(_cancel)  # type: ignore[attr-defined, no-any-return]
 
     async def task_progress(self, trial_id: int, token: str | None, fraction: float,
                             message: str | None) -> dict[str, Any]:
@@ -205,5 +250,5 @@ class StrategiesMixin:
         return await self._tx(_hb)  # type: ignore[attr-defined, no-any-return]
 
 
-__all__ = ["CHIPNET_TASK", "StrategiesMixin", "check_uploads", "chipnet_export", "complete_chipnet", "is_chipnet",
+__all__ = ["CHIPNET_TASK", "LABEL_MODES", "StrategiesMixin", "check_uploads", "checked_retrain", "chipnet_export", "complete_chipnet", "is_chipnet",
            "job_progress", "start_chipnet"]
