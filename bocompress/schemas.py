@@ -342,7 +342,7 @@ class ChipNetOptions(_Strict):
 
     epochs: Int = Field(default=20, ge=1, le=10_000, description="soft-pruning epochs (paper: 20)")
     lr: Num = Field(default=1e-3, gt=0.0, le=1.0, description="AdamW learning rate of the weights")
-    gate_lr: Num | None = Field(default=None, gt=0.0, le=10.0, description="the gates' learning rate (None: lr)")
+    gate_lr: float | None = Field(default=None, gt=0.0, le=10.0, description="the gates' learning rate (None: lr)")
     weight_decay: Num = Field(default=1e-3, ge=0.0, le=1.0)
     batch_size: Int = Field(default=32, ge=1, le=100_000)
     w_budget: Num = Field(default=30.0, ge=0.0, le=1e6, description="weight of the budget loss (paper: 30)")
@@ -351,6 +351,11 @@ class ChipNetOptions(_Strict):
     finetune_epochs: Int = Field(default=0, ge=0, le=10_000, description="label fine-tuning of the pruned model")
     finetune_lr: Num = Field(default=1e-3, gt=0.0, le=1.0)
     seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("gate_lr", mode="before")
+    @classmethod
+    def _gate_lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
 
 
 class OptimizerSpec(_Strict):

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from bocompress.schemas_profile import LayerInfo, ProfileReport
-from bocompress.schemas_types import Bool, Int, JobState, Num, Role, TaskKind, TrialState, _Strict
+from bocompress.schemas_types import ZOO_DATA, Bool, Int, JobState, Num, Role, TaskKind, TrialState, _number, _Strict
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 # What a metric mapping may hold (checked by _check_metrics; stated in the OpenAPI document).
@@ -138,9 +138,14 @@ class FailRequest(_Strict):
 
 class HeartbeatRequest(_Strict):
     lease_token: str | None = Field(default=None, max_length=64)
-    progress: Num | None = Field(default=None, ge=0.0, le=1.0,
-                                 description="a long task's (ChipNet's) fraction done, shown with the job")
+    progress: float | None = Field(default=None, ge=0.0, le=1.0,
+                                   description="a long task's (ChipNet's) fraction done, shown with the job")
     message: str | None = Field(default=None, max_length=500, description="what the long task is doing now")
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
 
 
 class LeaseRequest(_Strict):
@@ -216,10 +221,16 @@ class RetrainOptions(_Strict):
     epochs: Int = Field(ge=1, le=10_000)
     dataset: str | None = Field(default=None, min_length=1, max_length=200,
                                 description="training data: an uploaded dataset id or a built-in set "
-                                "(default: the job's own data, its calibration part)")
-    lr: Num | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune (or scratch peak) learning rate")
+                                "(default: the job's own data, its calibration part)",
+                                json_schema_extra={"pattern": "^(?:ds_[0-9a-f]{24}|" + "|".join(ZOO_DATA) + ")$"})
+    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune (or scratch peak) learning rate")
     batch_size: Int = Field(default=64, ge=1, le=100_000)
     seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
 
 
 class ExportRequest(_Strict):
