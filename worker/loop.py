@@ -279,7 +279,11 @@ class Worker:
         permanent = permanent_types()
         try:
             if kind == "chipnet":
-                return self._chipnet(trial, job, hb)
+                from bocompress.worker.tasks_chipnet import run_chipnet_task
+
+                ctx, _ = self.cache.get(job)
+                return self._long(lambda report, stop: run_chipnet_task(ctx, job, trial, report, stop).parts(),
+                                  hb, "ChipNet", job, trial)
             if kind == "profile":
                 from bocompress.worker.proxy import job_profile
 
@@ -326,7 +330,10 @@ class Worker:
         theta = {k: float(v) for k, v in (source.get("params") or {}).items()}
         params = task.get("params") or {}
         if params.get("retrain"):
-            return self._retrain(ctx, task, job, source, params["retrain"], hb)
+            from bocompress.worker.tasks_retrain import retrain_export
+
+            return self._long(lambda report, stop: (*retrain_export(self.client, ctx, job, source, params["retrain"],
+                                                                    report, stop), None), hb, "retraining", job, task)
         data, values, _ = build_export(
             ctx.model, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
             steps=int(params.get("finetune_steps", 0)), lr=float(params.get("lr", 1e-4)),
@@ -335,41 +342,22 @@ class Worker:
         )
         return _Outcome(True, values=values, sem={}, artifact=data)
 
-    def _chipnet(self, task: Mapping[str, Any], job: Mapping[str, Any], hb: _Heartbeat | None) -> _Outcome:
-        """A ChipNet job's long task: progress rides on the heartbeats, and a heartbeat refused
-        (the job was cancelled) stops the training before its next step; nothing is reported then."""
+    def _long(self, run: Any, hb: _Heartbeat | None, what: str, job: Mapping[str, Any],
+              task: Mapping[str, Any]) -> _Outcome:
+        """A long task (ChipNet, a retraining): ``run(progress, should_stop)`` returns ``(values, sem,
+        artifact bytes, artifact info)``. Progress rides on the heartbeats; a heartbeat refused (the
+        job or the export was cancelled) stops the training before its next step: nothing is reported."""
         from bocompress.worker.strategies import Cancelled
-        from bocompress.worker.tasks_chipnet import run_chipnet_task
-
-        ctx, _ = self.cache.get(job)
 
         def should_stop() -> bool:
             return hb is not None and hb.lost.is_set() or self.hurry.is_set()
 
         try:
-            out = run_chipnet_task(ctx, job, task, progress=hb.report if hb is not None else None,
-                                   should_stop=should_stop)
+            values, sem, data, info = run(hb.report if hb is not None else None, should_stop)
         except Cancelled as exc:
-            self.log.info("ChipNet stopped: %s", exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
+            self.log.info("%s stopped: %s", what, exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
             return _Outcome(False, error=str(exc), retry=True)
-        return _Outcome(True, values=out.values, sem=out.sem, artifact=out.data, artifact_info=out.info)
-
-    def _retrain(self, ctx: Any, task: Mapping[str, Any], job: Mapping[str, Any], source: Mapping[str, Any],
-                 opts: Mapping[str, Any], hb: _Heartbeat | None) -> _Outcome:
-        """An export that retrains (bocompress.worker.tasks_retrain), with progress and cancel as ChipNet's."""
-        from bocompress.worker.strategies import Cancelled
-        from bocompress.worker.tasks_retrain import retrain_export
-
-        def should_stop() -> bool:
-            return hb is not None and hb.lost.is_set() or self.hurry.is_set()
-
-        try:
-            data, values = retrain_export(self.client, ctx, job, source, opts,
-                                          progress=hb.report if hb is not None else None, should_stop=should_stop)
-        except Cancelled as exc:
-            self.log.info("retraining stopped: %s", exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
-            return _Outcome(False, error=str(exc), retry=True)
-        return _Outcome(True, values=values, sem={}, artifact=data)
+        return _Outcome(True, values=values, sem=sem, artifact=data, artifact_info=info)
 
     # ------------------------------------------------------------------ reporting
 

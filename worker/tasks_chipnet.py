@@ -41,6 +41,10 @@ class ChipNetOutcome:
     data: bytes
     info: dict[str, Any]
 
+    def parts(self) -> tuple[dict[str, float], dict[str, float], bytes, dict[str, Any]]:
+        """``(values, sem, data, info)``, as the worker loop reports a long task."""
+        return self.values, self.sem, self.data, self.info
+
 
 def _config(job: Mapping[str, Any]) -> Any:
     from bocompress.worker.strategies.chipnet import ChipNetConfig

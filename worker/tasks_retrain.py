@@ -62,8 +62,8 @@ def _measure(model: Any, ctx: Any) -> dict[str, float]:
 
 def retrain_export(client: Any, ctx: Any, job: Mapping[str, Any], source: Mapping[str, Any],
                    opts: Mapping[str, Any], progress: Progress | None = None,
-                   should_stop: ShouldStop | None = None) -> tuple[bytes, dict[str, float]]:
-    """The safetensors bytes of the retrained compressed model and its measured values.
+                   should_stop: ShouldStop | None = None) -> tuple[dict[str, float], dict[str, float], bytes]:
+    """The retrained compressed model's measured values, their sem (none) and its safetensors bytes.
 
     Values: ``distill_l2_before``/``distill_l2`` (and ``accuracy_before``/``accuracy`` with labels)
     on the held-out part, ``params``, ``retrain_epochs`` (trained), ``flops_ratio``, ``export_seconds``.
@@ -106,4 +106,4 @@ def retrain_export(client: Any, ctx: Any, job: Mapping[str, Any], source: Mappin
               "export_seconds": time.perf_counter() - t0}
     if "accuracy" in before and "accuracy" in after:
         values["accuracy_before"], values["accuracy"] = before["accuracy"], after["accuracy"]
-    return data, values
+    return values, {}, data

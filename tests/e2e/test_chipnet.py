@@ -40,8 +40,10 @@ def _spec(name: str, chipnet: dict, budget: float = 0.5, cost: str = "params", l
             "optimizer": {"engine": "chipnet", "chipnet": chipnet}}
 
 
-def test_chipnet_job_meets_its_budget_and_exports_the_pruned_model(chip_server: LiveServer, tmp_path: Path) -> None:
+def test_chipnet_job_meets_its_budget_and_exports_the_pruned_model(server: LiveServer, tmp_path: Path) -> None:
+    """On both backends (the ``server`` fixture: SQLite and PostgreSQL)."""
     torch.set_num_threads(2)
+    chip_server = server
     client = bocompress.Client(chip_server.url, token=chip_server.token("client", "alice"))
     log = tmp_path / "w.log"
     with worker_process(chip_server.url, chip_server.token("worker", "ops"), log):
