@@ -2,7 +2,9 @@
 
 One worker runs one task at a time:
 
-1. ``POST /workers/lease`` for a ``profile`` or ``evaluate`` task (204: sleep ``poll`` seconds).
+1. ``POST /workers/lease`` for a ``profile``, ``evaluate``, ``export`` or ``chipnet`` task (204: sleep
+   ``poll`` seconds). ChipNet and retraining exports are long tasks: their progress rides on the
+   heartbeats, and a refused heartbeat stops their training before its next step.
 2. Run it in a compute thread while a heartbeat thread extends the lease every
    ``lease_seconds / 3``. A heartbeat answered 409 (lease lost, job cancelled) abandons the task:
    nothing is reported.

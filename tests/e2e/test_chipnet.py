@@ -114,3 +114,19 @@ def test_cancel_during_chipnet_stops_the_worker_and_keeps_nothing(chip_server: L
             assert s.execute(select(Blob.id).where(Blob.kind == "artifact")).all() == []
     finally:
         engine.dispose()
+
+
+def test_a_failed_chipnet_task_fails_the_job_with_its_reason(chip_server: LiveServer, tmp_path: Path) -> None:
+    """An import-path model (no static BatchNorm fact to check) without BatchNorm: the worker's
+    ChipNet refuses it, the task fails for good, and the job fails naming why."""
+    client = bocompress.Client(chip_server.url, token=chip_server.token("client", "alice"))
+    log = tmp_path / "w.log"
+    with worker_process(chip_server.url, chip_server.token("worker", "ops"), log, "--allow-import", "tests.e2e"):
+        spec = _spec("chipnet-no-bn", QUICK)
+        spec["compression"].update(model="tests.e2e.helpers:slow_digits_cnn", data="digits-train", n_calibration=64)
+        job = client.create_job(spec)
+        done = wait_job(client, job.id, timeout=300, log_path=log)
+    assert done["state"] == "failed", (done, log_tail(log))
+    assert done["reason"].startswith("ChipNet failed:") and "BatchNorm" in done["reason"], done["reason"]
+    assert done["progress"]["state"] == "failed" and "BatchNorm" in done["progress"]["message"], done["progress"]
+    assert client._json("GET", f"/jobs/{job.id}/trials")["items"] == []
