@@ -33,6 +33,7 @@ from bocompress.service.db.models import Blob, Job, Trial, utcnow
 from bocompress.service.db.trials import (
     add_event,
     bump_seq,
+    check_lease,
     close_job_if_done,
     complete,
     heartbeat,
@@ -114,6 +115,9 @@ def complete_chipnet(s: Session, t: Trial, job: Job, values: dict[str, float], s
     if t.state == TrialState.COMPLETED:
         complete(s, t, dict(t.values or {}), dict(t.sem or {}), tok, extra=t.extra)  # the lease check
         return t
+    if t.state != TrialState.RUNNING:
+        complete(s, t, {}, {}, tok)  # refused as any result is: cancelled, or the lease lost
+    check_lease(t, tok)
     blob_id = ((t.extra or {}).get("artifact") or {}).get("blob_id")
     if not blob_id or art.get("blob_id") != blob_id or s.get(Blob, blob_id) is None:
         raise Invalid.field("artifact", "upload the pruned model (POST /trials/{id}/artifact) before completing")
@@ -216,7 +220,7 @@ class StrategiesMixin:
         """Cancel the trial's latest export while it is open (its worker stops at the next heartbeat)."""
         from bocompress.states import OPEN_TRIAL_STATES
         from bocompress.service.db.exports import _visible_export, export_out
-        from bocompress.service.db.trials import transition
+        from bocompress.service.db.trials import drop_unreported_artifact, transition
 
         def _cancel(s: Session) -> dict[str, Any]:
             t = _visible_export(s, job_id, trial_id, viewer)
@@ -224,6 +228,7 @@ class StrategiesMixin:
             if t.state in OPEN_TRIAL_STATES:
                 t = transition(s, t, TrialState.CANCELLED, OPEN_TRIAL_STATES, event="export_cancelled",
                                finished_at=utcnow(), lease_expires_at=None, guard_attempt=False)
+                drop_unreported_artifact(s, t)
             return export_out(t)
 
         return await self._tx(_cancel)  # type: ignore[attr-defined, no-any-return]

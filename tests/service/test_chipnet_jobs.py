@@ -100,3 +100,45 @@ def test_the_static_batchnorm_facts_match_the_zoo() -> None:
     for data in ("digits", "digits32-train", "digits-tokens"):
         assert data not in ZOO_UNLABELLED
     assert load_data("synthetic", 4, arch="resnet20")[1] is None
+
+
+def test_cancel_after_the_upload_keeps_no_artifact(server, admin: httpx.Client) -> None:
+    """The worker uploaded the pruned model, then the job was cancelled before its result: the
+    upload is deleted and the result refused (nothing half-written is kept)."""
+    from sqlalchemy import select
+
+    from bocompress.service.db.models import Blob
+    from bocompress.service.db.session import make_engine, make_sessionmaker, read_session
+    from tests.dashboard.helpers import profile_report
+    from tests.service.helpers import lease
+
+    spec = _chip(objective={"kind": "constrained", "budget": 0.5, "cost": "params"})
+    job = admin.post("/api/v1/jobs", json=spec).json()
+    got = lease(admin, worker="p", kinds=["profile"])
+    assert got is not None
+    r = admin.post(f"/api/v1/trials/{got['trial']['id']}/complete",
+                   json={"profile": profile_report("channel_l1"), "lease_token": got["lease"]["token"]})
+    assert r.status_code == 200, r.text
+    task = None
+    for _ in range(100):
+        task = task or lease(admin, worker="w", kinds=["chipnet"])
+    assert task is not None and task["job"]["id"] == job["id"], task
+    tid, tok = task["trial"]["id"], task["lease"]["token"]
+    weights = save({k: v.contiguous() for k, v in load_model("resnet20").state_dict().items()})
+    r = admin.post(f"/api/v1/trials/{tid}/artifact", files={"file": ("m.safetensors", weights)},
+                   headers={"X-Lease-Token": tok})
+    assert r.status_code == 201, r.text
+    blob_id = r.json()["blob_id"]
+    assert admin.post(f"/api/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+    r = admin.post(f"/api/v1/trials/{tid}/complete", json={"values": {"distill_l2": 0.1}, "lease_token": tok,
+                                                           "artifact": {"blob_id": blob_id, "theta": {}}})
+    assert r.status_code == 409 and r.json()["code"] == "cancelled", r.text
+    r = admin.post(f"/api/v1/trials/{tid}/heartbeat", json={"lease_token": tok, "progress": 0.9})
+    assert r.status_code == 409 and r.json()["code"] == "cancelled", r.text
+    engine = make_engine(server.database_url)
+    try:
+        with read_session(make_sessionmaker(engine)) as s:
+            assert s.execute(select(Blob.id).where(Blob.id == blob_id)).first() is None
+    finally:
+        engine.dispose()
+    assert admin.get(f"/api/v1/jobs/{job['id']}/trials").json()["items"] == []
