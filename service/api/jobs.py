@@ -73,7 +73,8 @@ async def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Respo
         spec = chipnet_spec(body, spec)
     blobs = _check_refs(body) if body.is_compression else []
     space = None if body.is_compression else [prm.model_dump() for prm in body.parameters or []]
-    out, created = await ctx.store.create_job(viewer(p), body.name, spec, space, idempotency_key, blobs)
+    # an empty Idempotency-Key is no key (stored as '', a second one would collide with the first)
+    out, created = await ctx.store.create_job(viewer(p), body.name, spec, space, idempotency_key or None, blobs)
     if not created:
         response.status_code = 200
     if ctx.scheduler is not None:
