@@ -347,15 +347,22 @@ class Job:
             body["error"] = error
         return self.client._json("POST", f"/trials/{trial_id}/tell", json=body)
 
-    def export(self, trial_id: int, finetune_steps: int = 0, lr: float = 1e-4) -> dict[str, Any]:
-        """Ask a worker to build the compressed model of a trial (optionally distillation-fine-tuned).
+    def export(self, trial_id: int, finetune_steps: int = 0, lr: float = 1e-4,
+               retrain: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Ask a worker to build the compressed model of a trial (optionally distillation-fine-tuned,
+        or retrained: ``retrain={"mode": "scratch-b", "epochs": 30}``, see docs/strategies.md).
 
         Returns:
             The service's answer (the export task's state); fetch the file with :meth:`download`.
         """
-        return self.client._json(
-            "POST", f"/jobs/{self.id}/trials/{trial_id}/export", json={"finetune_steps": finetune_steps, "lr": lr}
-        )
+        body: dict[str, Any] = {"finetune_steps": finetune_steps, "lr": lr}
+        if retrain is not None:
+            body["retrain"] = dict(retrain)
+        return self.client._json("POST", f"/jobs/{self.id}/trials/{trial_id}/export", json=body)
+
+    def cancel_export(self, trial_id: int) -> dict[str, Any]:
+        """Stop the trial's latest export (a retraining stops at its worker's next heartbeat)."""
+        return self.client._json("POST", f"/jobs/{self.id}/trials/{trial_id}/export/cancel")
 
     def download(
         self,

@@ -39,6 +39,7 @@ from bocompress.schemas_trials import (
     LeaseRequest,
     LeaseResponse,
     Page,
+    RetrainOptions,
     TellRequest,
     TokenCreate,
     TokenOut,
@@ -79,13 +80,13 @@ __all__ = [
     "OBJECTIVE_KINDS", "MAX_EXACT_INT", "Num", "Int", "Bool",
     # the job spec (here)
     "ParameterSpec", "Glob", "ListGlob", "LayerSelection", "split_layer_patterns", "CompressionSpec", "Objective",
-    "Budget", "OptimizerSpec", "JobCreate",
+    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate",
     # the layer table (bocompress.schemas_profile)
     "CostFactor", "CostTerm", "CostForm", "LayerSignals", "LayerInfo", "SearchParam", "ProfileReport",
     # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
     "TrialOut", "JobOut", "Page", "AskRequest", "AskResponse", "TellRequest", "CompleteRequest", "FailRequest",
     "HeartbeatRequest", "LeaseRequest", "LeaseInfo", "LeaseResponse", "HeartbeatResponse", "UploadOut",
-    "TokenCreate", "TokenOut", "ExportRequest", "ExportOut", "ErrorOut",
+    "TokenCreate", "TokenOut", "RetrainOptions", "ExportRequest", "ExportOut", "ErrorOut",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]/]+$")
@@ -333,15 +334,42 @@ class Budget(_Strict):
     lease_seconds: Num = Field(default=60.0, ge=1.0, le=86_400.0)
 
 
+class ChipNetOptions(_Strict):
+    """``optimizer.chipnet``: the options of a ChipNet job (the paper's defaults; docs/strategies.md).
+
+    The names are those of the worker's ``ChipNetConfig``.
+    """
+
+    epochs: Int = Field(default=20, ge=1, le=10_000, description="soft-pruning epochs (paper: 20)")
+    lr: Num = Field(default=1e-3, gt=0.0, le=1.0, description="AdamW learning rate of the weights")
+    gate_lr: float | None = Field(default=None, gt=0.0, le=10.0, description="the gates' learning rate (None: lr)")
+    weight_decay: Num = Field(default=1e-3, ge=0.0, le=1.0)
+    batch_size: Int = Field(default=32, ge=1, le=100_000)
+    w_budget: Num = Field(default=30.0, ge=0.0, le=1e6, description="weight of the budget loss (paper: 30)")
+    w_crisp: Num = Field(default=10.0, ge=0.0, le=1e6, description="weight of the crispness loss (paper: 10)")
+    bn_batches: Int = Field(default=8, ge=0, le=10_000)
+    finetune_epochs: Int = Field(default=0, ge=0, le=10_000, description="label fine-tuning of the pruned model")
+    finetune_lr: Num = Field(default=1e-3, gt=0.0, le=1.0)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("gate_lr", mode="before")
+    @classmethod
+    def _gate_lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
+
+
 class OptimizerSpec(_Strict):
     n_initial: Int = Field(default=8, ge=1, le=10_000)
     seed: Int = Field(default=0, ge=0, le=2**31 - 1)
-    engine: Literal["auto", "sobol", "gp", "uniform", "energy", "global", "knapsack"] = Field(
+    engine: Literal["auto", "sobol", "gp", "uniform", "energy", "global", "knapsack", "chipnet"] = Field(
         default="auto",
         description="'auto': the one-shot allocators' points and Sobol for n_initial trials, then the GP; "
         "'sobol': Sobol only; 'uniform' | 'energy' | 'global' | 'knapsack' (compression jobs): one "
-        "one-shot allocation per target R (the budget of 'constrained', else R = 0.25, 0.5, 0.75), then done",
+        "one-shot allocation per target R (the budget of 'constrained', else R = 0.25, 0.5, 0.75), then done; "
+        "'chipnet' (compression jobs, channel_l1, constrained): one ChipNet run on a worker, whose "
+        "hard-pruned result is the job's one trial",
     )
+    chipnet: ChipNetOptions | None = Field(default=None, description="ChipNet's options (engine 'chipnet')")
 
 
 class JobCreate(_Strict):

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from bocompress.schemas_profile import LayerInfo, ProfileReport
-from bocompress.schemas_types import Bool, Int, JobState, Num, Role, TaskKind, TrialState, _Strict
+from bocompress.schemas_types import ZOO_DATA, Bool, Int, JobState, Num, Role, TaskKind, TrialState, _number, _Strict
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 # What a metric mapping may hold (checked by _check_metrics; stated in the OpenAPI document).
@@ -56,6 +56,8 @@ class JobOut(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="what a user must know about the best trial")
     collapsed: bool = Field(default=False, description="the best trial lost the model's function (L >= 0.9 or "
                             "held-out accuracy near chance)")
+    progress: dict[str, Any] | None = Field(
+        default=None, description="a ChipNet job's one long task: its state, fraction done and message")
 
 
 class Page(BaseModel):
@@ -136,6 +138,14 @@ class FailRequest(_Strict):
 
 class HeartbeatRequest(_Strict):
     lease_token: str | None = Field(default=None, max_length=64)
+    progress: float | None = Field(default=None, ge=0.0, le=1.0,
+                                   description="a long task's (ChipNet's) fraction done, shown with the job")
+    message: str | None = Field(default=None, max_length=500, description="what the long task is doing now")
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
 
 
 class LeaseRequest(_Strict):
@@ -195,11 +205,47 @@ class TokenOut(BaseModel):
     token: str | None = Field(default=None, description="the secret; shown once, at creation")
 
 
+#: The retraining modes of an export (Liu et al. 2019; the worker's bocompress.worker.strategies.retrain).
+RETRAIN_MODES = ("finetune-distill", "finetune-labels", "scratch-e", "scratch-b")
+
+
+class RetrainOptions(_Strict):
+    """``retrain`` of an export: fine-tune or train from scratch the trial's compressed architecture.
+
+    ``finetune-distill`` needs no labels; the other three train on labels. ``epochs`` are the
+    fine-tunes' epochs and, for the scratch modes, the original's training epochs ``E``
+    (Scratch-E trains ``E`` epochs, Scratch-B ``ceil(E * F_full / F_pruned)``: the same compute).
+    """
+
+    mode: Literal["finetune-distill", "finetune-labels", "scratch-e", "scratch-b"]
+    epochs: Int = Field(ge=1, le=10_000)
+    dataset: str | None = Field(default=None, min_length=1, max_length=200,
+                                description="training data: an uploaded dataset id or a built-in set "
+                                "(default: the job's own data, its calibration part)",
+                                json_schema_extra={"pattern": "^(?:ds_[0-9a-f]{24}|" + "|".join(ZOO_DATA) + ")$"})
+    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune (or scratch peak) learning rate")
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
+
+
 class ExportRequest(_Strict):
     """``POST /api/v1/jobs/{id}/trials/{trial_id}/export``: build the compressed model of a trial."""
 
     finetune_steps: Int = Field(default=0, ge=0, le=100_000, description="distillation fine-tuning steps")
     lr: Num = Field(default=1e-4, gt=0.0, le=1.0)
+    retrain: RetrainOptions | None = Field(default=None, description="retrain the compressed architecture "
+                                           "(instead of finetune_steps): docs/strategies.md")
+
+    @model_validator(mode="after")
+    def _one_training(self) -> "ExportRequest":
+        if self.retrain is not None and self.finetune_steps:
+            raise ValueError("retrain: give either finetune_steps or retrain, not both")
+        return self
 
 
 class ExportOut(BaseModel):
@@ -212,6 +258,8 @@ class ExportOut(BaseModel):
     values: dict[str, float] = Field(default_factory=dict)
     artifact: dict[str, Any] | None = None
     error: str | None = None
+    retrain: dict[str, Any] | None = Field(default=None, description="the retraining asked for, if any")
+    progress: dict[str, Any] | None = Field(default=None, description="a retraining's fraction done and message")
 
 
 class ErrorOut(BaseModel):

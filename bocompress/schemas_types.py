@@ -21,7 +21,7 @@ TrialState = Literal[TRIAL_STATES]  # type: ignore[valid-type]
 TERMINAL_TRIAL_STATES = tuple(s.value for s in _states.TERMINAL_TRIAL_STATES)
 JOB_STATES = tuple(s.value for s in _states.JobState)
 JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
-TaskKind = Literal["profile", "evaluate", "export"]
+TaskKind = Literal["profile", "evaluate", "export", "chipnet"]
 Role = Literal["admin", "client", "worker"]
 
 ZOO_MODELS = ("digits-mlp", "digits-cnn", "vgg16", "resnet20", "resnet56", "mobilenet", "transformer")

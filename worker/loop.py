@@ -2,7 +2,9 @@
 
 One worker runs one task at a time:
 
-1. ``POST /workers/lease`` for a ``profile`` or ``evaluate`` task (204: sleep ``poll`` seconds).
+1. ``POST /workers/lease`` for a ``profile``, ``evaluate``, ``export`` or ``chipnet`` task (204: sleep
+   ``poll`` seconds). ChipNet and retraining exports are long tasks: their progress rides on the
+   heartbeats, and a refused heartbeat stops their training before its next step.
 2. Run it in a compute thread while a heartbeat thread extends the lease every
    ``lease_seconds / 3``. A heartbeat answered 409 (lease lost, job cancelled) abandons the task:
    nothing is reported.
@@ -50,8 +52,8 @@ __all__ = ["run_worker", "Worker", "Backoff", "KINDS"]
 logger = logging.getLogger("bocompress.worker")
 
 
-#: Task kinds this worker runs.
-KINDS = ("profile", "evaluate", "export")
+#: Task kinds this worker runs (``chipnet``: a ChipNet job's one long task, bocompress.worker.tasks_chipnet).
+KINDS = ("profile", "evaluate", "export", "chipnet")
 #: Longest wait between two attempts to reach a service that is away, in seconds.
 MAX_BACKOFF = 10.0
 #: Default seconds a stopping worker lets the current task finish before handing it back.
@@ -95,6 +97,8 @@ class _Outcome:
     error: str | None = None
     retry: bool = False
     artifact: bytes | None = None
+    #: What the service stores with an uploaded artifact besides its reference (ChipNet: θ, masks).
+    artifact_info: dict[str, Any] | None = None
 
 
 class _Heartbeat(threading.Thread):
@@ -107,11 +111,21 @@ class _Heartbeat(threading.Thread):
         self.lost = threading.Event()
         self.reason = ""
         self._stop_event = threading.Event()
+        #: A long task's ``(fraction, message)``, sent with the next beat (None: a plain beat).
+        self.progress: tuple[float, str] | None = None
+
+    def report(self, fraction: float, message: str) -> None:
+        """Keep a long task's progress for the next beat (called from the compute thread)."""
+        self.progress = (min(1.0, max(0.0, float(fraction))), str(message)[:500])
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
+            body: dict[str, Any] = {"lease_token": self.token}
+            progress = self.progress
+            if progress is not None:
+                body.update(progress=progress[0], message=progress[1])
             try:
-                self.client.request("POST", f"/trials/{self.trial_id}/heartbeat", json={"lease_token": self.token})
+                self.client.request("POST", f"/trials/{self.trial_id}/heartbeat", json=body)
             except (ConflictError, NotFoundError) as exc:
                 self.reason = getattr(exc, "detail", str(exc))
                 self.lost.set()
@@ -226,7 +240,7 @@ class Worker:
 
             def compute() -> None:
                 try:
-                    result.append(self._compute(kind, trial, job, log, lease.get("source")))
+                    result.append(self._compute(kind, trial, job, log, lease.get("source"), hb))
                 finally:
                     finished.set()
 
@@ -262,10 +276,16 @@ class Worker:
     # ------------------------------------------------------------------ computing
 
     def _compute(self, kind: str, trial: Mapping[str, Any], job: Mapping[str, Any],
-                 log: _Log, source: Mapping[str, Any] | None = None) -> _Outcome:
+                 log: _Log, source: Mapping[str, Any] | None = None, hb: _Heartbeat | None = None) -> _Outcome:
         """Run a task; never raises: errors become a failed outcome, with or without retry."""
         permanent = permanent_types()
         try:
+            if kind == "chipnet":
+                from bocompress.worker.tasks_chipnet import run_chipnet_task
+
+                ctx, _ = self.cache.get(job)
+                return self._long(lambda report, stop: run_chipnet_task(ctx, job, trial, report, stop).parts(),
+                                  hb, "ChipNet", job, trial)
             if kind == "profile":
                 from bocompress.worker.proxy import job_profile
 
@@ -273,7 +293,7 @@ class Worker:
                 log.info("profiled in %.2f s", ctx.build_seconds)
                 return _Outcome(True, values={}, sem={}, profile=job_profile(ctx))
             if kind == "export":
-                return self._export(trial, job, source)
+                return self._export(trial, job, source, hb)
             return self._evaluate(trial, job)
         except permanent as exc:
             return _Outcome(False, error=error_text(exc, str(exc) or None), retry=False)
@@ -301,8 +321,8 @@ class Worker:
         return _Outcome(True, values=values, sem=sem)
 
     def _export(self, task: Mapping[str, Any], job: Mapping[str, Any],
-                source: Mapping[str, Any] | None) -> _Outcome:
-        """Build the source trial's compressed model, fine-tune it if asked, serialize it."""
+                source: Mapping[str, Any] | None, hb: _Heartbeat | None = None) -> _Outcome:
+        """Build the source trial's compressed model, fine-tune or retrain it if asked, serialize it."""
         from bocompress.worker.export import build_export
         from bocompress.worker.runtime import TaskError
 
@@ -311,6 +331,11 @@ class Worker:
         ctx, _ = self.cache.get(job)
         theta = {k: float(v) for k, v in (source.get("params") or {}).items()}
         params = task.get("params") or {}
+        if params.get("retrain"):
+            from bocompress.worker.tasks_retrain import retrain_export
+
+            return self._long(lambda report, stop: (*retrain_export(self.client, ctx, job, source, params["retrain"],
+                                                                    report, stop), None), hb, "retraining", job, task)
         data, values, _ = build_export(
             ctx.model, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
             steps=int(params.get("finetune_steps", 0)), lr=float(params.get("lr", 1e-4)),
@@ -318,6 +343,23 @@ class Worker:
             output=ctx.output, linearized=ctx.linearized,
         )
         return _Outcome(True, values=values, sem={}, artifact=data)
+
+    def _long(self, run: Any, hb: _Heartbeat | None, what: str, job: Mapping[str, Any],
+              task: Mapping[str, Any]) -> _Outcome:
+        """A long task (ChipNet, a retraining): ``run(progress, should_stop)`` returns ``(values, sem,
+        artifact bytes, artifact info)``. Progress rides on the heartbeats; a heartbeat refused (the
+        job or the export was cancelled) stops the training before its next step: nothing is reported."""
+        from bocompress.worker.strategies import Cancelled
+
+        def should_stop() -> bool:
+            return hb is not None and hb.lost.is_set() or self.hurry.is_set()
+
+        try:
+            values, sem, data, info = run(hb.report if hb is not None else None, should_stop)
+        except Cancelled as exc:
+            self.log.info("%s stopped: %s", what, exc, extra={"job_id": job.get("id"), "trial_id": task.get("id")})
+            return _Outcome(False, error=str(exc), retry=True)
+        return _Outcome(True, values=values, sem=sem, artifact=data, artifact_info=info)
 
     # ------------------------------------------------------------------ reporting
 
@@ -332,7 +374,8 @@ class Worker:
                 body["profile"] = outcome.profile
             if outcome.artifact is not None:
                 try:
-                    body["artifact"] = self.client.upload_artifact(trial_id, outcome.artifact, lease_token=token)
+                    body["artifact"] = {**self.client.upload_artifact(trial_id, outcome.artifact, lease_token=token),
+                                        **(outcome.artifact_info or {})}
                 except (ConflictError, NotFoundError) as exc:
                     log.warning("artifact refused (%s): the lease was lost or the job cancelled", exc)
                     return False

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Request, Response, UploadFile
 from bocompress.schemas import ExportOut, ExportRequest
 from bocompress.service.api.deps import AnyRoleDep, ClientDep, CtxDep, RowId, WorkerDep, viewer
 from bocompress.service.api.jobs import ERRORS
+from bocompress.service.api.strategies import checked_retrain
 from bocompress.service.api.uploads import _read_limited, checked_safetensors
 
 router = APIRouter(prefix="/api/v1", tags=["export"])
@@ -23,7 +24,15 @@ async def request_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientD
     ``GET …/artifact`` serves the export asked for last (409 while it is being built).
     """
     body = body or ExportRequest()
-    return await ctx.store.request_export(job_id, trial_id, viewer(p), body.finetune_steps, body.lr)
+    retrain = checked_retrain(body.retrain)
+    return await ctx.store.request_export(job_id, trial_id, viewer(p), body.finetune_steps, body.lr, retrain=retrain)
+
+
+@router.post("/jobs/{job_id}/trials/{trial_id}/export/cancel", response_model=ExportOut, responses=ERRORS)
+async def cancel_export(job_id: RowId, trial_id: RowId, ctx: CtxDep, p: ClientDep) -> Any:
+    """Stop the trial's latest export while it is queued or running (a retraining stops at its
+    worker's next heartbeat; nothing is kept). A finished export is answered as it is."""
+    return await ctx.store.cancel_export(job_id, trial_id, viewer(p))
 
 
 @router.get("/jobs/{job_id}/trials/{trial_id}/export", response_model=ExportOut, responses=ERRORS)

@@ -22,6 +22,7 @@ from bocompress.schemas import (
 from bocompress.service.api.deps import MAX_ID, ClientDep, CtxDep, Cursor, RowId, viewer
 from bocompress.service.api.errors import bad_request
 from bocompress.service.api.serialize import decode_cursor, encode_cursor
+from bocompress.service.api.strategies import chipnet_spec
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -68,9 +69,12 @@ async def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Respo
     if not body.is_compression and body.optimizer.engine in ONE_SHOT_ENGINES:
         raise bad_request("optimizer.engine", f"{body.optimizer.engine!r} is a one-shot allocator for "
                           "compression jobs; a generic job takes 'auto', 'sobol' or 'gp'")
+    if body.optimizer.engine == "chipnet":
+        spec = chipnet_spec(body, spec)
     blobs = _check_refs(body) if body.is_compression else []
     space = None if body.is_compression else [prm.model_dump() for prm in body.parameters or []]
-    out, created = await ctx.store.create_job(viewer(p), body.name, spec, space, idempotency_key, blobs)
+    # an empty Idempotency-Key is no key (stored as '', a second one would collide with the first)
+    out, created = await ctx.store.create_job(viewer(p), body.name, spec, space, idempotency_key or None, blobs)
     if not created:
         response.status_code = 200
     if ctx.scheduler is not None:

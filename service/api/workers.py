@@ -39,8 +39,14 @@ def _token(body_token: str | None, header_token: str | None) -> str | None:
 async def heartbeat_route(trial_id: RowId, ctx: CtxDep, p: WorkerDep,
                           body: Annotated[HeartbeatRequest | None, Body()] = None,
                           x_lease_token: Annotated[str | None, Header(max_length=64)] = None) -> Any:
-    """Extend the lease; 409 when it was lost or the job was cancelled."""
-    return JSONResponse(await ctx.store.heartbeat(trial_id, _token(body.lease_token if body else None, x_lease_token)))
+    """Extend the lease; 409 when it was lost or the job was cancelled.
+
+    A long task (ChipNet) sends its ``progress`` (fraction done) and ``message`` with each beat.
+    """
+    token = _token(body.lease_token if body else None, x_lease_token)
+    if body is not None and body.progress is not None:
+        return JSONResponse(await ctx.store.task_progress(trial_id, token, float(body.progress), body.message))
+    return JSONResponse(await ctx.store.heartbeat(trial_id, token))
 
 
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=ERRORS)

@@ -19,10 +19,23 @@ from bocompress.service.db.queries import visible_job
 from bocompress.service.db.trials import add_event, bump_seq, check_lease, lock_trial
 
 
+def chipnet_export(s: Session, job: Any, src: Trial, params: dict[str, Any]) -> Trial | None:
+    from bocompress.service.db.strategies import chipnet_export as _export
+
+    return _export(s, job, src, params)
+
+
+def checked_retrain(s: Session, job: Any, src: Trial, viewer: Any, retrain: dict[str, Any]) -> dict[str, Any]:
+    from bocompress.service.db.strategies import checked_retrain as _check
+
+    return _check(s, job, src, viewer, retrain)
+
+
 def export_out(t: Trial) -> dict[str, Any]:
     return {"id": t.id, "job_id": t.job_id, "trial_id": int(t.params["trial_id"]), "state": t.state,
             "finetune_steps": int(t.params.get("finetune_steps", 0)), "lr": float(t.params.get("lr", 1e-4)),
-            "values": t.values or {}, "artifact": (t.extra or {}).get("artifact"), "error": t.error}
+            "values": t.values or {}, "artifact": (t.extra or {}).get("artifact"), "error": t.error,
+            "retrain": t.params.get("retrain"), "progress": (t.extra or {}).get("progress")}
 
 
 def _source_trial(s: Session, job_id: int, trial_id: int) -> Trial:
@@ -53,7 +66,7 @@ class ExportsMixin:
     """The export methods of :class:`~bocompress.service.db.sql_store.OrmStore` (``_tx``, ``_read``, ``dialect``)."""
 
     async def request_export(self, job_id: int, trial_id: int, viewer: Any, finetune_steps: int,
-                             lr: float) -> dict[str, Any]:
+                             lr: float, retrain: dict[str, Any] | None = None) -> dict[str, Any]:
         """Queue an export task for a completed trial (the same request again: the same task)."""
         def _req(s: Session) -> dict[str, Any]:
             job = visible_job(s, job_id, viewer)
@@ -66,10 +79,15 @@ class ExportsMixin:
             if job.state not in (JobState.RUNNING, JobState.COMPLETED):
                 raise TransitionError(f"job {job_id} is {job.state}: no worker will build it", "job_state")
             params = {"trial_id": trial_id, "finetune_steps": finetune_steps, "lr": lr}
+            if retrain is not None:
+                params["retrain"] = checked_retrain(s, job, src, viewer, retrain)
             latest = _latest_export(s, job_id, trial_id)
             if latest is not None and latest.params == params and latest.state in (*OPEN_TRIAL_STATES,
                                                                                      TrialState.COMPLETED):
                 return export_out(latest)
+            chip = chipnet_export(s, job, src, params)  # a ChipNet trial: its stored pruned model
+            if chip is not None:
+                return export_out(chip)
             n = s.execute(select(func.count()).select_from(Trial)
                           .where(Trial.job_id == job_id, Trial.kind == "export")).scalar_one()
             task = Trial(job_id=job_id, kind="export", number=int(n), seq=bump_seq(s, job_id), state=TrialState.QUEUED,
@@ -108,7 +126,7 @@ class ExportsMixin:
         """Keep the compressed model of the export task the caller holds the lease of."""
         def _store(s: Session) -> dict[str, Any]:
             t = lock_trial(s, task_id, self.dialect)  # type: ignore[attr-defined]
-            if t.kind != "export":
+            if t.kind not in ("export", "chipnet"):
                 raise TransitionError(f"trial {task_id} is not an export task", "not_export")
             if t.state != TrialState.RUNNING:
                 raise TransitionError(f"export task {task_id} is {t.state}: upload refused", "lease_lost")

@@ -33,6 +33,7 @@ from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
 from bocompress.service.db.store import JobPage, Result, Store, TrialPage, Viewer
+from bocompress.service.db.strategies import CHIPNET_TASK, StrategiesMixin, check_uploads, complete_chipnet, start_chipnet
 from bocompress.service.db.trials import (
     add_event,
     cancel_job,
@@ -89,7 +90,7 @@ def hot_values(info: Any, t: Any, result: Result) -> tuple[dict[str, float], dic
     return values, sem, result_hash(values, sem, None)
 
 
-class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
+class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store):
     """Every :class:`Store` method through the ORM (see the module docstring)."""
 
     def __init__(self, engine: Engine, factory: sessionmaker[Session], jobs: hot.JobInfoCache | None = None) -> None:
@@ -211,7 +212,10 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
                     return trial_out(t)
                 set_job_state(s, job, JobState.RUNNING, (JobState.PROFILING,), profile=prof, search_space=space)
                 add_event(s, job.id, "profiled", detail=f"{len(prof['layers'])} layers, {len(space)} parameters")
+                start_chipnet(s, job)
             return trial_out(t)
+        if t.kind == CHIPNET_TASK:
+            return trial_out(complete_chipnet(s, t, job, dict(result.values), dict(result.sem), result.artifact, tok))
         if t.kind == "export":
             complete(s, t, dict(result.values), dict(result.sem), tok, extra={"artifact": result.artifact})
             return trial_out(t)
@@ -248,6 +252,7 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
                 blob = s.get(Blob, blob_id)
                 if blob is None or blob.kind != kind or not (viewer.sees_all or blob.owner == viewer.owner):
                     raise Invalid.field(fld, f"no uploaded {kind} {blob_id!r}")
+            check_uploads(s, spec, blobs)
             now = utcnow()
             compression = search_space is None
             job = Job(name=name, owner=viewer.owner, kind="compression" if compression else "generic",

@@ -102,6 +102,12 @@ class Store(ABC):
         """Extend a lease: ``{"lease": ...}``; TransitionError when it was lost or the job was cancelled."""
 
     @abstractmethod
+    async def task_progress(self, trial_id: int, token: str | None, fraction: float,
+                            message: str | None) -> dict[str, Any]:
+        """A heartbeat carrying a long task's progress (ChipNet): kept with the task, shown as the
+        job's ``progress``; the same answer and errors as :meth:`heartbeat`."""
+
+    @abstractmethod
     async def complete(self, trial_id: int, token: str | None, result: Result) -> dict[str, Any]:
         """Store a result once (the same again is a no-op): the trial as it now is."""
 
@@ -160,8 +166,14 @@ class Store(ABC):
 
     @abstractmethod
     async def request_export(self, job_id: int, trial_id: int, viewer: Viewer, finetune_steps: int,
-                             lr: float) -> dict[str, Any]:
-        """Queue an export task for a completed trial; the same request again returns the same task."""
+                             lr: float, retrain: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue an export task for a completed trial; the same request again returns the same task.
+        ``retrain``: the export retrains the compressed architecture (Invalid for data without the
+        labels its mode needs)."""
+
+    @abstractmethod
+    async def cancel_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:
+        """Cancel the trial's latest export if it is still open; the export as it now is."""
 
     @abstractmethod
     async def get_export(self, job_id: int, trial_id: int, viewer: Viewer) -> dict[str, Any]:

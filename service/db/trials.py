@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from bocompress.spec import JobSpec
@@ -291,6 +291,10 @@ def after_trial_finished(session: Session, job: Job, trial: Trial) -> None:
         return
     if trial.kind == "evaluate":
         _close_if_done(session, job)
+    if trial.kind == "chipnet" and trial.state in LOST_TRIAL_STATES and job.state == JobState.RUNNING:
+        # a ChipNet job's one long task: the job cannot go on without it
+        set_job_state(session, job, JobState.FAILED, (JobState.RUNNING,),
+                      reason=f"ChipNet failed: {(trial.error or trial.state).splitlines()[0][:500]}")
 
 
 def _close_if_done(session: Session, job: Job) -> None:
@@ -346,7 +350,20 @@ def cancel_job(session: Session, job: Job, dialect: str) -> Job:
     for t in open_trials:
         transition(session, t, TrialState.CANCELLED, OPEN_TRIAL_STATES, finished_at=utcnow(), lease_expires_at=None,
                    guard_attempt=False)
+        drop_unreported_artifact(session, t)
     return job
+
+
+def drop_unreported_artifact(session: Session, trial: Trial) -> None:
+    """Delete the model a cancelled task uploaded before its result came (an export's, ChipNet's):
+    nothing half-written is kept."""
+    blob_id = ((trial.extra or {}).get("artifact") or {}).get("blob_id")
+    if blob_id and trial.kind in ("export", "chipnet"):
+        from bocompress.service.db.models import Blob
+
+        session.execute(delete(Blob).where(Blob.id == blob_id, Blob.kind == "artifact"))
+        session.execute(update(Trial).where(Trial.id == trial.id).values(extra={
+            k: v for k, v in (trial.extra or {}).items() if k != "artifact"}))
 
 
 __all__ = [

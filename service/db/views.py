@@ -135,8 +135,13 @@ def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = F
     assert light or s is not None, "a full job view reads counts and best: it needs a session"
     best = best_trial(s, job) if with_best and not light and s is not None else None
     counts = {} if light or s is None else count_states(s, job.id)
-    return _job_view(job, job.state, job.reason, job.updated_at, job.seq, job.n_created, counts,
-                     trial_out(best) if best else None)
+    out = _job_view(job, job.state, job.reason, job.updated_at, job.seq, job.n_created, counts,
+                    trial_out(best) if best else None)
+    if not light and s is not None:
+        from bocompress.service.db.strategies import job_progress
+
+        out["progress"] = job_progress(s, job)
+    return out
 
 
 def job_light(info: Any, dyn: Any) -> dict[str, Any]:

@@ -49,6 +49,7 @@ MATRIX: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/api/v1/datasets/{dataset_id}/file"): {A, C, W},
     ("POST", "/api/v1/jobs/{job_id}/trials/{trial_id}/export"): {A, C},
     ("GET", "/api/v1/jobs/{job_id}/trials/{trial_id}/export"): {A, C},
+    ("POST", "/api/v1/jobs/{job_id}/trials/{trial_id}/export/cancel"): {A, C},
     ("GET", "/api/v1/jobs/{job_id}/trials/{trial_id}/artifact"): {A, C},
     ("POST", "/api/v1/trials/{task_id}/artifact"): {A, W},
     # the dashboard

@@ -116,6 +116,11 @@ def _semantic_repairs(schema: Any, env: Env, own_token_id: int, spare_token_id: 
                     spec["model"] = env.model_id  # an upload that exists
                 if str(spec.get("data", "")).startswith("ds_"):
                     spec["data"] = env.dataset_id
+            opt = body.get("optimizer")
+            if isinstance(opt, dict) and opt.get("engine") == "chipnet":
+                # a ChipNet job must be channel_l1, constrained at 0 < budget < 1, on a BatchNorm
+                # model with labelled data (service/api/strategies.py): the BO engine has no such rules
+                opt["engine"] = "auto"
             names: set[str] = set()
             for i, prm in enumerate(body.get("parameters") or []):
                 if not isinstance(prm, dict):
@@ -127,6 +132,13 @@ def _semantic_repairs(schema: Any, env: Env, own_token_id: int, spare_token_id: 
                 if prm.get("name") in names:
                     prm["name"] = f"{str(prm['name'])[:190]}_{i}"  # unique names
                 names.add(prm.get("name"))
+        if method == "POST" and path.endswith("/export") and isinstance(body.get("retrain"), dict):
+            rt = body["retrain"]
+            body["finetune_steps"] = 0  # retrain or finetune_steps, not both
+            if str(rt.get("dataset", "")).startswith("ds_"):
+                rt["dataset"] = env.dataset_id  # an upload that exists (without labels: ...)
+            if rt.get("dataset") is not None and rt.get("mode") != "finetune-distill":
+                rt["mode"] = "finetune-distill"  # ... which only this mode may train on (as 'synthetic')
         if isinstance(body.get("profile"), dict) and isinstance(body["profile"].get("layers"), list):
             for layer in body["profile"]["layers"]:
                 if isinstance(layer, dict):

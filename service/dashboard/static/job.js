@@ -96,6 +96,14 @@
     warn.textContent = "";
     for (const w of ws) warn.appendChild(el("div", null, "⚠ " + w));
     show(warn, ws.length > 0);
+    // A ChipNet job's one long task: its fraction done and what it is doing (sent with its heartbeats).
+    const pr = j.progress;
+    show($("job-progress"), !!pr);
+    if (pr) {
+      const frac = Math.min(1, Math.max(0, Number(pr.fraction) || 0));
+      $("job-progress-text").textContent = "ChipNet " + pr.state + " · " + Math.round(100 * frac) + "% · " + (pr.message || "");
+      $("job-progress-bar").style.width = (100 * frac).toFixed(1) + "%";
+    }
     show($("cancel"), !TERMINAL.includes(j.state));
     document.title = j.name + " · job " + j.id + " · bocompress";
   }
@@ -464,7 +472,9 @@
     try {
       const { n, moved } = await fetchTrials();
       S.ticks++;
-      const stale = Date.now() - S.lastJobAt > JOB_REFRESH_MS;
+      // a running long task (ChipNet) reports progress without moving the trials: re-read the job often
+      const busy = S.job.progress && S.job.progress.state === "running";
+      const stale = Date.now() - S.lastJobAt > (busy ? 2 * POLL_MS : JOB_REFRESH_MS);
       if (moved || stale) {
         const before = S.job.state;
         await fetchJob();
