@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +28,8 @@ from bocompress.service.db import hot
 from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
-from bocompress.service.db.queries import pareto_trials, visible_job
+from bocompress.service.db.proposals import open_counts
+from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
@@ -54,7 +55,7 @@ log = logging.getLogger("bocompress.trials")
 T = TypeVar("T")
 #: Trial columns a page reads on SQLite (Core: no ORM row processing for thousands of rows).
 _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem", "attempt", "worker",
-              "created_at", "started_at", "finished_at", "error")
+              "created_at", "started_at", "finished_at", "error", "proposal")
 
 
 class _Fallback(Exception):
@@ -151,10 +152,56 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
     async def _lease_once(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
         return await anyio.to_thread.run_sync(self._lease_sync, worker, kinds)
 
+    # -------------------------------------------------------------- cheap proposals (an empty buffer)
+
+    def _add_cheap(self, s: Session, job: Job) -> bool:
+        """Insert one cheap proposal for the running ``job`` (in ``s``'s transaction): whether one went in."""
+        cheap = self.cheap
+        if cheap is None or job.state != JobState.RUNNING or not job.search_space:
+            return False
+        view = JobSpec.of(job.spec)
+        if view.budget_spent(job.n_created):
+            return False
+        best = best_trial(s, job)
+        seed = int((job.spec.get("optimizer") or {}).get("seed", 0))
+        point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
+                      int(job.n_created), seed)
+        if not point:
+            return False
+        try:
+            insert_proposals(s, job.id, job.n_created, [point], proposal="cheap")
+        except TransitionError:
+            return False
+        finally:
+            s.expire(job)
+        return True
+
+    def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
+        """A worker found nothing queued: a cheap proposal for the running compression job with
+        budget left and an empty buffer that was served longest ago, leased to ``worker``."""
+        def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
+            counts = open_counts(s)
+            rows = s.execute(
+                select(Job).outerjoin(counts, counts.c.job_id == Job.id)
+                .where(Job.state == JobState.RUNNING, Job.kind == "compression", func.coalesce(counts.c.q, 0) == 0)
+                .order_by(Job.updated_at, Job.id).limit(16)
+            ).scalars().all()
+            for job in rows:
+                if self._add_cheap(s, job):
+                    c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
+                    if c is not None:
+                        return c.trial, lease_answer(c.trial, job_out(None, c.job, light=True),
+                                                     JobSpec.of(c.job.spec).lease_seconds)
+            return None
+
+        return run_tx(self.factory, _go)
+
     async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
         got = await self._lease_once(worker, kinds)
         if got is None and await self._tx(lambda s: reap_expired(s, limit=50)) > 0:
             got = await self._lease_once(worker, kinds)
+        if got is None and self.cheap is not None and "evaluate" in kinds:
+            got = await anyio.to_thread.run_sync(self._cheap_lease, worker)
         if got is None:
             return None
         row, out = got
@@ -361,6 +408,12 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
                 return trial_out(c.trial), False
             j = s.get(Job, job_id)
             assert j is not None
+            if self._add_cheap(s, j):  # an empty buffer: answered at once, not after the next fit
+                c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0,
+                               job_id=job_id, dialect=self.dialect)
+                if c is not None:
+                    return trial_out(c.trial), False
+            s.refresh(j)
             return None, j.state != JobState.RUNNING or JobSpec.of(j.spec).budget_spent(j.n_created)
 
         await self._read(_check)
