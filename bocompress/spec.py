@@ -96,7 +96,8 @@ class JobSpec:
 
     def buffer_need(self, queued: int, n_created: int, active: int = 0) -> int:
         """How many proposals the job's buffer lacks: up to :meth:`buffer_target` queued, never past ``max_trials``."""
-        return min(self.buffer_target(active) - int(queued), self.max_trials - int(n_created))
+        deeper = self.buffer_target(active) - self.max_parallel  # > 0 when more consumers than max_parallel
+        return min(self.max_parallel - int(queued) + deeper, self.max_trials - int(n_created))
 
     def needs_refill(self, queued: int, n_created: int, active: int = 0) -> bool:
         """Whether the buffer is short enough to refill now (at least :func:`refill_step` free slots,
