@@ -227,14 +227,17 @@ def dead_local_owner(owner: str, me: str) -> bool:
 def cheap_proposer(strategy: str) -> Any:
     """The :data:`~bocompress.service.db.store.CheapProposer` storage calls on an empty buffer:
     :func:`bocompress.service.optimizer.cheap.propose_cheap` with ``strategy``."""
+    from bocompress.service.optimizer.allocators import ALLOCATORS
     from bocompress.service.optimizer.cheap import STRATEGIES, propose_cheap
 
     if strategy not in STRATEGIES:
         raise ValueError(f"cheap_proposals must be 'off' or one of {STRATEGIES}, got {strategy!r}")
 
     def cheap(space: list[dict[str, Any]], compression: bool, incumbent: dict[str, float] | None,
-              n_created: int, seed: int) -> dict[str, float]:
-        return propose_cheap(space, compression, incumbent, n_created, seed, strategy)
+              n_created: int, optimizer: dict[str, Any]) -> dict[str, float] | None:
+        if str(optimizer.get("engine", "auto")) in ALLOCATORS:
+            return None  # a one-shot allocation: its points, then done
+        return propose_cheap(space, compression, incumbent, n_created, int(optimizer.get("seed", 0)), strategy)
 
     return cheap
 

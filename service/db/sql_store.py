@@ -163,9 +163,8 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
         if view.budget_spent(job.n_created):
             return False
         best = best_trial(s, job)
-        seed = int((job.spec.get("optimizer") or {}).get("seed", 0))
         point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
-                      int(job.n_created), seed)
+                      int(job.n_created), dict(job.spec.get("optimizer") or {}))
         if not point:
             return False
         try:
@@ -178,12 +177,15 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
 
     def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
-        budget left and an empty buffer that was served longest ago, leased to ``worker``."""
+        budget left and an empty buffer that was served longest ago, leased to ``worker``. Only
+        jobs whose engine has started their stream (``n_created > 0``) are considered: the first
+        batch, made by the scheduler within a tick of profiling, is the engine's."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
             counts = open_counts(s)
             rows = s.execute(
                 select(Job).outerjoin(counts, counts.c.job_id == Job.id)
-                .where(Job.state == JobState.RUNNING, Job.kind == "compression", func.coalesce(counts.c.q, 0) == 0)
+                .where(Job.state == JobState.RUNNING, Job.kind == "compression", Job.n_created > 0,
+                       func.coalesce(counts.c.q, 0) == 0)
                 .order_by(Job.updated_at, Job.id).limit(16)
             ).scalars().all()
             for job in rows:

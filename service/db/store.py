@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 #: Makes one point at once for a running job whose buffer is empty (see
 #: :mod:`bocompress.service.optimizer.cheap`, which the scheduler hands in): called as
-#: ``cheap(search_space, compression, incumbent_params, n_created, seed)``; None to answer nothing.
-CheapProposer = Callable[[list[dict[str, Any]], bool, "dict[str, float] | None", int, int], "dict[str, float] | None"]
+#: ``cheap(search_space, compression, incumbent_params, n_created, optimizer)`` (``optimizer``: the
+#: spec's optimizer options); None when the job takes no cheap proposals (a one-shot allocator).
+CheapProposer = Callable[[list[dict[str, Any]], bool, "dict[str, float] | None", int, dict[str, Any]],
+                         "dict[str, float] | None"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class Store(ABC):
         are reaped first when none is queued): the lease answer (``task``, ``trial``, ``job``,
         ``lease``, and ``source`` for an export), or None when nothing is queued. With a
         :attr:`cheap` proposer, an empty queue is answered by a cheap proposal for a running
-        compression job with budget left, when there is one."""
+        compression job with budget left whose engine has started its stream (its first batch,
+        the initial design or an allocator's points, is always the engine's), when there is one."""
 
     @abstractmethod
     async def heartbeat(self, trial_id: int, token: str | None) -> dict[str, Any]:

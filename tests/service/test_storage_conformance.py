@@ -195,7 +195,7 @@ def test_a_generic_job_through_ask_and_tell(store: Store) -> None:
 
 
 def _cheap(space: list[dict[str, Any]], compression: bool, incumbent: dict[str, float] | None, n_created: int,
-           seed: int) -> dict[str, float]:
+           optimizer: dict[str, Any]) -> dict[str, float]:
     """A cheap proposer that shows what it was given: the incumbent's x plus 0.01, or 0.25 before one."""
     return {p["name"]: (incumbent[p["name"]] + 0.01 if incumbent else 0.25) for p in space}
 
@@ -233,12 +233,14 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store) -> None:
         task = await s.lease("w1", ["profile"])
         assert task is not None
         await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
+        assert await s.lease("w1", ["evaluate"]) is None  # the first batch is the engine's
+        assert await asyncio.to_thread(s.propose, cj["id"], 0, [{"fc0": 0.5, "fc1": 0.5}]) == 1
         a = await s.lease("w1", ["evaluate"])
-        assert a is not None and a["trial"]["job_id"] == cj["id"] and a["trial"]["proposal"] == "cheap"
-        assert a["trial"]["params"] == {"fc0": 0.25, "fc1": 0.25} and a["lease"]["lease_seconds"] == 60.0
+        assert a is not None and a["trial"]["job_id"] == cj["id"] and a["trial"]["proposal"] == "engine"
         await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.1}))
-        b = await s.lease("w2", ["evaluate"])
-        assert b is not None and b["trial"]["number"] == 1 and b["trial"]["params"] == {"fc0": 0.26, "fc1": 0.26}
+        b = await s.lease("w2", ["evaluate"])  # the buffer is empty: a cheap one, near the incumbent
+        assert b is not None and b["trial"]["number"] == 1 and b["trial"]["proposal"] == "cheap"
+        assert b["trial"]["params"] == {"fc0": 0.51, "fc1": 0.51} and b["lease"]["lease_seconds"] == 60.0
         assert await s.lease("w3", ["profile"]) is None  # only evaluations are made up
         c = await s.lease("w3", ["evaluate"])
         assert c is not None and c["trial"]["number"] == 2
