@@ -13,11 +13,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -52,6 +53,9 @@ from bocompress.service.db.views import iso, job_light, job_out, trial_out
 from bocompress.service.results import evaluate_values, unreachable_budget, validate_profile
 
 log = logging.getLogger("bocompress.trials")
+#: Seconds a just-profiled compression job (no trial yet) is left to the engine's first batch
+#: before an empty lease is answered by a cheap proposal for it.
+FIRST_BATCH_GRACE_S = 0.25
 T = TypeVar("T")
 #: Trial columns a page reads on SQLite (Core: no ORM row processing for thousands of rows).
 _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem", "attempt", "worker",
@@ -177,14 +181,17 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
 
     def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
-        budget left and an empty buffer that was served longest ago, leased to ``worker``. Only
-        jobs whose engine has started their stream (``n_created > 0``) are considered: the first
-        batch, made by the scheduler within a tick of profiling, is the engine's."""
+        budget left and an empty buffer that was served longest ago, leased to ``worker``. A job
+        whose engine has not started its stream yet (``n_created == 0``: just profiled) is left to
+        the engine for :data:`FIRST_BATCH_GRACE_S` (its first batch, the initial design or an
+        allocator's points, comes within a scheduler tick), then answered cheaply too, so a
+        scheduler busy with another job's fit never keeps its workers idle."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
             counts = open_counts(s)
             rows = s.execute(
                 select(Job).outerjoin(counts, counts.c.job_id == Job.id)
-                .where(Job.state == JobState.RUNNING, Job.kind == "compression", Job.n_created > 0,
+                .where(Job.state == JobState.RUNNING, Job.kind == "compression",
+                       or_(Job.n_created > 0, Job.updated_at < utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)),
                        func.coalesce(counts.c.q, 0) == 0)
                 .order_by(Job.updated_at, Job.id).limit(16)
             ).scalars().all()

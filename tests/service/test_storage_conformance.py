@@ -200,10 +200,13 @@ def _cheap(space: list[dict[str, Any]], compression: bool, incumbent: dict[str, 
     return {p["name"]: (incumbent[p["name"]] + 0.01 if incumbent else 0.25) for p in space}
 
 
-def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store) -> None:
+def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ask on an empty buffer: a cheap trial at once (marked), never past max_trials; the engine's
     batch computed meanwhile goes in after it (what still fits), not thrown away as raced."""
+    from bocompress.service.db import sql_store
+
     store.set_cheap_proposer(_cheap)
+    monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 3600.0)  # a just-profiled job: the engine's first
 
     async def go(s: Store) -> None:
         body = _spec(parameters=[{"name": "x", "type": "float", "low": 0.0, "high": 1.0}],
@@ -233,17 +236,21 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store) -> None:
         task = await s.lease("w1", ["profile"])
         assert task is not None
         await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
-        assert await s.lease("w1", ["evaluate"]) is None  # the first batch is the engine's
-        assert await asyncio.to_thread(s.propose, cj["id"], 0, [{"fc0": 0.5, "fc1": 0.5}]) == 1
+        assert await s.lease("w1", ["evaluate"]) is None  # the first batch is the engine's (for the grace)
+        monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 0.0)
+        first = await s.lease("w1", ["evaluate"])  # after it, a worker is not kept waiting for the engine either
+        assert first is not None and first["trial"]["proposal"] == "cheap" and first["trial"]["number"] == 0
+        await s.fail(first["trial"]["id"], first["lease"]["token"], "scratch", retry=True)  # back in the queue
+        assert await asyncio.to_thread(s.propose, cj["id"], 1, [{"fc0": 0.5, "fc1": 0.5}]) == 1
+        again = await s.lease("w1", ["evaluate"])
+        assert again is not None and again["trial"]["number"] == 0  # the requeued one first
         a = await s.lease("w1", ["evaluate"])
         assert a is not None and a["trial"]["job_id"] == cj["id"] and a["trial"]["proposal"] == "engine"
         await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.1}))
         b = await s.lease("w2", ["evaluate"])  # the buffer is empty: a cheap one, near the incumbent
-        assert b is not None and b["trial"]["number"] == 1 and b["trial"]["proposal"] == "cheap"
+        assert b is not None and b["trial"]["number"] == 2 and b["trial"]["proposal"] == "cheap"
         assert b["trial"]["params"] == {"fc0": 0.51, "fc1": 0.51} and b["lease"]["lease_seconds"] == 60.0
         assert await s.lease("w3", ["profile"]) is None  # only evaluations are made up
-        c = await s.lease("w3", ["evaluate"])
-        assert c is not None and c["trial"]["number"] == 2
         assert await s.lease("w4", ["evaluate"]) is None  # max_trials 3: the budget is all created
         assert (await s.get_job(cj["id"], ME))["counts"]["running"] == 2
 
