@@ -451,9 +451,9 @@ def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
     for loaded in (False, True):
         if loaded:
             with Busy(2):
-                ax = run_ax_generic(16, 24, 4 if quick else 8)
+                ax = run_ax_generic(16, 16 if quick else 24, 3 if quick else 8)
         else:
-            ax = run_ax_generic(16, 24, 4 if quick else 8)
+            ax = run_ax_generic(16, 16 if quick else 24, 3 if quick else 8)
         ax["loaded"] = loaded
         print(json.dumps(ax), file=sys.stderr, flush=True)
         ax_rows.append(ax)
@@ -470,7 +470,7 @@ def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
             f"{1e3 * r['max_s']:.0f} | {1e3 * r['job_p95_max_s']:.1f} | "
             f"{100 * r['engine_share_min']:.0f}-{100 * r['engine_share_max']:.0f}% | {r['engine_gap_max_s']:.1f} | "
             f"{ax['p95_s'] / r['p95_s']:.0f}x |")
-    lines += ["", "| Ax `get_next_trials(1)` (16 pending, 24+ observations, same 8-d function) | calls | p50 (ms) | "
+    lines += ["", f"| Ax `get_next_trials(1)` (16 pending, {ax_rows[0]['n_obs']}+ observations, same 8-d function) | calls | p50 (ms) | "
               "p95 (ms) | max (ms) |", "|---|---|---|---|---|"]
     for a in ax_rows:
         lines.append(f"| {'loaded' if a['loaded'] else 'idle'} (load1 {a['load1']:.1f}) | {a['calls']} | "
