@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,7 +29,6 @@ from bocompress.service.db import hot
 from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
-from bocompress.service.db.proposals import open_counts
 from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
@@ -187,12 +186,13 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
         allocator's points, comes within a scheduler tick), then answered cheaply too, so a
         scheduler busy with another job's fit never keeps its workers idle."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
-            counts = open_counts(s)
+            queued = (select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate",
+                                             Trial.state == TrialState.QUEUED).exists())
             rows = s.execute(
-                select(Job).outerjoin(counts, counts.c.job_id == Job.id)
+                select(Job)
                 .where(Job.state == JobState.RUNNING, Job.kind == "compression",
                        or_(Job.n_created > 0, Job.updated_at < utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)),
-                       func.coalesce(counts.c.q, 0) == 0)
+                       ~queued)
                 .order_by(Job.updated_at, Job.id).limit(16)
             ).scalars().all()
             for job in rows:
