@@ -77,7 +77,7 @@ def _insert_at(session: Session, job_id: int, at: int, proposals: list[dict[str,
 
 def insert_proposals(session: Session, job_id: int, expected_created: int, proposals: list[dict[str, float]],
                      kind: str = "evaluate", optimizer_state: dict[str, Any] | None = None,
-                     proposal: str | None = "engine") -> list[Any]:
+                     proposal: str | None = "engine", follow: bool = True) -> list[Any]:
     """Add proposals as queued trials, as many as still fit the job's budget: their (id, params) rows.
 
     ``expected_created`` is the ``n_created`` the points were computed at. The insert is guarded
@@ -91,7 +91,9 @@ def insert_proposals(session: Session, job_id: int, expected_created: int, propo
     after proposing them) where given; ``proposal`` marks what made the points (``engine``,
     ``cheap``; None for tasks). On PostgreSQL each attempt is one statement, so the job row
     (which every lease and result also bumps) is locked only while it runs, not across a round
-    trip per table.
+    trip per table. ``follow=False``: no retry after another insert (the caller recomputes its
+    point for the new ``n_created``: a cheap proposal is a function of it, and the same point
+    again would be a duplicate).
     """
     if not proposals:
         return []
@@ -105,7 +107,7 @@ def insert_proposals(session: Session, job_id: int, expected_created: int, propo
         if out is not None:
             return out
         row = session.execute(select(Job.n_created, Job.state).where(Job.id == job_id)).first()
-        if row is None or row.state != JobState.RUNNING or int(row.n_created) == at:
+        if not follow or row is None or row.state != JobState.RUNNING or int(row.n_created) == at:
             break
         at = int(row.n_created)
     raise TransitionError(f"job {job_id}: no proposal fits (its budget is created, or it stopped)", code="raced")

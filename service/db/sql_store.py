@@ -158,25 +158,31 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, Store):
     # -------------------------------------------------------------- cheap proposals (an empty buffer)
 
     def _add_cheap(self, s: Session, job: Job) -> bool:
-        """Insert one cheap proposal for the running ``job`` (in ``s``'s transaction): whether one went in."""
+        """Insert one cheap proposal for the running ``job`` (in ``s``'s transaction): whether one went in.
+
+        The point is a function of the job's ``n_created``; when another process inserted first
+        (PostgreSQL, several replicas), it is made again for the new count, never inserted twice.
+        """
         cheap = self.cheap
-        if cheap is None or job.state != JobState.RUNNING or not job.search_space:
-            return False
-        view = JobSpec.of(job.spec)
-        if view.budget_spent(job.n_created):
-            return False
-        best = best_trial(s, job)
-        point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
-                      int(job.n_created), dict(job.spec.get("optimizer") or {}))
-        if not point:
-            return False
-        try:
-            insert_proposals(s, job.id, job.n_created, [point], proposal="cheap")
-        except TransitionError:
-            return False
-        finally:
-            s.expire(job)
-        return True
+        for _ in range(4):
+            if cheap is None or job.state != JobState.RUNNING or not job.search_space:
+                return False
+            view = JobSpec.of(job.spec)
+            if view.budget_spent(job.n_created):
+                return False
+            best = best_trial(s, job)
+            point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
+                          int(job.n_created), dict(job.spec.get("optimizer") or {}))
+            if not point:
+                return False
+            try:
+                insert_proposals(s, job.id, job.n_created, [point], proposal="cheap", follow=False)
+                return True
+            except TransitionError:
+                pass
+            finally:
+                s.expire(job)
+        return False
 
     def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
