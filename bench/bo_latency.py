@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,354 @@ def run_ax_latency(workers: int, n_obs: int, d: int, calls: int) -> dict[str, An
             "max_s": max(times)}
 
 
+# --------------------------------------------------------------------------- part 3: askers and workers, many jobs
+
+#: The asker scenario's generic job: 8 parameters, max_parallel 16, 240 trials, 8 Sobol then the GP.
+ASK_D, ASK_PARALLEL, ASK_TRIALS = 8, 16, 240
+#: Seconds an asker or worker "evaluates" a trial.
+EVAL_S = 0.05
+
+
+def _generic_value(params: dict[str, float]) -> float:
+    """An 8-d test function with its optimum off the centre: a shifted Styblinski-Tang, scaled to [0, 1]^d."""
+    xs = [10.0 * v - 5.0 + 0.7 for v in params.values()]
+    return float(sum(x ** 4 - 16 * x ** 2 + 5 * x for x in xs) / (2 * len(xs)))
+
+
+class Busy:
+    """Two busy processes (``while True: pass``) that load the machine while a scenario runs."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> "Busy":
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+
+
+def _q(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(p * (len(xs) - 1)))))]
+
+
+def _make_generic_job(url: str, token: str, name: str, trials: int, seed: int) -> int:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        r = c.post("/api/v1/jobs", json={
+            "name": name, "parameters": [{"name": f"x{i}", "type": "float", "low": 0.0, "high": 1.0}
+                                         for i in range(ASK_D)],
+            "objective": {"metric": "y", "direction": "minimize"},
+            "budget": {"max_trials": trials, "max_parallel": ASK_PARALLEL},
+            "optimizer": {"n_initial": 8, "seed": seed}})
+        r.raise_for_status()
+        return int(r.json()["id"])
+
+
+def _trials_of(url: str, token: str, job_id: int) -> list[dict[str, Any]]:
+    import httpx
+
+    out: list[dict[str, Any]] = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        cursor = None
+        while True:
+            r = c.get(f"/api/v1/jobs/{job_id}/trials", params={"limit": 10_000, **({"cursor": cursor} if cursor else {})})
+            r.raise_for_status()
+            page = r.json()
+            out += page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    return list({t["id"]: t for t in out}.values())  # each trial's last change
+
+
+def run_consumers(url: str, token: str, wtoken: str, mode: str, consumers: int, jobs: int, trials: int,
+                  tag: str) -> dict[str, Any]:
+    """``consumers`` askers (``mode="ask"``, generic jobs) or workers (``mode="lease"``, compression jobs)
+    spread over ``jobs`` new jobs of ``trials`` trials each, each looping take -> 50 ms -> report until
+    every job is done. Time to a trial: each ask or lease call that got one (p50, p95, max)."""
+    from bocompress.procs import RawClient, make_running_job
+
+    if mode == "ask":
+        ids = [_make_generic_job(url, token, f"ask-{tag}-{j}", trials, j) for j in range(jobs)]
+    else:
+        ids = [make_running_job(url, token, trials, ASK_PARALLEL, 60.0, d=ASK_D, size=64, name=f"lease-{tag}-{j}",
+                                optimizer={"n_initial": 8, "seed": j}, worker_token=wtoken, high=0.5)
+               for j in range(jobs)]
+    lat: list[float] = []
+    per_job: dict[int, list[float]] = {j: [] for j in ids}
+    empty = [0]
+    calls = [0]
+    done: set[int] = set()
+    deadline = time.time() + 300
+
+    async def consumer(i: int) -> None:
+        job_id = ids[i % len(ids)]
+        c, owner = RawClient(url, token if mode == "ask" else wtoken), RawClient(url, token)
+        try:
+            while time.time() < deadline and len(done) < len(ids):
+                if mode == "ask" and job_id in done:
+                    return
+                t0 = time.perf_counter()
+                if mode == "ask":
+                    st, _, body = await c.request("POST", f"/api/v1/jobs/{job_id}/ask", {"count": 1})
+                    got = json.loads(body)["trials"] if st == 200 else []
+                    trial = got[0] if got else None
+                else:
+                    st, _, body = await c.request("POST", "/api/v1/workers/lease",
+                                                  {"worker": f"w{i}", "kinds": ["evaluate"]})
+                    trial = json.loads(body)["trial"] if st == 200 else None
+                    lease = json.loads(body)["lease"] if st == 200 else None
+                dt = time.perf_counter() - t0
+                calls[0] += 1
+                if trial is None:
+                    empty[0] += 1
+                    for jid in ids:
+                        if jid not in done:
+                            st, _, jb = await owner.request("GET", f"/api/v1/jobs/{jid}")
+                            if st == 200 and json.loads(jb)["state"] in ("completed", "failed", "cancelled"):
+                                done.add(jid)
+                    await asyncio.sleep(EVAL_S)
+                    continue
+                lat.append(dt)
+                per_job[int(trial["job_id"])].append(dt)
+                await asyncio.sleep(EVAL_S)
+                if mode == "ask":
+                    st, _, body = await c.request("POST", f"/api/v1/trials/{trial['id']}/tell",
+                                                  {"values": {"y": _generic_value(trial["params"])}})
+                else:
+                    L = _synthetic_l(trial["params"])
+                    st, _, body = await c.request("POST", f"/api/v1/trials/{trial['id']}/complete",
+                                                  {"values": {"distill_l2": L}, "sem": {"distill_l2": 0.01 * L},
+                                                   "lease_token": lease["token"]})
+                assert st == 200, body[:300]
+        finally:
+            await c.close()
+            await owner.close()
+
+    async def all_consumers() -> None:
+        await asyncio.gather(*(consumer(i) for i in range(consumers)))
+
+    t0 = time.perf_counter()
+    asyncio.run(all_consumers())
+    wall = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    # What made the points, and the longest stretch each job went without an engine batch.
+    engine_share, gaps = [], []
+    for jid in ids:
+        ts = _trials_of(url, token, jid)
+        eng = sorted(t["created_at"] for t in ts if t.get("proposal") == "engine")
+        engine_share.append(len(eng) / max(1, len(ts)))
+        stamps = sorted({datetime.fromisoformat(x.replace("Z", "+00:00")).timestamp() for x in eng})
+        gaps.append(max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0))
+    return {"mode": mode, "consumers": consumers, "jobs": jobs, "trials": trials * jobs, "answered": len(lat),
+            "calls": calls[0], "empty": empty[0], "p50_s": _q(lat, 0.5), "p95_s": _q(lat, 0.95), "max_s": max(lat),
+            "job_p95_max_s": max(_q(v, 0.95) for v in per_job.values() if v),
+            "engine_share_min": min(engine_share), "engine_share_max": max(engine_share),
+            "engine_gap_max_s": max(gaps), "wall_s": wall, "load1": load}
+
+
+def run_ax_generic(pending: int, n_obs: int, calls: int) -> dict[str, Any]:
+    """Ax's ``get_next_trials(1)`` on the asker scenario's 8-d function, ``pending`` trials in flight."""
+    from ax.api.client import Client
+    from ax.api.configs import RangeParameterConfig
+    from ax.exceptions.core import DataRequiredError
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    client = Client(random_seed=0)
+    client.configure_experiment(parameters=[
+        RangeParameterConfig(name=f"x{i}", parameter_type="float", bounds=(0.0, 1.0)) for i in range(ASK_D)])
+    client.configure_optimization(objective="-y")
+    in_flight: list[tuple[int, dict]] = []
+    completed = 0
+    times: list[float] = []
+    while completed < n_obs + calls:
+        t0 = time.perf_counter()
+        try:
+            ((idx, p),) = client.get_next_trials(max_trials=1).items()
+        except DataRequiredError:
+            j, q = in_flight.pop(0)
+            client.complete_trial(trial_index=j, raw_data={"y": _generic_value({k: float(v) for k, v in q.items()})})
+            completed += 1
+            continue
+        dt = time.perf_counter() - t0
+        if completed >= n_obs:
+            times.append(dt)
+        in_flight.append((idx, dict(p)))
+        if len(in_flight) >= pending:
+            j, q = in_flight.pop(0)
+            client.complete_trial(trial_index=j, raw_data={"y": _generic_value({k: float(v) for k, v in q.items()})})
+            completed += 1
+    return {"calls": len(times), "n_obs": n_obs, "p50_s": statistics.median(times), "p95_s": _q(times, 0.95),
+            "max_s": max(times), "load1": os.getloadavg()[0]}
+
+
+def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
+    """Part 3: every scenario on one ``bocompress serve`` (SQLite), idle and loaded; Ax in the same run."""
+    from bench.load import SERVICE_ROOT
+    from bocompress.procs import ServiceProcess
+    from bocompress.service.auth import create_token
+    from bocompress.service.db.migrate import upgrade
+
+    rows: list[dict[str, Any]] = []
+    ax_rows: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="bo_askers_")
+    cells = [(m, c, j) for m in ("ask", "lease") for j in ((1,) if quick else (1, 10)) for c in (16, 64)]
+    if not quick:
+        cells.append(("ask", 40, 10))  # fairness: 10 jobs, 4 consumers each
+    for cheap in (("auto", "off") if with_off else ("auto",)):
+        db = f"sqlite:///{tmp}/ask-{cheap}.db"
+        upgrade(db)
+        token = create_token(db, "client", "bench", "bench-client")
+        wtoken = create_token(db, "worker", "bench", "bench-worker")
+        srv = ServiceProcess(db, log_path=Path(tmp) / f"server-{cheap}.log", pythonpath=SERVICE_ROOT,
+                             env={"BOCOMPRESS_CHEAP_PROPOSALS": cheap}).start()
+        try:
+            for loaded in (False, True):
+                todo = cells if cheap == "auto" else [("ask", 16, 1)]
+                for k, (mode, consumers, jobs) in enumerate(todo):
+                    tag = f"{cheap}-{int(loaded)}-{k}"
+                    if loaded:
+                        with Busy(2):
+                            r = run_consumers(srv.url, token, wtoken, mode, consumers, jobs, ASK_TRIALS, tag)
+                    else:
+                        r = run_consumers(srv.url, token, wtoken, mode, consumers, jobs, ASK_TRIALS, tag)
+                    r.update(loaded=loaded, cheap=cheap)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+                    rows.append(r)
+        finally:
+            srv.stop()
+    for loaded in (False, True):
+        if loaded:
+            with Busy(2):
+                ax = run_ax_generic(16, 16 if quick else 24, 3 if quick else 8)
+        else:
+            ax = run_ax_generic(16, 16 if quick else 24, 3 if quick else 8)
+        ax["loaded"] = loaded
+        print(json.dumps(ax), file=sys.stderr, flush=True)
+        ax_rows.append(ax)
+    lines = ["| who | cheap proposals | consumers | jobs | machine (load1 at end) | asks/leases answered | p50 (ms) | "
+             "p95 (ms) | max (ms) | worst job's p95 (ms) | engine-made share (min-max over jobs) | longest gap "
+             "between a job's engine batches (s) | Ax p95 / ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ax = next(a for a in ax_rows if a["loaded"] == r["loaded"])
+        lines.append(
+            f"| {'askers (generic)' if r['mode'] == 'ask' else 'workers (compression)'} | {r['cheap']} | "
+            f"{r['consumers']} | {r['jobs']} | {'loaded' if r['loaded'] else 'idle'} ({r['load1']:.1f}) | "
+            f"{r['answered']} of {r['trials']} ({r['empty']} empty) | {1e3 * r['p50_s']:.1f} | {1e3 * r['p95_s']:.1f} | "
+            f"{1e3 * r['max_s']:.0f} | {1e3 * r['job_p95_max_s']:.1f} | "
+            f"{100 * r['engine_share_min']:.0f}-{100 * r['engine_share_max']:.0f}% | {r['engine_gap_max_s']:.1f} | "
+            f"{ax['p95_s'] / r['p95_s']:.0f}x |")
+    lines += ["", f"| Ax `get_next_trials(1)` (16 pending, {ax_rows[0]['n_obs']}+ observations, same 8-d function) | calls | p50 (ms) | "
+              "p95 (ms) | max (ms) |", "|---|---|---|---|---|"]
+    for a in ax_rows:
+        lines.append(f"| {'loaded' if a['loaded'] else 'idle'} (load1 {a['load1']:.1f}) | {a['calls']} | "
+                     f"{1e3 * a['p50_s']:.0f} | {1e3 * a['p95_s']:.0f} | {1e3 * a['max_s']:.0f} |")
+    return "\n".join(lines), rows
+
+
+# --------------------------------------------------------------------------- part 4: what parallel consumers cost
+
+
+def run_search(url: str, token: str, task: Any, consumers: int, seed: int, tag: str) -> dict[str, Any]:
+    """One search of ``task`` (bench/tasks.py, synthetic) by ``consumers`` askers on a generic job
+    (max_parallel = consumers, the task's budget): its best value and what made its points."""
+    import httpx
+
+    from bocompress.procs import RawClient
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        r = c.post("/api/v1/jobs", json={
+            "name": f"cost-{tag}", "parameters": task.params, "objective": {"metric": "y", "direction": "minimize"},
+            "budget": {"max_trials": task.trials, "max_parallel": consumers}, "optimizer": {"n_initial": 8, "seed": seed}})
+        r.raise_for_status()
+        job_id = int(r.json()["id"])
+    values: list[float] = []
+    kinds: list[str] = []
+
+    async def consumer() -> None:
+        c = RawClient(url, token)
+        try:
+            while True:
+                st, _, body = await c.request("POST", f"/api/v1/jobs/{job_id}/ask", {"count": 1})
+                got = json.loads(body)["trials"] if st == 200 else []
+                if not got:
+                    return  # the budget is all asked for (ask waits for the engine while it can propose)
+                t = got[0]
+                kinds.append(t.get("proposal") or "?")
+                await asyncio.sleep(EVAL_S)
+                y = float(task.fn(t["params"]))
+                st, _, body = await c.request("POST", f"/api/v1/trials/{t['id']}/tell", {"values": {"y": y}})
+                assert st == 200, body[:300]
+                values.append(y)
+        finally:
+            await c.close()
+
+    async def all_consumers() -> None:
+        await asyncio.gather(*(consumer() for _ in range(consumers)))
+
+    t0 = time.perf_counter()
+    asyncio.run(all_consumers())
+    return {"task": task.name, "consumers": consumers, "seed": seed, "best": min(values), "n": len(values),
+            "cheap_share": kinds.count("cheap") / max(1, len(kinds)), "wall_s": time.perf_counter() - t0}
+
+
+def run_parallel_cost(task_names: tuple[str, ...], seeds: int) -> tuple[str, list[dict[str, Any]]]:
+    """Final best with 16 parallel askers (cheap proposals auto / quasirandom / off) vs 1 (sequential
+    BO, every point the engine's), same trial budget, on the synthetic tasks named."""
+    from bench.load import SERVICE_ROOT
+    from bench.tasks import make_tasks
+    from bocompress.procs import ServiceProcess
+    from bocompress.service.auth import create_token
+    from bocompress.service.db.migrate import upgrade
+
+    tasks = make_tasks(list(task_names))
+    tmp = tempfile.mkdtemp(prefix="bo_cost_")
+    configs = [("off", 1), ("off", 16), ("auto", 16), ("quasirandom", 16)]
+    rows: list[dict[str, Any]] = []
+    for cheap in ("off", "auto", "quasirandom"):
+        db = f"sqlite:///{tmp}/cost-{cheap}.db"
+        upgrade(db)
+        token = create_token(db, "client", "bench", "bench-client")
+        srv = ServiceProcess(db, log_path=Path(tmp) / f"server-{cheap}.log", pythonpath=SERVICE_ROOT,
+                             env={"BOCOMPRESS_CHEAP_PROPOSALS": cheap, "BOCOMPRESS_ASK_WAIT_SECONDS": "120"}).start()
+        try:
+            for task in tasks:
+                for consumers in [c for s_, c in configs if s_ == cheap]:
+                    for seed in range(seeds):
+                        r = run_search(srv.url, token, task, consumers, seed, f"{cheap}-{task.name}-{consumers}-{seed}")
+                        r["cheap"] = cheap
+                        print(json.dumps(r), file=sys.stderr, flush=True)
+                        rows.append(r)
+        finally:
+            srv.stop()
+    lines = ["| task (budget) | consumers | cheap proposals | median best (seeds) | cheap share | median wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for task in tasks:
+        for cheap, consumers in configs:
+            rs = [r for r in rows if r["task"] == task.name and r["cheap"] == cheap and r["consumers"] == consumers]
+            if rs:
+                lines.append(f"| {task.title} ({task.trials}) | {consumers} | {cheap} | "
+                             f"{statistics.median(r['best'] for r in rs):.4g} "
+                             f"({', '.join(format(r['best'], '.3g') for r in rs)}) | "
+                             f"{100 * statistics.mean(r['cheap_share'] for r in rs):.0f}% | "
+                             f"{statistics.median(r['wall_s'] for r in rs):.0f} |")
+    return "\n".join(lines), rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -231,11 +580,19 @@ def main() -> None:
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-leases", action="store_true")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--skip-askers", action="store_true")
+    ap.add_argument("--cost", default="", help="part 4 only on these tasks (comma-separated, bench/tasks.py), "
+                                              "e.g. hartmann6,ackley10: final best with 16 parallel askers vs 1")
+    ap.add_argument("--cost-seeds", type=int, default=3)
+    ap.add_argument("--with-off", action="store_true",
+                    help="askers: also 16 askers with cheap proposals off (every ask waits for the engine)")
     args = ap.parse_args()
     if args.case:
         n, d, calls = (int(x) for x in args.case.split(","))
         print(json.dumps(engine_case(n, d, calls)))
         return
+    if args.cost:  # part 4 alone
+        args.skip_engine = args.skip_leases = args.skip_askers = True
     t_start = time.perf_counter()
     ns, ds = ((25, 100), (4, 16)) if args.quick else (NS, DS)
     parts = []
@@ -283,14 +640,53 @@ def main() -> None:
             f"{lease['completed']} trials completed in {lease['wall_s']:.0f} s). "
             "Ax is timed in the same run on the same 8-d landscape: its proposal is computed on the call.\n\n"
             + tab2 + "\n")
+    if args.cost:
+        tab4, _ = run_parallel_cost(tuple(args.cost.split(",")), args.cost_seeds)
+        print(tab4)
+        cost_parts = [
+            "### What parallel consumers cost: final best with 16 askers vs 1, same budget\n\n"
+            "The same service (SQLite), generic jobs of bench/tasks.py's synthetic tasks, 8 Sobol then the GP, "
+            f"the task's trial budget; askers loop ask -> {int(EVAL_S * 1e3)} ms -> tell. 1 asker with cheap "
+            "proposals off is sequential BO (max_parallel 1, every point the engine's, each ask waits for its fit); "
+            "16 askers (max_parallel 16): 'off' waits for the engine's batches, 'auto' answers an empty buffer at "
+            "once by perturbing the incumbent (quasi-random before one), 'quasirandom' by the next Halton point. "
+            "Cheap share: the fraction of trials that were cheap proposals. Lower best is better.\n\n" + tab4 + "\n"]
+    sections: list[tuple[str, str, list[str]]] = []
+    if parts:
+        sections.append(("bo-latency", "## BO engine latency and memory; lease latency", parts))
+    if args.cost:
+        sections.append(("bo-latency-cost", "## The cost of cheap proposals: 16 parallel askers vs 1", cost_parts))
+    if not args.skip_askers:
+        tab3, _ = run_askers(args.quick, args.with_off)
+        asker_parts: list[str] = []
+        print(tab3)
+        asker_parts.append(
+            "### Time to a trial: concurrent askers and workers, one and ten jobs, idle and loaded\n\n"
+            f"One real `bocompress serve` subprocess on SQLite (proposals in its engine child process). Askers: "
+            f"generic {ASK_D}-d jobs (a shifted Styblinski-Tang on [0, 1]^{ASK_D}; max_parallel {ASK_PARALLEL}, "
+            f"{ASK_TRIALS} trials each, 8 Sobol then the GP), each consumer looping ask -> {int(EVAL_S * 1e3)} ms -> "
+            f"tell over keep-alive HTTP from one asyncio loop; workers: the same on compression jobs (synthetic "
+            f"8-layer SVD profile), lease -> {int(EVAL_S * 1e3)} ms -> complete. Consumers are spread round-robin "
+            "over the jobs. 'Loaded': two busy processes (`while True: pass`) started by the bench for the "
+            "scenario, on a 2-core machine shared with other work (load1 is the 1-minute load average at the "
+            "end of the scenario). Time to a trial: every ask or lease call that got one. 'Cheap proposals "
+            "auto': an empty buffer is answered at once by a cheap proposal (service/optimizer/cheap.py, "
+            "marked `proposal: \"cheap\"`); 'off': the ask waits for the engine (the behaviour before). "
+            "The engine-made share and the longest gap between a job's engine batches show how much of each "
+            "job the GP still proposed, and that no job was starved of fits by the others. Ax is timed in the "
+            "same run, one call at a time, 16 trials pending, idle and under the same load.\n\n" + tab3 + "\n")
+        sections.append(("bo-latency-askers", "## Time to a trial: askers and workers, many jobs, idle and loaded",
+                         asker_parts))
     total = time.perf_counter() - t_start
     print(f"total {total:.0f} s", file=sys.stderr)
-    if args.no_docs or not parts:
+    if args.no_docs or not sections:
         return
     from bench._docs import write_section
 
-    body = "\n".join(parts) + f"\nWhole run: {total / 60:.1f} min on the 2-core development machine.\n"
-    write_section("bo-latency", "## BO engine latency and memory; lease latency", body, key="bo-latency")
+    for key, title, body_parts in sections:
+        body = "\n".join(body_parts) + (f"\nWhole run: {total / 60:.1f} min on the 2-core development machine "
+                                        f"(load average at the end: {os.getloadavg()[0]:.1f}).\n")
+        write_section("bo-latency", title, body, key=key)
 
 
 if __name__ == "__main__":

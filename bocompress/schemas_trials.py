@@ -35,6 +35,10 @@ class TrialOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str | None = None
+    proposal: Literal["engine", "cheap"] | None = Field(
+        default=None, description="what made the point: the BO engine, or a cheap proposal answered at once "
+                                  "when the buffer was empty (a perturbation of the incumbent or a quasi-random "
+                                  "point); null for trials older than the field")
 
 
 class JobOut(BaseModel):

@@ -88,15 +88,28 @@ class JobSpec:
         """A trial's ranking value, lower is better (a maximized metric negated)."""
         return -float(value) if self.maximize else float(value)
 
-    def buffer_need(self, queued: int, n_created: int) -> int:
-        """How many proposals the job's buffer lacks: up to ``max_parallel`` queued, never past ``max_trials``."""
-        return min(self.max_parallel - int(queued), self.max_trials - int(n_created))
+    def buffer_target(self, active: int = 0) -> int:
+        """How many queued proposals the job keeps: ``max_parallel``, or, when more consumers are
+        active (``active``: the trials leased or asked and not yet reported), one
+        :func:`refill_step` more than them, so each can take its next trial while a refill runs."""
+        return max(self.max_parallel, int(active) + refill_step(self.max_parallel))
 
-    def needs_refill(self, queued: int, n_created: int) -> bool:
+    def buffer_need(self, queued: int, n_created: int, active: int = 0) -> int:
+        """How many proposals the job's buffer lacks: up to :meth:`buffer_target` queued, never past ``max_trials``."""
+        deeper = self.buffer_target(active) - self.max_parallel  # > 0 when more consumers than max_parallel
+        return min(self.max_parallel - int(queued) + deeper, self.max_trials - int(n_created))
+
+    def needs_refill(self, queued: int, n_created: int, active: int = 0) -> bool:
         """Whether the buffer is short enough to refill now (at least :func:`refill_step` free slots,
-        or whatever is left of the budget)."""
-        need = self.buffer_need(queued, n_created)
+        or whatever is left of the budget): refilled before it runs dry."""
+        need = self.buffer_need(queued, n_created, active)
         return need > 0 and need >= min(refill_step(self.max_parallel), self.max_trials - int(n_created))
+
+    def engine_batch(self, need: int) -> int:
+        """How many of ``need`` proposals one engine call makes: at most ``max_parallel`` (a joint
+        q-batch grows costly with q; the rest comes in the next refill, and an empty buffer is
+        answered meanwhile by a cheap proposal)."""
+        return max(0, min(int(need), max(1, self.max_parallel)))
 
     def budget_spent(self, n_created: int) -> bool:
         """Whether every trial of the budget has been created."""

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
                                      "on PostgreSQL the worker loop and the trial polls run on the event loop instead")
     engine_process: bool = Field(default=True, description="compute proposals in a child process (off: in a thread)")
     ask_wait_seconds: float = Field(default=20.0, ge=0.0, le=300.0)
+    cheap_proposals: Literal["auto", "perturb", "quasirandom", "off"] = Field(
+        default="auto", description="how a lease or ask that finds its job's buffer empty is answered at once "
+        "(service/optimizer/cheap.py): 'auto' (perturb the incumbent, quasi-random before there is one), "
+        "'perturb', 'quasirandom'; 'off': wait for the engine's next batch")
     replica: str = Field(default="", description="name of this replica (default host:pid)")
 
     @model_validator(mode="after")

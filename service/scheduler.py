@@ -224,8 +224,35 @@ def dead_local_owner(owner: str, me: str) -> bool:
     return False
 
 
+def cheap_proposer(strategy: str) -> Any:
+    """The :data:`~bocompress.service.db.store.CheapProposer` storage calls on an empty buffer:
+    :func:`bocompress.service.optimizer.cheap.propose_cheap` with ``strategy``."""
+    from bocompress.service.optimizer.allocators import ALLOCATORS
+    from bocompress.service.optimizer.cheap import STRATEGIES, propose_cheap
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"cheap_proposals must be 'off' or one of {STRATEGIES}, got {strategy!r}")
+
+    def cheap(space: list[dict[str, Any]], compression: bool, incumbent: dict[str, float] | None,
+              n_created: int, optimizer: dict[str, Any]) -> dict[str, float] | None:
+        if str(optimizer.get("engine", "auto")) in ALLOCATORS:
+            return None  # a one-shot allocation: its points, then done
+        return propose_cheap(space, compression, incumbent, n_created, int(optimizer.get("seed", 0)), strategy)
+
+    return cheap
+
+
 class Scheduler:
-    """The background loop of one replica."""
+    """The background loop of one replica.
+
+    A proposal is always ready: each job's buffer is kept deeper than its active consumers
+    (:meth:`bocompress.spec.JobSpec.buffer_target`) and refilled before it runs dry; when a burst
+    empties it anyway, storage answers at once with a cheap proposal (the proposer set here,
+    ``settings.cheap_proposals``), and the engine's next batch lands after it. With one engine
+    process for every job, each tick fills the jobs that wait most first
+    (:func:`~bocompress.service.db.proposals.jobs_needing_proposals`' order), one engine call each, so a
+    job's refill waits for at most one fit of each other job that needs one.
+    """
 
     def __init__(self, factory: sessionmaker[Session], settings: Any, metrics: Any, store: Store) -> None:
         self.factory = factory
@@ -241,6 +268,9 @@ class Scheduler:
         self.engine: EngineProcess | None = None
         #: Consecutive failed proposals per job (see :meth:`_proposal_failed`).
         self._failures: dict[int, int] = {}
+        strategy = str(getattr(settings, "cheap_proposals", "auto"))
+        if strategy != "off":
+            store.set_cheap_proposer(cheap_proposer(strategy))
 
     def start(self) -> None:
         """Import the BO engine (torch, BoTorch), then start the loop.
@@ -361,9 +391,12 @@ class Scheduler:
                 if job is None or job.state != JobState.RUNNING:
                     self._histories.pop(job_id, None)
                     return 0
-                queued = s.execute(select(func.count()).select_from(Trial).where(
-                    Trial.job_id == job_id, Trial.kind == "evaluate", Trial.state == TrialState.QUEUED)).scalar_one()
-                n = JobSpec.of(job.spec).buffer_need(queued, job.n_created)
+                counts = dict(s.execute(select(Trial.state, func.count()).where(
+                    Trial.job_id == job_id, Trial.kind == "evaluate",
+                    Trial.state.in_((TrialState.QUEUED, TrialState.RUNNING))).group_by(Trial.state)).all())
+                view = JobSpec.of(job.spec)
+                n = view.engine_batch(view.buffer_need(int(counts.get(TrialState.QUEUED.value, 0)), job.n_created,
+                                                       int(counts.get(TrialState.RUNNING.value, 0))))
                 if n <= 0:
                     return 0
                 problem = job_problem(job)

@@ -181,7 +181,7 @@ def heartbeat(conn: Connection, cache: JobInfoCache, trial_id: int, token: str |
 
 #: What a result needs of its trial: the checks, and the rest of the answer (``trial_out``).
 RESULT_COLS = ("id", "job_id", "seq", "number", "kind", "state", "params", "attempt", "worker", "lease_token",
-               "created_at", "started_at", "error")
+               "created_at", "started_at", "error", "proposal")
 
 
 def result_row(conn: Connection, trial_id: int) -> Row[Any] | None:

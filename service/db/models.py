@@ -140,6 +140,9 @@ class Trial(Base):
     extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     worker: Mapped[str | None] = mapped_column(String(200))
+    #: What made the point: ``engine`` (the scheduler's BO engine), ``cheap`` (made on the request
+    #: path when the buffer was empty), None for tasks and for rows older than the column.
+    proposal: Mapped[str | None] = mapped_column(String(16))
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result_hash: Mapped[str | None] = mapped_column(String(64))

@@ -13,11 +13,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +29,7 @@ from bocompress.service.db import hot
 from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
-from bocompress.service.db.queries import pareto_trials, visible_job
+from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
@@ -52,10 +53,13 @@ from bocompress.service.db.views import iso, job_light, job_out, trial_out
 from bocompress.service.results import evaluate_values, unreachable_budget, validate_profile
 
 log = logging.getLogger("bocompress.trials")
+#: Seconds a just-profiled compression job (no trial yet) is left to the engine's first batch
+#: before an empty lease is answered by a cheap proposal for it.
+FIRST_BATCH_GRACE_S = 0.25
 T = TypeVar("T")
 #: Trial columns a page reads on SQLite (Core: no ORM row processing for thousands of rows).
 _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem", "attempt", "worker",
-              "created_at", "started_at", "finished_at", "error")
+              "created_at", "started_at", "finished_at", "error", "proposal")
 
 
 class _Fallback(Exception):
@@ -152,10 +156,68 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
     async def _lease_once(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
         return await anyio.to_thread.run_sync(self._lease_sync, worker, kinds)
 
+    # -------------------------------------------------------------- cheap proposals (an empty buffer)
+
+    def _add_cheap(self, s: Session, job: Job) -> bool:
+        """Insert one cheap proposal for the running ``job`` (in ``s``'s transaction): whether one went in.
+
+        The point is a function of the job's ``n_created``; when another process inserted first
+        (PostgreSQL, several replicas), it is made again for the new count, never inserted twice.
+        """
+        cheap = self.cheap
+        for _ in range(4):
+            if cheap is None or job.state != JobState.RUNNING or not job.search_space:
+                return False
+            view = JobSpec.of(job.spec)
+            if view.budget_spent(job.n_created):
+                return False
+            best = best_trial(s, job)
+            point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
+                          int(job.n_created), dict(job.spec.get("optimizer") or {}))
+            if not point:
+                return False
+            try:
+                insert_proposals(s, job.id, job.n_created, [point], proposal="cheap", follow=False)
+                return True
+            except TransitionError:
+                pass
+            finally:
+                s.expire(job)
+        return False
+
+    def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
+        """A worker found nothing queued: a cheap proposal for the running compression job with
+        budget left and an empty buffer that was served longest ago, leased to ``worker``. A job
+        whose engine has not started its stream yet (``n_created == 0``: just profiled) is left to
+        the engine for :data:`FIRST_BATCH_GRACE_S` (its first batch, the initial design or an
+        allocator's points, comes within a scheduler tick), then answered cheaply too, so a
+        scheduler busy with another job's fit never keeps its workers idle."""
+        def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
+            queued = (select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate",
+                                             Trial.state == TrialState.QUEUED).exists())
+            rows = s.execute(
+                select(Job)
+                .where(Job.state == JobState.RUNNING, Job.kind == "compression",
+                       or_(Job.n_created > 0, Job.updated_at < utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)),
+                       ~queued)
+                .order_by(Job.updated_at, Job.id).limit(16)
+            ).scalars().all()
+            for job in rows:
+                if self._add_cheap(s, job):
+                    c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
+                    if c is not None:
+                        return c.trial, lease_answer(c.trial, job_out(None, c.job, light=True),
+                                                     JobSpec.of(c.job.spec).lease_seconds)
+            return None
+
+        return run_tx(self.factory, _go)
+
     async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
         got = await self._lease_once(worker, kinds)
         if got is None and await self._tx(lambda s: reap_expired(s, limit=50)) > 0:
             got = await self._lease_once(worker, kinds)
+        if got is None and self.cheap is not None and "evaluate" in kinds:
+            got = await anyio.to_thread.run_sync(self._cheap_lease, worker)
         if got is None:
             return None
         row, out = got
@@ -366,6 +428,12 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
                 return trial_out(c.trial), False
             j = s.get(Job, job_id)
             assert j is not None
+            if self._add_cheap(s, j):  # an empty buffer: answered at once, not after the next fit
+                c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0,
+                               job_id=job_id, dialect=self.dialect)
+                if c is not None:
+                    return trial_out(c.trial), False
+            s.refresh(j)
             return None, j.state != JobState.RUNNING or JobSpec.of(j.spec).budget_spent(j.n_created)
 
         await self._read(_check)

@@ -34,6 +34,14 @@ if TYPE_CHECKING:
     from bocompress.service.auth import Principal
 
 
+#: Makes one point at once for a running job whose buffer is empty (see
+#: :mod:`bocompress.service.optimizer.cheap`, which the scheduler hands in): called as
+#: ``cheap(search_space, compression, incumbent_params, n_created, optimizer)`` (``optimizer``: the
+#: spec's optimizer options); None when the job takes no cheap proposals (a one-shot allocator).
+CheapProposer = Callable[[list[dict[str, Any]], bool, "dict[str, float] | None", int, dict[str, Any]],
+                         "dict[str, float] | None"]
+
+
 @dataclass(frozen=True)
 class Viewer:
     """Who asks: ``owner`` names the caller (the owner of what it creates); ``sees_all`` (admins,
@@ -89,13 +97,26 @@ class TrialTable:
 class Store(ABC):
     """One database's jobs and trials (see the module docstring)."""
 
+    #: The cheap proposer a lease or an ``ask`` uses when the job's buffer is empty (set by the
+    #: scheduler with :meth:`set_cheap_proposer`); None: an empty buffer answers nothing (a lease
+    #: 204, an ``ask`` waits for the scheduler).
+    cheap: CheapProposer | None = None
+
+    def set_cheap_proposer(self, cheap: CheapProposer | None) -> None:
+        """Answer an empty buffer at once with ``cheap``'s point, marked ``proposal = "cheap"``
+        (a proposal is always ready), or (None) wait for the engine's."""
+        self.cheap = cheap
+
     # -------------------------------------------------------------- workers: a trial's lease
 
     @abstractmethod
     async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
         """Claim the oldest queued trial or task of an active job for ``worker`` (expired leases
         are reaped first when none is queued): the lease answer (``task``, ``trial``, ``job``,
-        ``lease``, and ``source`` for an export), or None when nothing is queued."""
+        ``lease``, and ``source`` for an export), or None when nothing is queued. With a
+        :attr:`cheap` proposer, an empty queue is answered by a cheap proposal for a running
+        compression job with budget left, when there is one (a just-profiled job's first batch
+        is left to the engine for a moment: ``sql_store.FIRST_BATCH_GRACE_S``)."""
 
     @abstractmethod
     async def heartbeat(self, trial_id: int, token: str | None) -> dict[str, Any]:
@@ -155,7 +176,9 @@ class Store(ABC):
     async def ask(self, job_id: int, viewer: Viewer, count: int, wait_seconds: float,
                   wake: Callable[[], None] | None = None) -> list[dict[str, Any]]:
         """Up to ``count`` queued trials of a generic job, leased to its client without expiry;
-        waits up to ``wait_seconds`` for the buffer (calling ``wake`` while it is empty)."""
+        waits up to ``wait_seconds`` for the buffer (calling ``wake`` while it is empty). With a
+        :attr:`cheap` proposer an empty buffer never waits: each missing trial is a cheap
+        proposal, made in the claim's transaction (never past ``max_trials``)."""
 
     @abstractmethod
     async def tell(self, trial_id: int, viewer: Viewer, values: dict[str, float], sem: dict[str, float],
@@ -240,8 +263,10 @@ class Store(ABC):
     @abstractmethod
     def propose(self, job_id: int, expected_created: int, points: list[dict[str, float]],
                 optimizer_state: dict[str, Any] | None = None) -> int:
-        """Add proposals as queued trials (guarded on ``n_created``): how many; TransitionError
-        ``raced`` when another generator added some first."""
+        """Add the engine's proposals as queued trials (``proposal = "engine"``): how many. The
+        points were computed at ``expected_created``; when other trials were added meanwhile
+        (cheap proposals) they go in after them, as many as ``max_trials`` allows, the first
+        kept. TransitionError ``raced`` when none fits."""
 
     @abstractmethod
     def reap(self, limit: int = 500) -> int:
@@ -267,4 +292,4 @@ def open_store(engine: Engine, factory: sessionmaker[Session], database_url: str
     return SQLiteStore(engine, factory)
 
 
-__all__ = ["JobPage", "Result", "Store", "TrialPage", "TrialTable", "Viewer", "open_store"]
+__all__ = ["CheapProposer", "JobPage", "Result", "Store", "TrialPage", "TrialTable", "Viewer", "open_store"]

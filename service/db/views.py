@@ -31,7 +31,7 @@ def trial_out(t: Any) -> dict[str, Any]:
         "id": t.id, "job_id": t.job_id, "seq": t.seq, "number": t.number, "state": t.state,
         "params": t.params, "values": t.values or {}, "sem": t.sem or {}, "attempt": t.attempt,
         "worker": t.worker, "created_at": iso(t.created_at), "started_at": iso(t.started_at),
-        "finished_at": iso(t.finished_at), "error": t.error,
+        "finished_at": iso(t.finished_at), "error": t.error, "proposal": t.proposal,
     }
 
 
@@ -56,7 +56,7 @@ def trial_json_sql(t: Any) -> ColumnElement[str]:
         "id", t.id, "job_id", t.job_id, "seq", t.seq, "number", t.number, "state", t.state, "params", t.params,
         "values", obj(t["values"]), "sem", obj(t.sem), "attempt", t.attempt, "worker", t.worker,
         "created_at", _iso_sql(t.created_at), "started_at", _iso_sql(t.started_at),
-        "finished_at", _iso_sql(t.finished_at), "error", t.error,
+        "finished_at", _iso_sql(t.finished_at), "error", t.error, "proposal", t.proposal,
     ), Text)
 
 
