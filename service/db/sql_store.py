@@ -171,6 +171,8 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
             view = JobSpec.of(job.spec)
             if view.budget_spent(job.n_created):
                 return False
+            if not self._parallel_demand(s, job.id):
+                return False
             best = best_trial(s, job)
             point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
                           int(job.n_created), dict(job.spec.get("optimizer") or {}))
@@ -184,6 +186,14 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
             finally:
                 s.expire(job)
         return False
+
+    @staticmethod
+    def _parallel_demand(s: Session, job_id: int) -> bool:
+        """Whether another consumer holds one of the job's trials. A lone sequential consumer (a
+        single worker or asker, nothing else running) waits for the engine, so its search stays
+        BO, every point conditioned on every result; cheap points serve parallel demand only."""
+        return s.execute(select(Trial.id).where(Trial.job_id == job_id, Trial.kind == "evaluate",
+                                                Trial.state == TrialState.RUNNING).limit(1)).first() is not None
 
     def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with

@@ -201,8 +201,9 @@ def _cheap(space: list[dict[str, Any]], compression: bool, incumbent: dict[str, 
 
 
 def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ask on an empty buffer: a cheap trial at once (marked), never past max_trials; the engine's
-    batch computed meanwhile goes in after it (what still fits), not thrown away as raced."""
+    """Ask or lease on an empty buffer while another consumer holds a trial: a cheap trial at once
+    (marked), never past max_trials; the engine's batch computed meanwhile goes in after it (what
+    still fits), not thrown away as raced. A lone sequential consumer waits for the engine."""
     from bocompress.service.db import sql_store
 
     store.set_cheap_proposer(_cheap)
@@ -214,23 +215,28 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypat
                      budget={"max_trials": 4, "max_parallel": 2})
         spec = body.model_dump(mode="json", exclude_none=True)
         job, _ = await s.create_job(ME, "c", spec, [p.model_dump() for p in body.parameters or []], None)
-        first = await s.ask(job["id"], ME, 1, wait_seconds=30.0)  # empty: no wait for the engine
-        assert [(t["number"], t["params"], t["proposal"]) for t in first] == [(0, {"x": 0.25}, "cheap")]
-        await s.tell(first[0]["id"], ME, {"y": 0.5}, {}, False, None)
-        # the engine computed 3 points at n_created = 0; 1 trial went in meanwhile: 3 still fit, first kept
-        assert await asyncio.to_thread(s.propose, job["id"], 0, [{"x": 0.1}, {"x": 0.2}, {"x": 0.3}, {"x": 0.4}]) == 3
+        assert await s.ask(job["id"], ME, 1, wait_seconds=0.0) == []  # a lone asker waits for the engine
+        assert await asyncio.to_thread(s.propose, job["id"], 0, [{"x": 0.1}]) == 1
+        (a,) = await s.ask(job["id"], ME, 1, wait_seconds=0.0)
+        assert (a["number"], a["proposal"]) == (0, "engine")
+        (b,) = await s.ask(job["id"], ME, 1, wait_seconds=30.0)  # a second consumer while a runs: at once
+        assert (b["number"], b["params"], b["proposal"]) == (1, {"x": 0.25}, "cheap")
+        await s.tell(a["id"], ME, {"y": 0.5}, {}, False, None)
+        await s.tell(b["id"], ME, {"y": 0.6}, {}, False, None)
+        # the engine computed 3 points at n_created = 1; 1 trial went in meanwhile: 2 still fit, first kept
+        assert await asyncio.to_thread(s.propose, job["id"], 1, [{"x": 0.2}, {"x": 0.3}, {"x": 0.4}]) == 2
         got = await s.ask(job["id"], ME, 3, wait_seconds=0.0)
-        assert [(t["number"], t["params"]["x"], t["proposal"]) for t in got] == [
-            (1, 0.1, "engine"), (2, 0.2, "engine"), (3, 0.3, "engine")]
+        assert [(t["number"], t["params"]["x"], t["proposal"]) for t in got] == [(2, 0.2, "engine"), (3, 0.3, "engine")]
         with pytest.raises(TransitionError) as raced:  # nothing fits any more
-            await asyncio.to_thread(s.propose, job["id"], 1, [{"x": 0.9}])
+            await asyncio.to_thread(s.propose, job["id"], 2, [{"x": 0.9}])
         assert raced.value.code == "raced"
         assert await s.ask(job["id"], ME, 1, wait_seconds=0.0) == []  # budget created: no cheap one either
         page = json.loads((await s.trial_page(job["id"], ME, 0, 100)).items_json)
         assert sorted(t["number"] for t in page) == [0, 1, 2, 3]
-        assert {t["number"]: t["proposal"] for t in page} == {0: "cheap", 1: "engine", 2: "engine", 3: "engine"}
+        assert {t["number"]: t["proposal"] for t in page} == {0: "engine", 1: "cheap", 2: "engine", 3: "engine"}
 
-        # a worker with nothing queued gets a cheap proposal of a running compression job, near its incumbent
+        # a worker with nothing queued gets a cheap proposal of a running compression job, near its
+        # incumbent, while another worker holds one of its trials
         profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
         cj = await _compression_job(s, {"kind": "scalarized", "kappa": 1.0})
         task = await s.lease("w1", ["profile"])
@@ -238,20 +244,19 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypat
         await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
         assert await s.lease("w1", ["evaluate"]) is None  # the first batch is the engine's (for the grace)
         monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 0.0)
-        first = await s.lease("w1", ["evaluate"])  # after it, a worker is not kept waiting for the engine either
-        assert first is not None and first["trial"]["proposal"] == "cheap" and first["trial"]["number"] == 0
-        await s.fail(first["trial"]["id"], first["lease"]["token"], "scratch", retry=True)  # back in the queue
-        assert await asyncio.to_thread(s.propose, cj["id"], 1, [{"fc0": 0.5, "fc1": 0.5}]) == 1
-        again = await s.lease("w1", ["evaluate"])
-        assert again is not None and again["trial"]["number"] == 0  # the requeued one first
+        assert await s.lease("w1", ["evaluate"]) is None  # a lone worker waits for the engine too
+        assert await asyncio.to_thread(s.propose, cj["id"], 0, [{"fc0": 0.5, "fc1": 0.5}]) == 1
         a = await s.lease("w1", ["evaluate"])
         assert a is not None and a["trial"]["job_id"] == cj["id"] and a["trial"]["proposal"] == "engine"
         await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.1}))
-        b = await s.lease("w2", ["evaluate"])  # the buffer is empty: a cheap one, near the incumbent
+        assert await asyncio.to_thread(s.propose, cj["id"], 1, [{"fc0": 0.3, "fc1": 0.3}]) == 1
+        c = await s.lease("w2", ["evaluate"])
+        assert c is not None and c["trial"]["number"] == 1 and c["trial"]["proposal"] == "engine"
+        b = await s.lease("w3", ["evaluate"])  # the buffer is empty, w2 is busy: a cheap one, near the incumbent
         assert b is not None and b["trial"]["number"] == 2 and b["trial"]["proposal"] == "cheap"
         assert b["trial"]["params"] == {"fc0": 0.51, "fc1": 0.51} and b["lease"]["lease_seconds"] == 60.0
-        assert await s.lease("w3", ["profile"]) is None  # only evaluations are made up
-        assert await s.lease("w4", ["evaluate"]) is None  # max_trials 3: the budget is all created
+        assert await s.lease("w4", ["profile"]) is None  # only evaluations are made up
+        assert await s.lease("w5", ["evaluate"]) is None  # max_trials 3: the budget is all created
         assert (await s.get_job(cj["id"], ME))["counts"]["running"] == 2
 
     run(store, go)
