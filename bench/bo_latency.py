@@ -180,8 +180,10 @@ def run_leases(workers: int, trials: int, d: int) -> dict[str, Any]:
             "wall_s": wall}
 
 
-def run_ax_latency(workers: int, n_obs: int, d: int, calls: int) -> dict[str, Any]:
-    """Ax's ``get_next_trials(1)`` with ``workers`` trials in flight after ``n_obs`` completed ones."""
+def ax_next_trial_times(bounds: dict[str, tuple[float, float]], metric: str, value: Any, pending: int,
+                        n_obs: int, calls: int) -> dict[str, Any]:
+    """Ax's ``get_next_trials(1)`` timed with ``pending`` trials in flight, after ``n_obs`` completed
+    ones: ``value(params)`` is the ``(mean, sem)`` a finished trial reports as ``metric`` (minimized)."""
     from ax.api.client import Client
     from ax.api.configs import RangeParameterConfig
     from ax.exceptions.core import DataRequiredError
@@ -190,33 +192,43 @@ def run_ax_latency(workers: int, n_obs: int, d: int, calls: int) -> dict[str, An
     warnings.filterwarnings("ignore")
     client = Client(random_seed=0)
     client.configure_experiment(parameters=[
-        RangeParameterConfig(name=f"fc{i}", parameter_type="float", bounds=(0.05, 0.5)) for i in range(d)])
-    client.configure_optimization(objective="-L")
+        RangeParameterConfig(name=name, parameter_type="float", bounds=b) for name, b in bounds.items()])
+    client.configure_optimization(objective=f"-{metric}")
     in_flight: list[tuple[int, dict]] = []
     completed = 0
     times: list[float] = []
+
+    def finish_oldest() -> None:
+        j, q = in_flight.pop(0)
+        client.complete_trial(trial_index=j, raw_data={metric: value({k: float(v) for k, v in q.items()})})
+
     while completed < n_obs + calls:
         t0 = time.perf_counter()
         try:
             ((idx, p),) = client.get_next_trials(max_trials=1).items()
         except DataRequiredError:
             # Ax's Sobol stage is spent and it waits for data: a worker would wait for a result.
-            j, q = in_flight.pop(0)
-            client.complete_trial(trial_index=j, raw_data={"L": (_synthetic_l({k: float(v) for k, v in q.items()}), 0.0)})
+            finish_oldest()
             completed += 1
             continue
         dt = time.perf_counter() - t0
         if completed >= n_obs:
             times.append(dt)
         in_flight.append((idx, dict(p)))
-        if len(in_flight) >= workers:
-            j, q = in_flight.pop(0)
-            L = _synthetic_l({k: float(v) for k, v in q.items()})
-            client.complete_trial(trial_index=j, raw_data={"L": (L, 0.01 * L)})
+        if len(in_flight) >= pending:
+            finish_oldest()
             completed += 1
-    return {"calls": len(times), "n_obs": n_obs, "p50_s": statistics.median(times),
-            "p95_s": statistics.quantiles(times, n=20, method="inclusive")[18] if len(times) > 2 else max(times),
-            "max_s": max(times)}
+    return {"calls": len(times), "n_obs": n_obs, "p50_s": statistics.median(times), "p95_s": _q(times, 0.95),
+            "max_s": max(times), "load1": os.getloadavg()[0]}
+
+
+def run_ax_latency(workers: int, n_obs: int, d: int, calls: int) -> dict[str, Any]:
+    """Ax's ``get_next_trials(1)`` with ``workers`` trials in flight after ``n_obs`` completed ones."""
+    def value(params: dict[str, float]) -> tuple[float, float]:
+        L = _synthetic_l(params)
+        return L, 0.01 * L
+
+    return ax_next_trial_times({f"fc{i}": (0.05, 0.5) for i in range(d)}, "L", value, workers, n_obs, calls)
 
 
 # --------------------------------------------------------------------------- part 3: askers and workers, many jobs
@@ -379,38 +391,8 @@ def run_consumers(url: str, token: str, wtoken: str, mode: str, consumers: int, 
 
 def run_ax_generic(pending: int, n_obs: int, calls: int) -> dict[str, Any]:
     """Ax's ``get_next_trials(1)`` on the asker scenario's 8-d function, ``pending`` trials in flight."""
-    from ax.api.client import Client
-    from ax.api.configs import RangeParameterConfig
-    from ax.exceptions.core import DataRequiredError
-
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    client = Client(random_seed=0)
-    client.configure_experiment(parameters=[
-        RangeParameterConfig(name=f"x{i}", parameter_type="float", bounds=(0.0, 1.0)) for i in range(ASK_D)])
-    client.configure_optimization(objective="-y")
-    in_flight: list[tuple[int, dict]] = []
-    completed = 0
-    times: list[float] = []
-    while completed < n_obs + calls:
-        t0 = time.perf_counter()
-        try:
-            ((idx, p),) = client.get_next_trials(max_trials=1).items()
-        except DataRequiredError:
-            j, q = in_flight.pop(0)
-            client.complete_trial(trial_index=j, raw_data={"y": _generic_value({k: float(v) for k, v in q.items()})})
-            completed += 1
-            continue
-        dt = time.perf_counter() - t0
-        if completed >= n_obs:
-            times.append(dt)
-        in_flight.append((idx, dict(p)))
-        if len(in_flight) >= pending:
-            j, q = in_flight.pop(0)
-            client.complete_trial(trial_index=j, raw_data={"y": _generic_value({k: float(v) for k, v in q.items()})})
-            completed += 1
-    return {"calls": len(times), "n_obs": n_obs, "p50_s": statistics.median(times), "p95_s": _q(times, 0.95),
-            "max_s": max(times), "load1": os.getloadavg()[0]}
+    return ax_next_trial_times({f"x{i}": (0.0, 1.0) for i in range(ASK_D)}, "y",
+                               lambda params: (_generic_value(params), 0.0), pending, n_obs, calls)
 
 
 def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
