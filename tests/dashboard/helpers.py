@@ -44,20 +44,27 @@ def create_compression_job(c: httpx.Client, name: str, max_trials: int = 60, max
         c: the job owner's client (admin or client token).
         worker: a client with a worker or admin token for the profiling task (default ``c``).
     """
-    w = worker or c
     spec = {"name": name, "compression": {"model": "digits-cnn", "data": "digits", "method": "svd"},
             "objective": objective or {"kind": "scalarized", "kappa": 1.0},
             "budget": {"max_trials": max_trials, "max_parallel": max_parallel},
             "optimizer": {"n_initial": 10_000, "seed": 0, "engine": "sobol"}}
+    job = create_profiled_job(c, spec, "svd", worker)
+    return c.get(f"/api/v1/jobs/{job['id']}").json()
+
+
+def create_profiled_job(c: httpx.Client, spec: dict[str, Any], method: str = "svd",
+                        worker: httpx.Client | None = None) -> dict[str, Any]:
+    """POST ``spec`` and play the profiling worker (a ``method`` layer table): the job as created."""
+    w = worker or c
     r = c.post("/api/v1/jobs", json=spec)
     assert r.status_code == 201, r.text
     job = r.json()
     got = lease(w, worker="profiler", kinds=["profile"])
     assert got is not None and got["job"]["id"] == job["id"], got
     r = w.post(f"/api/v1/trials/{got['trial']['id']}/complete",
-               json={"profile": profile_report(), "lease_token": got["lease"]["token"]})
+               json={"profile": profile_report(method), "lease_token": got["lease"]["token"]})
     assert r.status_code == 200, r.text
-    return c.get(f"/api/v1/jobs/{job['id']}").json()
+    return job
 
 
 def synthetic_l(params: dict[str, float], rng: random.Random | None = None) -> float:

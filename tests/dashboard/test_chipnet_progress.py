@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.dashboard.conftest import Tab
-from tests.dashboard.helpers import profile_report
+from tests.dashboard.helpers import create_profiled_job
 from tests.service.helpers import lease
 
 
@@ -16,14 +16,7 @@ def test_chipnet_progress_from_heartbeats_is_on_the_job_page(tab: Tab) -> None:
                                                          "method": "channel_l1"},
                 "objective": {"kind": "constrained", "budget": 0.5, "cost": "params"},
                 "optimizer": {"engine": "chipnet", "chipnet": {"epochs": 5}}}
-        r = c.post("/api/v1/jobs", json=spec)
-        assert r.status_code == 201, r.text
-        job = r.json()
-        got = lease(c, worker="profiler", kinds=["profile"])
-        assert got is not None and got["job"]["id"] == job["id"], got
-        r = c.post(f"/api/v1/trials/{got['trial']['id']}/complete",
-                   json={"profile": profile_report("channel_l1"), "lease_token": got["lease"]["token"]})
-        assert r.status_code == 200, r.text
+        job = create_profiled_job(c, spec, "channel_l1")
         task = None
         for _ in range(100):
             task = lease(c, worker="gpu0", kinds=["chipnet"])
