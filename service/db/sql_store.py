@@ -203,13 +203,17 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
         allocator's points, comes within a scheduler tick), then answered cheaply too, so a
         scheduler busy with another job's fit never keeps its workers idle."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
-            queued = (select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate",
-                                             Trial.state == TrialState.QUEUED).exists())
+            def has(state: TrialState) -> Any:
+                return select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate",
+                                              Trial.state == state).exists()
+
+            # only jobs with parallel demand (another trial running: see _parallel_demand) and an
+            # empty buffer, found in the query rather than job by job
             rows = s.execute(
                 select(Job)
                 .where(Job.state == JobState.RUNNING, Job.kind == "compression",
                        or_(Job.n_created > 0, Job.updated_at < utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)),
-                       ~queued)
+                       ~has(TrialState.QUEUED), has(TrialState.RUNNING))
                 .order_by(Job.updated_at, Job.id).limit(16)
             ).scalars().all()
             for job in rows:
