@@ -131,10 +131,16 @@ def run_ax(cell: Cell, seed: int, trials: int) -> list[tuple[dict, dict]]:
     return out
 
 
-def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = None) -> list[tuple[dict, dict]]:
+def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = None,
+                   score: str = "L") -> list[tuple[dict, dict]]:
+    """The engine's ``propose`` for one worker, ``min score s.t. R <= budget`` in the cell's cost.
+
+    ``score`` is what the GP is given: ``L`` (the product's objective) or ``err`` (top-1 error on the
+    labelled calibration inputs, its binomial standard error as noise).
+    """
     from bocompress.service.optimizer import Observation, Problem, propose
 
-    prob = Problem(cell.params, {"kind": "constrained", "budget": cell.budget, "cost": "params"}, cell.profile,
+    prob = Problem(cell.params, {"kind": "constrained", "budget": cell.budget, "cost": cell.cost}, cell.profile,
                    N_INITIAL, seed, options=options or None)
     obs: list[Observation] = []
     state: dict | None = None
@@ -142,8 +148,12 @@ def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = No
     for i in range(trials):
         (p,), state = propose(prob, obs, [], i, 1, state)
         m = cell.measure(p)
-        assert m["R"] <= cell.budget + 1e-12, f"bocompress proposed R={m['R']} over the budget"
-        obs.append(Observation(p, m["L"], m["sem"]))
+        assert m["R"] <= cell.budget + 1e-9, f"bocompress proposed R={m['R']} over the budget"
+        if score == "L":
+            obs.append(Observation(p, m["L"], m["sem"]))
+        else:
+            e = m[score]
+            obs.append(Observation(p, e, math.sqrt(max(e * (1 - e), 1e-4) / len(cell.x_cal))))
         out.append((p, m))
     return out
 
@@ -151,7 +161,7 @@ def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = No
 def run_allocator(cell: Cell, name: str) -> list[tuple[dict, dict]]:
     from bocompress.service.optimizer.allocators import allocate
 
-    a = allocate(name, cell.profile, cell.params, cell.budget, "params")
+    a = allocate(name, cell.profile, cell.params, cell.budget, cell.cost)
     if a is None:
         return []
     return [(a.theta, cell.measure(a.theta))]

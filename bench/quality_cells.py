@@ -74,19 +74,32 @@ class Cell:
     bn: bool = True
     ft_steps: int = 100
     cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
+    #: The network to compress instead of the zoo's ``model_name`` (e.g. a fine-tuned compressed one);
+    #: ``model_name`` still names its data.
+    module: nn.Module | None = None
+    #: The compressor's layer patterns (``compression.layers``).
+    layers: Any = ("*",)
+    #: The cost R is measured in (``params``, ``flops``, ``channels``, ``activation``).
+    cost: str = "params"
+    #: The method argument of the compressor (default: :func:`method_spec` of the label).
+    spec: Any = None
 
     def __post_init__(self) -> None:
-        from bocompress.worker.methods import build_compressor
+        from bocompress.worker.methods import CompressorOptions, build_compressor
         from bocompress.worker.zoo import load_data, load_model
 
         data = _dataset_for(self.model_name)
-        self.model = load_model(self.model_name).to(self.device).eval()
-        x_cal, _ = load_data(f"{data}-train", N_CALIBRATION)
+        base = self.module if self.module is not None else load_model(self.model_name)
+        self.model = base.to(self.device).eval()
+        x_cal, y_cal = load_data(f"{data}-train", N_CALIBRATION)
         x_test, y_test = load_data(data, 450)
         self.x_cal = x_cal.to(self.device)
+        self.y_cal = y_cal.to(self.device) if y_cal is not None else None
         self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
-        self.comp = build_compressor(self.model, method_spec(self.model_name, self.method), ["*"], 0.05,
-                                     self.x_cal[:8])
+        spec = self.spec if self.spec is not None else method_spec(self.model_name, self.method)
+        # as the worker builds it: the job's cost, the calibration inputs for the least-squares steps
+        self.comp = build_compressor(self.model, spec, list(self.layers), 0.05, self.x_cal[:8],
+                                     CompressorOptions(cost_kind=self.cost, calib_inputs=self.x_cal))
         self.profile = copy.deepcopy(self.comp.profile())
         self.params = [dict(p) for p in self.profile["params"]]
         self.t_cal = _outputs(self.model, self.x_cal).double()
@@ -97,7 +110,7 @@ class Cell:
         #: Fine-tune results by (kept counts, bn): a point two optimizers found is fine-tuned once.
         self.ft_cache: dict[tuple, dict[str, float]] = {}
         #: The smallest R the search space allows (every parameter at its lower bound).
-        self.min_ratio = float(ratio(self.profile, {p["name"]: float(p["low"]) for p in self.params}, "params"))
+        self.min_ratio = float(ratio(self.profile, {p["name"]: float(p["low"]) for p in self.params}, self.cost))
 
     @property
     def name(self) -> str:
@@ -118,20 +131,26 @@ class Cell:
         return m.eval()
 
     def _l(self, m: nn.Module) -> tuple[float, float]:
+        return self._l_err(m)[:2]
+
+    def _l_err(self, m: nn.Module) -> tuple[float, float, float]:
+        """L, its standard error, and the top-1 error on the labelled calibration inputs (NaN without labels)."""
         out = _outputs(m, self.x_cal).double()
         err = (out - self.t_cal).pow(2).sum(1)
-        return float(err.mean()) / self.denom, float(err.std()) / math.sqrt(len(err)) / self.denom
+        top1 = float((out.argmax(1) != self.y_cal).double().mean()) if self.y_cal is not None else math.nan
+        return float(err.mean()) / self.denom, float(err.std()) / math.sqrt(len(err)) / self.denom, top1
 
     def measure(self, theta: dict[str, float]) -> dict[str, float]:
-        """``{"L", "sem", "R", "feasible"}`` of theta (cached by kept counts)."""
+        """``{"L", "sem", "err", "R", "feasible"}`` of theta (cached by kept counts); ``err`` is the top-1
+        error on the labelled calibration inputs."""
         k = self.key(theta)
         if k not in self.cache:
             t0 = time.perf_counter()
-            L, sem = self._l(self._build(theta, self.bn))
-            self.cache[k] = {"L": L, "sem": sem}
+            L, sem, top1 = self._l_err(self._build(theta, self.bn))
+            self.cache[k] = {"L": L, "sem": sem, "err": top1}
             self.evals += 1
             self.eval_seconds += time.perf_counter() - t0
-        R = float(ratio(self.profile, theta, "params"))
+        R = float(ratio(self.profile, theta, self.cost))
         return {**self.cache[k], "R": R, "feasible": float(R <= self.budget + 1e-12)}
 
     def finetune(self, theta: dict[str, float], bn: bool | None = None) -> dict[str, float]:
@@ -143,7 +162,12 @@ class Cell:
         return dict(self.ft_cache[fk])
 
     def _finetune(self, theta: dict[str, float], bn: bool) -> dict[str, float]:
-        m = self._build(theta, bn)
+        return self.finetune_model(self._build(theta, bn), bn)
+
+    def finetune_model(self, m: nn.Module, bn: bool | None = None) -> dict[str, float]:
+        """:meth:`finetune` of a compressed model built elsewhere (fine-tuned in place): the same fixed
+        distillation fine-tune and the same measurements."""
+        bn = self.bn if bn is None else bn
         before = self._accuracy(m)
         L_before = self._l(m)[0]
         g = torch.Generator().manual_seed(0)

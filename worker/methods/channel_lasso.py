@@ -324,8 +324,7 @@ class ChannelLassoCompressor(ChannelCompressorBase):
                     stats = self._original_stats(name)
                 else:
                     stats = PatchStats.of(conv_patches(conv, x, cache.b, cache.oh, cache.ow), cache.target)
-                keep = select_channels(stats, conv.weight, conv.bias, ks[name])
-                w, bias = refit(stats, keep, conv.bias is not None)
+                keep, w, bias = self.select_and_fit(stats, conv, ks[name])
                 removed = sorted(set(range(stats.channels)) - set(keep.tolist()))
                 execute_prune_plan(model, prune_plan([(cache.group, removed)]))
                 conv.weight.data = w.reshape(conv.out_channels, keep.numel(), *conv.kernel_size).to(conv.weight)
@@ -352,6 +351,18 @@ class ChannelLassoCompressor(ChannelCompressorBase):
         if len(keeps) != len(todo):
             raise CompressionError(f"channel_lasso: layers {[n for n in todo if n not in keeps]} did not run")
         return model, keeps
+
+
+    def select_and_fit(self, stats: PatchStats, conv: nn.Module, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One layer's step: the ``k`` kept input channels (the LASSO) and the least-squares weights
+        (``n x k*kh*kw``) and bias that reproduce the original outputs from them.
+
+        He et al.'s baselines ("first k", "max response") and selection without reconstruction
+        replace this one method (``bench/paper/channel_selection.py``).
+        """
+        keep = select_channels(stats, conv.weight, conv.bias, k)
+        w, bias = refit(stats, keep, conv.bias is not None)
+        return keep, w, bias
 
 
 #: The class the method registry builds for ``channel_lasso``.
