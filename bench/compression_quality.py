@@ -146,7 +146,10 @@ def run_bocompress(cell: Cell, seed: int, trials: int, options: dict | None = No
     state: dict | None = None
     out = []
     for i in range(trials):
-        (p,), state = propose(prob, obs, [], i, 1, state)
+        pts, state = propose(prob, obs, [], i, 1, state)
+        if not pts:  # every distinct point of the (integer-rank) space measured: the service ends the job here too
+            break
+        p = pts[0]
         m = cell.measure(p)
         assert m["R"] <= cell.budget + 1e-9, f"bocompress proposed R={m['R']} over the budget"
         if score == "L":

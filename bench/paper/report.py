@@ -20,6 +20,12 @@ def _pct(x: float) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
+def collapsed(L: float, acc: float, chance: float = 0.1) -> bool:
+    """The product's rule for a model that lost its function: L near or above 1, or held-out accuracy
+    within a few points of chance (10 classes here)."""
+    return (math.isfinite(L) and L >= 0.8) or (math.isfinite(acc) and acc <= chance + 0.1)
+
+
 def _verdict(a: float, b: float, better: str, worse: str, tie: str) -> str:
     if not (math.isfinite(a) and math.isfinite(b)):
         return "not measured"
@@ -31,52 +37,69 @@ def _verdict(a: float, b: float, better: str, worse: str, tie: str) -> str:
 # --------------------------------------------------------------------------- studies 1 and 2
 
 
+def _m(c: dict[str, Any]) -> str:
+    return str(c.get("method", "lowrank"))
+
+
+def _same(r: dict[str, Any], c: dict[str, Any]) -> bool:
+    return r["model"] == c["model"] and _m(r) == _m(c) and r["budget"] == c["budget"]
+
+
 def _per_layer(res: dict[str, Any]) -> tuple[list[str], list[str]]:
     rows = res["rows"]
     summary: list[str] = []
     out = ["## 1. Per-layer θ by BO vs one θ for every layer (Ma et al.)", "",
-           f"tucker2 on the convolutions, svd on the linear layers; `min L s.t. R <= budget`; BO: the product's "
+           f"`lowrank`: tucker2 on the convolutions, svd on the linear layers; `channel_l1`: channel pruning. "
+           f"`min L s.t. R <= budget`; BO: the product's "
            f"engine, {res['trials']} trials, seeds 0..{res['seeds'] - 1} (medians); uniform: one θ for every layer at "
            f"the target R (one evaluation). Fine-tune: {res['ft_steps']} distillation steps, the same for both.", "",
-           "| model | budget | d | original | θ | L | R | held-out acc before FT | after FT | search s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | method | budget | d | original | θ | L | R | held-out acc before FT | after FT | search s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     wins = ties = losses = 0
+    lost_cells: list[str] = []
     for c in res["cells"]:
         if c["min_ratio"] > c["budget"]:
-            out.append(f"| {c['model']} | {c['budget']} | {c['d']} | {_pct(c['acc_original'])} | unreachable "
+            out.append(f"| {c['model']} | {_m(c)} | {c['budget']} | {c['d']} | {_pct(c['acc_original'])} | unreachable "
                        f"(smallest R {c['min_ratio']:.3f}) | | | | | |")
             continue
-        sel = {o: [r for r in rows if r["model"] == c["model"] and r["budget"] == c["budget"]
-                   and r["optimizer"] == o and r["score"] == "L" and "L" in r] for o in ("bo", "uniform")}
+        sel = {o: [r for r in rows if _same(r, c) and r["optimizer"] == o and r["score"] == "L" and "L" in r]
+               for o in ("bo", "uniform")}
         for o, label in (("uniform", "uniform"), ("bo", "BO (per layer)")):
             rs = sel[o]
-            out.append(f"| {c['model']} | {c['budget']} | {c['d']} | {_pct(c['acc_original'])} | {label} | "
+            lost = collapsed(median(rs, "L"), median(rs, "acc_after"))
+            out.append(f"| {c['model']} | {_m(c)} | {c['budget']} | {c['d']} | {_pct(c['acc_original'])} | {label} | "
                        f"{fmt(median(rs, 'L'), 4)} | {fmt(median(rs, 'R'))} | {_pct(median(rs, 'acc_before'))} | "
-                       f"{_pct(median(rs, 'acc_after'))} | {fmt(median(rs, 'seconds'), 0)} |")
+                       f"{_pct(median(rs, 'acc_after'))}{' **collapsed**' if lost else ''} | "
+                       f"{fmt(median(rs, 'seconds'), 0)} |")
+        if collapsed(median(sel["bo"], "L"), median(sel["bo"], "acc_after")):
+            lost_cells.append(f"{c['model']}/{_m(c)} at R <= {c['budget']} (BO's L {fmt(median(sel['bo'], 'L'), 3)}, held-out "
+                              f"{_pct(median(sel['bo'], 'acc_after'))})")
+            continue
         a, b = median(sel["bo"], "acc_after"), median(sel["uniform"], "acc_after")
         v = _verdict(a, b, "win", "loss", "tie")
         wins, ties, losses = wins + (v == "win"), ties + (v == "tie"), losses + (v == "loss")
     n = wins + ties + losses
+    lost_note = (f"; in {len(lost_cells)} more BO's model lost its function too (not counted as a win): "
+                 + ", ".join(lost_cells)) if lost_cells else ""
     summary.append(f"| Per-layer θ (BO) beats one θ for every layer at equal R (Ma et al.) | held-out accuracy after "
-                   f"the fixed fine-tune, BO vs uniform: higher in {wins} of {n} (model, budget) cells, tied in {ties}, "
-                   f"lower in {losses} | {'reproduced' if losses == 0 and wins > 0 else 'partly' if wins else 'not reproduced'} |")
+                   f"the fixed fine-tune, BO vs uniform: higher in {wins} of {n} (model, budget) cells where BO's model "
+                   f"works, tied in {ties}, lower in {losses}{lost_note} | "
+                   f"{'reproduced' + (' where the method keeps the function' if lost_cells else '') if losses == 0 and wins > 0 else 'partly' if wins else 'not reproduced'} |")
     # study 2
     out += ["", "## 2. The distillation proxy: θ chosen by L vs by top-1 error (Ma et al.)", "",
             "The same BO search given the top-1 error on the labelled calibration inputs (128 training digits) "
             "instead of L; both at the same budget, the best of each search by its own objective, then the same "
             "fine-tune; held-out accuracy on the 450 digits neither saw.", "",
-            "| model | budget | objective searched | L | R | calibration error | held-out acc before FT | after FT |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| model | method | budget | objective searched | L | R | calibration error | held-out acc before FT | after FT |",
+            "|---|---|---|---|---|---|---|---|---|"]
     p_wins = p_ties = p_losses = 0
     for c in res["cells"]:
-        err_rows = [r for r in rows if r["model"] == c["model"] and r["budget"] == c["budget"] and r["score"] == "err"
-                    and "L" in r]
+        err_rows = [r for r in rows if _same(r, c) and r["score"] == "err" and "L" in r]
         if not err_rows:
             continue
-        l_rows = [r for r in rows if r["model"] == c["model"] and r["budget"] == c["budget"] and r["score"] == "L"
-                  and r["optimizer"] == "bo" and "L" in r]
+        l_rows = [r for r in rows if _same(r, c) and r["score"] == "L" and r["optimizer"] == "bo" and "L" in r]
         for label, rs in (("L (distillation)", l_rows), ("top-1 error", err_rows)):
-            out.append(f"| {c['model']} | {c['budget']} | {label} | {fmt(median(rs, 'L'), 4)} | {fmt(median(rs, 'R'))} | "
+            out.append(f"| {c['model']} | {_m(c)} | {c['budget']} | {label} | {fmt(median(rs, 'L'), 4)} | {fmt(median(rs, 'R'))} | "
                        f"{_pct(median(rs, 'err_cal'))} | {_pct(median(rs, 'acc_before'))} | {_pct(median(rs, 'acc_after'))} |")
         v = _verdict(median(l_rows, "acc_after"), median(err_rows, "acc_after"), "win", "loss", "tie")
         p_wins, p_ties, p_losses = p_wins + (v == "win"), p_ties + (v == "tie"), p_losses + (v == "loss")
@@ -271,14 +294,13 @@ def _plots(results: dict[str, Any]) -> list[str]:
     per = results.get("per_layer")
     if per:
         cells = [c for c in per["cells"] if c["min_ratio"] <= c["budget"]]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
+        fig, ax = plt.subplots(figsize=(8, 3.4))
         xs = range(len(cells))
         for off, opt, label in ((-0.2, "uniform", "uniform θ"), (0.2, "bo", "BO (per layer)")):
-            vals = [100 * median([r for r in per["rows"] if r["model"] == c["model"] and r["budget"] == c["budget"]
-                                  and r["optimizer"] == opt and r["score"] == "L" and "L" in r], "acc_after")
-                    for c in cells]
+            vals = [100 * median([r for r in per["rows"] if _same(r, c) and r["optimizer"] == opt
+                                  and r["score"] == "L" and "L" in r], "acc_after") for c in cells]
             ax.bar([x + off for x in xs], vals, width=0.4, label=label)
-        ax.set_xticks(list(xs), [f"{c['model']}\nR<={c['budget']}" for c in cells])
+        ax.set_xticks(list(xs), [f"{c['model']}\n{_m(c)}\nR<={c['budget']}" for c in cells], fontsize=7)
         ax.set_ylabel("held-out accuracy after FT (%)")
         ax.legend(loc="lower left")
         fig.tight_layout()

@@ -62,6 +62,10 @@ def run(budgets: tuple[float, ...] = (0.25, 0.1), seeds: int = 2, trials: int = 
             lin = Cell(MODEL, "lowrank", 1.0, ft_steps=FT_STEPS, spec={"Linear": "svd"}, module=mid)
             p_mid = float(lin.profile["totals"]["params"])
             lin.budget = min(1.0, budget * total / p_mid)  # the final model keeps <= budget of the original's
+            if lin.min_ratio > lin.budget:
+                log(f"  two-pass study R<={budget} seed {seed}: the linear pass cannot reach R <= {lin.budget:.3f} "
+                    f"(smallest {lin.min_ratio:.3f})")
+                continue
             p2, m2_ = best_feasible(run_bocompress(lin, seed, trials)) or (None, None)
             final = lin._build(p2, True)
             R_total = m2_["R"] * p_mid / total
