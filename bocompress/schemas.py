@@ -80,7 +80,7 @@ __all__ = [
     "OBJECTIVE_KINDS", "MAX_EXACT_INT", "Num", "Int", "Bool",
     # the job spec (here)
     "ParameterSpec", "Glob", "ListGlob", "LayerSelection", "split_layer_patterns", "CompressionSpec", "Objective",
-    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate",
+    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate", "Recipe", "RecipePass", "RecipeFinetune",
     # the layer table (bocompress.schemas_profile)
     "CostFactor", "CostTerm", "CostForm", "LayerSignals", "LayerInfo", "SearchParam", "ProfileReport",
     # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
@@ -372,6 +372,64 @@ class OptimizerSpec(_Strict):
     chipnet: ChipNetOptions | None = Field(default=None, description="ChipNet's options (engine 'chipnet')")
 
 
+class RecipePass(_Strict):
+    """One BO pass of a two-pass recipe: which method on which layers (defaults: the job's)."""
+
+    method: MethodName | dict[str, MethodName] | None = Field(
+        default=None, description="a method for this pass's layer type (the first pass's is Conv2d, the second's "
+        "Linear), or a mapping layer type -> method; default: the job's method for that type, else tucker2 "
+        "(first) / svd (second)",
+        json_schema_extra={"minProperties": 1, "propertyNames": {"enum": ["Conv2d", "Linear"]}})
+    layers: Annotated[list[ListGlob], Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="fnmatch globs over module names for this pass (default: the job's layers)")
+
+    @field_validator("method")
+    @classmethod
+    def _method_map(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("method mapping must not be empty")
+            for k in v:
+                if k not in ("Conv2d", "Linear"):
+                    raise ValueError(f"method mapping key {k!r}: use 'Conv2d' or 'Linear'")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v: Any) -> Any:
+        if v is not None:
+            _check_globs(v, "layers", allow_negation=True)
+        return v
+
+
+class RecipeFinetune(_Strict):
+    """The fine-tune between the passes: a ``finetune-distill`` retraining of the first pass's best."""
+
+    epochs: Int = Field(default=5, ge=1, le=10_000)
+    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune learning rate (Adam)")
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
+
+
+class Recipe(_Strict):
+    """``recipe`` of a compression job: Ma et al.'s two passes as one pipeline (docs/strategies.md).
+
+    The job is the first pass (BO over its ``first`` layers); when it completes, its best trial is
+    exported with a ``finetune-distill`` retraining, and a second job searches the ``second``
+    layers of that fine-tuned model, with the same objective and budget.
+    """
+
+    kind: Literal["two-pass"] = Field(description="'two-pass': convs first, fine-tune, then the linear layers")
+    first: RecipePass = Field(default_factory=RecipePass)
+    finetune: RecipeFinetune = Field(default_factory=RecipeFinetune)
+    second: RecipePass = Field(default_factory=RecipePass)
+
+
 class JobCreate(_Strict):
     """``POST /api/v1/jobs``: a compression job or a generic (ask/tell) job."""
 
@@ -381,6 +439,8 @@ class JobCreate(_Strict):
     objective: Objective = Field(default_factory=Objective)
     budget: Budget = Field(default_factory=Budget)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    recipe: Recipe | None = Field(default=None, description="a multi-stage pipeline this job starts "
+                                  "(compression jobs): docs/strategies.md")
 
     @model_validator(mode="after")
     def _one_form(self) -> "JobCreate":
