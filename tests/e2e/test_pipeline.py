@@ -119,6 +119,17 @@ def test_two_pass_pipeline_end_to_end(pipe_server: LiveServer, tmp_path: Path) -
         with torch.no_grad():
             acc = float((model(x).argmax(1) == y).float().mean())
         assert acc > 0.5, acc
+        # the CLI shows the pipeline where it shows a job
+        from typer.testing import CliRunner
+
+        from bocompress.cli import app
+
+        token = pipe_server.token("client", "alice")
+        one = CliRunner().invoke(app, ["status", str(final.id), "--url", pipe_server.url, "--token", token])
+        assert one.exit_code == 0, one.output
+        assert f"pipeline: two-pass done (pass 2 of jobs {job.id}, {final.id}), total R=" in one.output, one.output
+        listed = CliRunner().invoke(app, ["status", "--url", pipe_server.url, "--token", token])
+        assert listed.exit_code == 0 and "pipeline" in listed.output and "done (pass 1)" in listed.output, listed.output
         print(f"\nMEASURED two-pass: R1={r1:.4f} R2={r2:.4f} total={pipe['total_ratio']:.4f} "
               f"L={best['values']['distill_l2']:.4g} acc={best['values'].get('accuracy')} "
               f"acc_orig={best['values'].get('accuracy_original')} export={export['values']}")
