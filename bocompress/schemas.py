@@ -80,7 +80,7 @@ __all__ = [
     "OBJECTIVE_KINDS", "MAX_EXACT_INT", "Num", "Int", "Bool",
     # the job spec (here)
     "ParameterSpec", "Glob", "ListGlob", "LayerSelection", "split_layer_patterns", "CompressionSpec", "Objective",
-    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate", "Recipe", "RecipePass", "RecipeFinetune",
+    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate", "Recipe", "RecipeFirst", "RecipeSecond", "RecipeFinetune",
     # the layer table (bocompress.schemas_profile)
     "CostFactor", "CostTerm", "CostForm", "LayerSignals", "LayerInfo", "SearchParam", "ProfileReport",
     # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
@@ -372,27 +372,15 @@ class OptimizerSpec(_Strict):
     chipnet: ChipNetOptions | None = Field(default=None, description="ChipNet's options (engine 'chipnet')")
 
 
+#: Methods that compress Linear layers (the second pass's layer type): tucker2 and channel_lasso compress none.
+LinearMethodName = Literal["svd", "magnitude", "channel_l1"]
+
+
 class RecipePass(_Strict):
     """One BO pass of a two-pass recipe: which method on which layers (defaults: the job's)."""
 
-    method: MethodName | dict[str, MethodName] | None = Field(
-        default=None, description="a method for this pass's layer type (the first pass's is Conv2d, the second's "
-        "Linear), or a mapping layer type -> method; default: the job's method for that type, else tucker2 "
-        "(first) / svd (second)",
-        json_schema_extra={"minProperties": 1, "propertyNames": {"enum": ["Conv2d", "Linear"]}})
     layers: Annotated[list[ListGlob], Field(min_length=1, max_length=1000)] | None = Field(
         default=None, description="fnmatch globs over module names for this pass (default: the job's layers)")
-
-    @field_validator("method")
-    @classmethod
-    def _method_map(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            if not v:
-                raise ValueError("method mapping must not be empty")
-            for k in v:
-                if k not in ("Conv2d", "Linear"):
-                    raise ValueError(f"method mapping key {k!r}: use 'Conv2d' or 'Linear'")
-        return v
 
     @field_validator("layers")
     @classmethod
@@ -400,6 +388,48 @@ class RecipePass(_Strict):
         if v is not None:
             _check_globs(v, "layers", allow_negation=True)
         return v
+
+
+def _pass_method(v: Any, layer_type: str, allowed: tuple[str, ...]) -> Any:
+    """A pass's ``method`` said plainly when it is not one the pass can run (before pydantic's
+    union messages): a mapping of another layer type, or a method compressing none of this one."""
+    if isinstance(v, dict):
+        if not v:
+            raise ValueError("method mapping must not be empty: this pass would select no layer type")
+        other = sorted(set(map(str, v)) - {layer_type})
+        if other:
+            raise ValueError(f"this pass compresses {layer_type} layers only; {other} belong to the other pass")
+        m = v.get(layer_type)
+    else:
+        m = v
+    if isinstance(m, str) and m in METHODS and m not in allowed:
+        raise ValueError(f"{m!r} compresses no {layer_type} layer: this pass would select no layer type "
+                         f"(use one of {', '.join(allowed)})")
+    return v
+
+
+class RecipeFirst(RecipePass):
+    """The first pass: Conv2d layers."""
+
+    method: MethodName | dict[Literal["Conv2d"], MethodName] | None = Field(
+        default=None, description="the method of the Conv2d layers (or {'Conv2d': method}); default: the job's "
+        "method for Conv2d (a mapping's entry, or one method that compresses it), else tucker2",
+        json_schema_extra={"minProperties": 1})
+
+    _method_ok = field_validator("method", mode="before")(classmethod(
+        lambda cls, v: _pass_method(v, "Conv2d", METHODS)))
+
+
+class RecipeSecond(RecipePass):
+    """The second pass: Linear layers of the fine-tuned first pass."""
+
+    method: LinearMethodName | dict[Literal["Linear"], LinearMethodName] | None = Field(
+        default=None, description="the method of the Linear layers (or {'Linear': method}; tucker2 and "
+        "channel_lasso compress no Linear layer); default: the job's method for Linear, else svd",
+        json_schema_extra={"minProperties": 1})
+
+    _method_ok = field_validator("method", mode="before")(classmethod(
+        lambda cls, v: _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))))
 
 
 class RecipeFinetune(_Strict):
@@ -425,9 +455,9 @@ class Recipe(_Strict):
     """
 
     kind: Literal["two-pass"] = Field(description="'two-pass': convs first, fine-tune, then the linear layers")
-    first: RecipePass = Field(default_factory=RecipePass)
+    first: RecipeFirst = Field(default_factory=RecipeFirst)
     finetune: RecipeFinetune = Field(default_factory=RecipeFinetune)
-    second: RecipePass = Field(default_factory=RecipePass)
+    second: RecipeSecond = Field(default_factory=RecipeSecond)
 
 
 class JobCreate(_Strict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bocompress.schemas import JobCreate, RecipePass
+from bocompress.schemas import JobCreate, RecipeFirst, RecipeSecond
 from bocompress.service.api.errors import bad_request
 
 #: The layer types each method compresses (``svd`` on a Conv2d: only 1x1 convolutions).
@@ -25,26 +25,24 @@ PASS_DEFAULT = {"first": "tucker2", "second": "svd"}
 
 def _default_method(job_method: str | dict[str, str], name: str) -> dict[str, str]:
     """A pass's method when the recipe names none: the job's for that layer type (a mapping's entry,
-    or one method that compresses it, svd only for Linear), else the paper's."""
+    or one method, when it compresses that type; svd only for Linear), else the paper's."""
     t = PASS_TYPE[name]
-    if isinstance(job_method, dict):
-        return {t: job_method.get(t, PASS_DEFAULT[name])}
-    if t in METHOD_TYPES.get(job_method, ()) and not (job_method == "svd" and t == "Conv2d"):
-        return {t: job_method}
+    m = job_method.get(t) if isinstance(job_method, dict) else job_method
+    if m is not None and t in METHOD_TYPES.get(m, ()) and not (m == "svd" and t == "Conv2d"
+                                                              and not isinstance(job_method, dict)):
+        return {t: m}
     return {t: PASS_DEFAULT[name]}
 
 
-def _pass(body: JobCreate, name: str, p: RecipePass) -> dict[str, Any]:
+def _pass(body: JobCreate, name: str, p: RecipeFirst | RecipeSecond) -> dict[str, Any]:
+    """A pass's method (a mapping of its one layer type) and layers. The schema already refuses a
+    method that compresses none of the pass's layer type (``recipe.second.method``: tucker2)."""
     c = body.compression
     assert c is not None
     if p.method is None:
         method = _default_method(c.method, name)
     else:
         method = dict(p.method) if isinstance(p.method, dict) else {PASS_TYPE[name]: p.method}
-    for t, m in method.items():
-        if t not in METHOD_TYPES[m]:
-            raise bad_request(f"recipe.{name}.method", f"{m!r} compresses no {t} layer (it compresses "
-                              f"{', '.join(METHOD_TYPES[m])}): this pass would select no layer type")
     layers = p.layers if p.layers is not None else c.layers
     return {"method": method, "layers": layers if isinstance(layers, list) else layers.model_dump(mode="json")}
 
@@ -63,10 +61,6 @@ def recipe_spec(body: JobCreate, spec: dict[str, Any]) -> dict[str, Any]:
         raise bad_request("recipe", "a two-pass recipe runs BO in each pass: it does not combine with "
                           "optimizer.engine 'chipnet'")
     first, second = _pass(body, "first", r.first), _pass(body, "second", r.second)
-    both = sorted(set(first["method"]) & set(second["method"]))
-    if both:
-        raise bad_request("recipe.second.method", f"both passes compress {', '.join(both)} layers: the second "
-                          "pass searches the layer types the first left dense")
     out = dict(spec)
     out["compression"] = {**out["compression"], "method": first["method"], "layers": first["layers"]}
     out["recipe"] = {"kind": r.kind, "first": first, "second": second,

@@ -54,8 +54,9 @@ def test_pipeline_refuses_bad_recipes(pipe_server: LiveServer) -> None:
         (generic, "recipe"),
         (chip, "recipe"),
         (_spec("n", 2, second={"method": "tucker2"}), "recipe.second.method"),  # tucker2 selects no Linear
-        (_spec("n", 2, first={"method": {"Linear": "tucker2"}}), "recipe.first.method"),
-        (_spec("o", 2, first={"method": {"Conv2d": "tucker2", "Linear": "svd"}}), "recipe.second.method"),
+        (_spec("n", 2, second={"method": {"Linear": "channel_lasso"}}), "recipe.second.method"),
+        (_spec("n", 2, first={"method": {"Linear": "svd"}}), "recipe.first.method"),  # the first pass is Conv2d
+        (_spec("o", 2, first={"method": {"Conv2d": "tucker2", "Linear": "svd"}}), "recipe.first.method"),
         (_spec("m", 2, second={"method": {}}), "recipe.second.method"),
     ]
     for body, field in bad:
