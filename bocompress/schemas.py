@@ -416,8 +416,10 @@ class RecipeFirst(RecipePass):
         "method for Conv2d (a mapping's entry, or one method that compresses it), else tucker2",
         json_schema_extra={"minProperties": 1})
 
-    _method_ok = field_validator("method", mode="before")(classmethod(
-        lambda cls, v: _pass_method(v, "Conv2d", METHODS)))
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_ok(cls, v: Any) -> Any:
+        return _pass_method(v, "Conv2d", METHODS)
 
 
 class RecipeSecond(RecipePass):
@@ -428,8 +430,10 @@ class RecipeSecond(RecipePass):
         "channel_lasso compress no Linear layer); default: the job's method for Linear, else svd",
         json_schema_extra={"minProperties": 1})
 
-    _method_ok = field_validator("method", mode="before")(classmethod(
-        lambda cls, v: _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))))
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_ok(cls, v: Any) -> Any:
+        return _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))
 
 
 class RecipeFinetune(_Strict):

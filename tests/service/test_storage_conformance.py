@@ -522,6 +522,20 @@ def test_a_pipeline_advances_once_per_stage_and_fails_with_its_reason(store: Sto
         assert cancelled["pipeline"]["stage"] == "cancelled" and cancelled["state"] == JobState.COMPLETED
         assert await s.lease("w", ["export"]) is None
 
+        # ... and at the second stage, the second job
+        d, _ = await s.create_job(ME, "s", _pipeline_job_spec(1), None, None)
+        await _search(s, d["id"], profile, [{"fc0": 0.5, "fc1": 0.5}])
+        assert await asyncio.to_thread(both) == 1
+        e = await s.lease("w", ["export"])
+        kept = await s.store_artifact(e["trial"]["id"], e["lease"]["token"], ADMIN, b"ft", {"w": {}})
+        await s.complete(e["trial"]["id"], e["lease"]["token"], Result(artifact={"blob_id": kept["blob_id"]}))
+        assert await asyncio.to_thread(both) == 1
+        second = (await s.cancel(d["id"], ME))["pipeline"]
+        assert second["stage"] == "cancelled" and "'second'" in second["reason"]
+        assert (await s.get_job(second["jobs"][1], ME))["state"] == JobState.CANCELLED
+        assert await s.lease("w", ["profile", "evaluate"]) is None
+        assert await asyncio.to_thread(both) == 0
+
     try:
         run(store, go)
     finally:
