@@ -29,7 +29,7 @@ try:  # typer >= 0.20 vendors its own copy of click as typer._click
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as _cx  # type: ignore[no-redef]
 
-from .cli_support import best_value, expand_specs, fmt_counts, table, validate_specs
+from .cli_support import best_value, expand_specs, fmt_counts, fmt_pipeline, table, validate_specs
 from .errors import BocompressError
 
 DEFAULT_DATABASE_URL = "sqlite:///./bocompress.db"
@@ -289,7 +289,8 @@ def token_revoke(
 @app.command()
 def submit(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="YAML job file."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for the jobs to finish, with a progress bar."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the jobs (a pipeline: every stage) to finish, "
+                              "with a progress bar."),
     poll: float = typer.Option(1.0, min=0.001, help="Seconds between polls with --wait."),
     url: Optional[str] = _URL,
     token: Optional[str] = _TOKEN,
@@ -297,7 +298,9 @@ def submit(
     """Submit the job(s) of a YAML file; prints one line per job: id and name.
 
     The file holds one job spec, or `jobs: [...]`; an optional `sweep` maps dotted keys to value
-    lists and expands each spec into one job per combination.
+    lists and expands each spec into one job per combination. A spec with
+    `recipe: {kind: two-pass}` is a pipeline (convs, fine-tune, linear layers): --wait waits for
+    every stage and prints the last job with the total R.
 
     \b
     Example:
@@ -325,9 +328,16 @@ def submit(
         if wait:
             for job in jobs:
                 job.wait(progress=True, poll=poll)
+                if job.pipeline:  # a recipe: wait for every stage; the last job holds the final model
+                    try:
+                        job = job.wait_pipeline(progress=True, poll=poll)
+                    except BocompressError as exc:
+                        typer.echo(f"{job.id}\t{job.name}\tpipeline {exc}")
+                        continue
                 best = job.best(refresh=False)
                 value = (best or {}).get("values", {}).get(job.metric)
-                typer.echo(f"{job.id}\t{job.name}\t{job.state}\tbest {job.metric}={value}")
+                tail = f"\tpipeline {fmt_pipeline(job.pipeline)}" if job.pipeline else ""
+                typer.echo(f"{job.id}\t{job.name}\t{job.state}\tbest {job.metric}={value}{tail}")
 
 
 
@@ -338,7 +348,8 @@ def status(
     url: Optional[str] = _URL,
     token: Optional[str] = _TOKEN,
 ) -> None:
-    """Show jobs (a table), or one job's state, trial counts and best trial.
+    """Show jobs (a table), or one job's state, trial counts and best trial; for a pipeline's job
+    (a spec's `recipe`) its stage, pass and jobs (and the total R once done).
 
     \b
     Example:
@@ -347,20 +358,27 @@ def status(
     """
     with _client(url, token) as client:
         if job_id is None:
-            rows = []
+            rows, pipes = [], []
             for job in itertools.islice(client.jobs(limit=min(limit, 100)), limit):
                 rows.append([str(job["id"]), job.get("name", ""), job.get("state", ""), job.get("kind", ""),
                              fmt_counts(job.get("counts") or {}),
                              best_value(job) + (" COLLAPSED" if job.get("collapsed") else ""),
                              str(job.get("created_at", ""))[:19]])
-            typer.echo(table(rows, ["id", "name", "state", "kind", "trials", "best", "created"]) if rows
-                       else "no jobs")
+                p = job.get("pipeline") or {}
+                pipes.append(f"{p['stage']} (pass {p['pass']})" if p else "")
+            header = ["id", "name", "state", "kind", "trials", "best", "created"]
+            if any(pipes):  # a pipeline column only when some job belongs to one
+                header.append("pipeline")
+                rows = [[*r, p] for r, p in zip(rows, pipes)]
+            typer.echo(table(rows, header) if rows else "no jobs")
             return
         job = client.get_job(job_id)
         data = job.data
         lines = [f"job {job.id}: {job.name}", f"state: {job.state}", f"kind: {job.kind}"]
         if data.get("reason"):
             lines.append(f"reason: {data['reason']}")
+        if job.pipeline:
+            lines.append(f"pipeline: {fmt_pipeline(job.pipeline)}")
         lines.append(f"trials: {fmt_counts(job.counts) or 'none'} (max {job.max_trials})")
         best = data.get("best")  # not job.best(): its CollapseWarning would repeat the WARNING lines below
         if best:

@@ -113,6 +113,20 @@ def best_value(job: dict[str, Any]) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def fmt_pipeline(pipe: dict[str, Any] | None) -> str:
+    """A job's pipeline in one line (``""`` for a job of none): kind, stage, this job's pass,
+    the jobs, and the total R once done (or the reason it failed)."""
+    if not pipe:
+        return ""
+    out = f"{pipe.get('kind')} {pipe.get('stage')} (pass {pipe.get('pass')} of jobs " \
+          f"{', '.join(str(j) for j in pipe.get('jobs') or [])})"
+    if pipe.get("total_ratio") is not None:
+        out += f", total R={float(pipe['total_ratio']):.4g}"
+    if pipe.get("stage") in ("failed", "cancelled") and pipe.get("reason"):
+        out += f": {pipe['reason']}"
+    return out
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     """``rows`` under ``header`` as left-aligned columns two spaces apart."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -101,6 +101,13 @@ class Job:
     def done(self) -> bool:
         return self.state in JOB_DONE_STATES
 
+    @property
+    def pipeline(self) -> dict[str, Any] | None:
+        """The pipeline (a spec's ``recipe``) this job belongs to, as last fetched: ``kind``,
+        ``stage`` (first | finetune | second | done | failed | cancelled), ``jobs``, ``export``,
+        ``ratios``, ``total_ratio``, ``final``, ``reason``; None for a job of no pipeline."""
+        return self.data.get("pipeline")
+
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, name={self.name!r}, state={self.state!r}, counts={self.counts})"
 
@@ -177,6 +184,41 @@ class Job:
         finally:
             if bar is not None:
                 bar.close()
+
+    def wait_pipeline(self, progress: bool = True, poll: float = 1.0, timeout: float | None = None) -> "Job":
+        """Block until this job's pipeline ends, and return its last job (the second pass).
+
+        Waits through each stage (the first pass, its fine-tune, the second pass), printing each
+        stage once with ``progress``. ``job.pipeline["total_ratio"]`` of the answer is the final
+        model's R relative to the original's; export the final job's best trial as usual
+        (``final.export(final.best()["id"])``: it loads with :func:`bocompress.load_compressed`
+        from the original architecture).
+
+        Raises:
+            BocompressError: the job is no pipeline's, or the pipeline failed or was cancelled
+                (the message carries its reason).
+            WaitTimeoutError: still going after ``timeout`` seconds.
+        """
+        from .errors import BocompressError
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shown = None
+        while True:
+            self.refresh()
+            pipe = self.pipeline
+            if pipe is None:
+                raise BocompressError(f"job {self.id} belongs to no pipeline (its spec has no recipe)")
+            if progress and pipe["stage"] != shown:
+                shown = pipe["stage"]
+                print(f"pipeline {pipe['root']} ({pipe['kind']}): {shown}, jobs {pipe['jobs']}", file=sys.stderr)
+            if pipe["stage"] == "done":
+                final = self if self.id == pipe["jobs"][-1] else self.client.get_job(pipe["jobs"][-1])
+                return final.refresh()
+            if pipe["stage"] in ("failed", "cancelled"):
+                raise BocompressError(f"pipeline {pipe['root']} {pipe['stage']}: {pipe.get('reason')}")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"pipeline {pipe['root']} still at stage {pipe['stage']} after {timeout} s")
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
     def _best_value(self) -> float | None:
         best = self.best(refresh=False)

@@ -80,7 +80,7 @@ __all__ = [
     "OBJECTIVE_KINDS", "MAX_EXACT_INT", "Num", "Int", "Bool",
     # the job spec (here)
     "ParameterSpec", "Glob", "ListGlob", "LayerSelection", "split_layer_patterns", "CompressionSpec", "Objective",
-    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate",
+    "Budget", "ChipNetOptions", "OptimizerSpec", "JobCreate", "Recipe", "RecipeFirst", "RecipeSecond", "RecipeFinetune",
     # the layer table (bocompress.schemas_profile)
     "CostFactor", "CostTerm", "CostForm", "LayerSignals", "LayerInfo", "SearchParam", "ProfileReport",
     # trials, leases, uploads, tokens, exports, errors (bocompress.schemas_trials)
@@ -372,6 +372,98 @@ class OptimizerSpec(_Strict):
     chipnet: ChipNetOptions | None = Field(default=None, description="ChipNet's options (engine 'chipnet')")
 
 
+#: Methods that compress Linear layers (the second pass's layer type): tucker2 and channel_lasso compress none.
+LinearMethodName = Literal["svd", "magnitude", "channel_l1"]
+
+
+class RecipePass(_Strict):
+    """One BO pass of a two-pass recipe: which method on which layers (defaults: the job's)."""
+
+    layers: Annotated[list[ListGlob], Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="fnmatch globs over module names for this pass (default: the job's layers)")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v: Any) -> Any:
+        if v is not None:
+            _check_globs(v, "layers", allow_negation=True)
+        return v
+
+
+def _pass_method(v: Any, layer_type: str, allowed: tuple[str, ...]) -> Any:
+    """A pass's ``method`` said plainly when it is not one the pass can run (before pydantic's
+    union messages): a mapping of another layer type, or a method compressing none of this one."""
+    if isinstance(v, dict):
+        if not v:
+            raise ValueError("method mapping must not be empty: this pass would select no layer type")
+        other = sorted(set(map(str, v)) - {layer_type})
+        if other:
+            raise ValueError(f"this pass compresses {layer_type} layers only; {other} belong to the other pass")
+        m = v.get(layer_type)
+    else:
+        m = v
+    if isinstance(m, str) and m in METHODS and m not in allowed:
+        raise ValueError(f"{m!r} compresses no {layer_type} layer: this pass would select no layer type "
+                         f"(use one of {', '.join(allowed)})")
+    return v
+
+
+class RecipeFirst(RecipePass):
+    """The first pass: Conv2d layers."""
+
+    method: MethodName | dict[Literal["Conv2d"], MethodName] | None = Field(
+        default=None, description="the method of the Conv2d layers (or {'Conv2d': method}); default: the job's "
+        "method for Conv2d (a mapping's entry, or one method that compresses it), else tucker2",
+        json_schema_extra={"minProperties": 1})
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_ok(cls, v: Any) -> Any:
+        return _pass_method(v, "Conv2d", METHODS)
+
+
+class RecipeSecond(RecipePass):
+    """The second pass: Linear layers of the fine-tuned first pass."""
+
+    method: LinearMethodName | dict[Literal["Linear"], LinearMethodName] | None = Field(
+        default=None, description="the method of the Linear layers (or {'Linear': method}; tucker2 and "
+        "channel_lasso compress no Linear layer); default: the job's method for Linear, else svd",
+        json_schema_extra={"minProperties": 1})
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_ok(cls, v: Any) -> Any:
+        return _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))
+
+
+class RecipeFinetune(_Strict):
+    """The fine-tune between the passes: a ``finetune-distill`` retraining of the first pass's best."""
+
+    epochs: Int = Field(default=5, ge=1, le=10_000)
+    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune learning rate (Adam)")
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
+
+
+class Recipe(_Strict):
+    """``recipe`` of a compression job: Ma et al.'s two passes as one pipeline (docs/strategies.md).
+
+    The job is the first pass (BO over its ``first`` layers); when it completes, its best trial is
+    exported with a ``finetune-distill`` retraining, and a second job searches the ``second``
+    layers of that fine-tuned model, with the same objective and budget.
+    """
+
+    kind: Literal["two-pass"] = Field(description="'two-pass': convs first, fine-tune, then the linear layers")
+    first: RecipeFirst = Field(default_factory=RecipeFirst)
+    finetune: RecipeFinetune = Field(default_factory=RecipeFinetune)
+    second: RecipeSecond = Field(default_factory=RecipeSecond)
+
+
 class JobCreate(_Strict):
     """``POST /api/v1/jobs``: a compression job or a generic (ask/tell) job."""
 
@@ -381,6 +473,8 @@ class JobCreate(_Strict):
     objective: Objective = Field(default_factory=Objective)
     budget: Budget = Field(default_factory=Budget)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    recipe: Recipe | None = Field(default=None, description="a multi-stage pipeline this job starts "
+                                  "(compression jobs): docs/strategies.md")
 
     @model_validator(mode="after")
     def _one_form(self) -> "JobCreate":

@@ -62,6 +62,9 @@ class JobOut(BaseModel):
                             "held-out accuracy near chance)")
     progress: dict[str, Any] | None = Field(
         default=None, description="a ChipNet job's one long task: its state, fraction done and message")
+    pipeline: dict[str, Any] | None = Field(
+        default=None, description="the pipeline (a job spec's recipe) this job belongs to: kind, stage "
+        "(first | finetune | second | done | failed | cancelled), jobs, export, total_ratio, reason")
 
 
 class Page(BaseModel):

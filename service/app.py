@@ -134,15 +134,19 @@ _CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
         "oneOf": [
             {"title": "compression job", "required": ["compression"],
              "properties": {"compression": {"type": "object"}, "parameters": {"type": "null"},
-                            "objective": {"properties": {"metric": {"type": "null"}}}}},
+                            "objective": {"properties": {"metric": {"type": "null"}}}},
+             # a recipe runs BO in each pass: not with the ChipNet engine
+             "anyOf": [{"properties": {"recipe": {"type": "null"}}},
+                       {"properties": {"optimizer": {"properties": {"engine": {"not": {"const": "chipnet"}}}}}}]},
             {"title": "generic job", "required": ["parameters"],
-             "properties": {"parameters": {"type": "array"}, "compression": {"type": "null"},
+             "properties": {"parameters": {"type": "array"}, "compression": {"type": "null"}, "recipe": {"type": "null"},
                             "objective": {"properties": {"kind": {"type": "null"}}},
                             "optimizer": {"properties": {"engine": {"enum": ["auto", "sobol", "gp"]}}}}},
         ],
         "description": "Exactly one of `compression` (a compression job, evaluated by workers) or `parameters` "
                        "(a generic job, evaluated by its client with ask/tell; its `optimizer.engine` is "
                        "'auto', 'sobol' or 'gp': the one-shot allocators need a compression profile). "
+                       "A `recipe` (a pipeline) is for compression jobs whose engine is not 'chipnet'. "
                        "Parameter names must be unique.",
     },
     "Objective": {

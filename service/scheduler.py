@@ -326,6 +326,11 @@ class Scheduler:
             todo = jobs_needing_proposals(s)
         if expired is not None:
             self.store.reap()
+        try:  # a pipeline whose stage finished takes its next step (guarded: once across replicas)
+            self.store.advance_pipelines()
+        except Exception:  # noqa: BLE001 - the proposals below must still be made
+            self.errors += 1
+            log.exception("advancing pipelines failed")
         made = 0
         for job_id, _, _ in todo:
             if self._stop.is_set():

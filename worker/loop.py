@@ -337,7 +337,7 @@ class Worker:
             return self._long(lambda report, stop: (*retrain_export(self.client, ctx, job, source, params["retrain"],
                                                                     report, stop), None), hb, "retraining", job, task)
         data, values, _ = build_export(
-            ctx.model, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
+            ctx.export_base, ctx.compressor, ctx.arch, theta, ctx.inputs, ctx.teacher,
             steps=int(params.get("finetune_steps", 0)), lr=float(params.get("lr", 1e-4)),
             extra={"job_id": int(job["id"]), "trial_id": int(source["id"])},
             output=ctx.output, linearized=ctx.linearized,

@@ -103,6 +103,51 @@ def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
 # --------------------------------------------------------------------------- loading
 
 
+def _is_compressed(data: bytes) -> bool:
+    """Whether safetensors ``data`` is a bocompress export (a description in its metadata)."""
+    import json
+    import struct
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (struct.error, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "bocompress" in meta
+
+
+def _load_compressed_bytes(data: bytes, ref: str, allowed_prefixes: Sequence[str]) -> tuple[nn.Module, Any]:
+    """An exported compressed model, rebuilt with :func:`bocompress.load_compressed`, and the
+    original architecture its description names (a zoo name, an import path or a ModelSpec)."""
+    import tempfile
+
+    from bocompress.compressed import load_compressed, read_description
+    from bocompress.errors import BocompressError
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        try:
+            desc = read_description(f.name)
+            model = load_compressed(f.name, allow_import=list(allowed_prefixes)).eval()
+            arch: Any = parse_arch(dict(desc["arch_spec"])) if desc.get("arch_spec") else str(desc["arch"])
+        except (BocompressError, ModelSpecError, KeyError) as exc:
+            raise TaskError(f"uploaded model {ref!r} (a compressed export): {exc}") from exc
+    model._bocompress_compressed = True  # type: ignore[assignment]  # build_context describes exports against a fresh base
+    return model, arch
+
+
+def fresh_base(arch: Any, allowed_prefixes: Sequence[str]) -> nn.Module:
+    """A fresh build of ``arch`` (no weights loaded): what an export of a model rebuilt from an
+    earlier export is described against, so :func:`bocompress.load_compressed` rebuilds it from
+    the original architecture in one file."""
+    from bocompress.worker.zoo import ARCHS
+
+    if isinstance(arch, str) and arch in ARCHS:
+        return ARCHS[arch]().eval()
+    return _build_from_factory(arch, allowed_prefixes, None)
+
+
 def _safetensors_load(data: bytes, what: str) -> dict[str, Tensor]:
     from safetensors.torch import load
 
@@ -156,6 +201,8 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
         if not arch:
             raise TaskError(f"uploaded model {ref!r} names no architecture")
         state_dict = _safetensors_load(data, f"uploaded model {ref!r}")
+        if _is_compressed(data):  # a bocompress export (a pipeline's fine-tuned first pass): rebuilt as described
+            return _load_compressed_bytes(data, ref, allowed_prefixes)
         if isinstance(arch, str) and arch in ARCHS:
             return load_model(arch, state_dict), arch
         return _build_from_factory(arch, allowed_prefixes, state_dict), arch
@@ -287,6 +334,13 @@ class JobContext:
     linearized: list[str] = field(default_factory=list)
     holdout: Any = None  # bocompress.worker.proxy.Holdout: the held-out part of labelled data (accuracy only)
     proxy: Any = None  # bocompress.worker.proxy.ProxyOptions: BN re-estimation, fine-tuning, sensitivity
+    #: What exports are described against: a fresh build of the original architecture when
+    #: ``model`` was itself rebuilt from an export (None: ``model``).
+    base: nn.Module | None = None
+
+    @property
+    def export_base(self) -> nn.Module:
+        return self.base if self.base is not None else self.model
 
 
 def build_context(client: Any, job: Mapping[str, Any], device: str | torch.device,
@@ -318,6 +372,9 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
     from bocompress.worker.layers import linearize_conv1d
 
     model, arch = load_job_model(client, str(comp["model"]), allowed_prefixes)
+    # a model rebuilt from an export (a two-pass pipeline's second pass): exports are described
+    # against a fresh build of the original architecture, not against this model
+    base = fresh_base(arch, allowed_prefixes) if getattr(model, "_bocompress_compressed", False) else None
     n = int(comp.get("n_calibration", 256))
     output = comp.get("output")
     linearized = linearize_conv1d(model)
@@ -355,7 +412,7 @@ def build_context(client: Any, job: Mapping[str, Any], device: str | torch.devic
         job_id=int(job["id"]), arch=arch, model=model, inputs=inputs, labels=labels, teacher=teacher,
         compressor=compressor, cost_kind=cost_kind, device=dev, build_seconds=time.perf_counter() - t0,
         info={"n_calibration": B.n_samples(inputs)}, output=output, linearized=linearized,
-        holdout=holdout, proxy=proxy,
+        holdout=holdout, proxy=proxy, base=base,
     )
 
 

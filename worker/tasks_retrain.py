@@ -100,7 +100,7 @@ def retrain_export(client: Any, ctx: Any, job: Mapping[str, Any], source: Mappin
             "trial_id": int(source["id"]), "retrain": dict(opts), "retrain_epochs": int(res.epochs),
             **({"output": ctx.output} if ctx.output is not None else {}),
             **({"linearized": list(ctx.linearized)} if ctx.linearized else {})}
-    data, _ = to_bytes(ctx.model, model, ctx.arch, info)
+    data, _ = to_bytes(ctx.export_base, model, ctx.arch, info)
     values = {"distill_l2_before": before["distill_l2"], "distill_l2": after["distill_l2"], "params": float(params),
               "finetune_steps": 0.0, "retrain_epochs": float(res.epochs), "flops_ratio": float(res.flops_ratio),
               "export_seconds": time.perf_counter() - t0}

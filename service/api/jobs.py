@@ -22,6 +22,7 @@ from bocompress.schemas import (
 from bocompress.service.api.deps import MAX_ID, ClientDep, CtxDep, Cursor, RowId, viewer
 from bocompress.service.api.errors import bad_request
 from bocompress.service.api.serialize import decode_cursor, encode_cursor
+from bocompress.service.api.pipeline import recipe_spec
 from bocompress.service.api.strategies import chipnet_spec
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -69,6 +70,8 @@ async def create_job(body: JobCreate, ctx: CtxDep, p: ClientDep, response: Respo
     if not body.is_compression and body.optimizer.engine in ONE_SHOT_ENGINES:
         raise bad_request("optimizer.engine", f"{body.optimizer.engine!r} is a one-shot allocator for "
                           "compression jobs; a generic job takes 'auto', 'sobol' or 'gp'")
+    if body.recipe is not None:
+        spec = recipe_spec(body, spec)
     if body.optimizer.engine == "chipnet":
         spec = chipnet_spec(body, spec)
     blobs = _check_refs(body) if body.is_compression else []

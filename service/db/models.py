@@ -85,6 +85,7 @@ class Job(Base):
         CheckConstraint(check_sql("state", JobState), name="ck_jobs_state"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_owner_id", "owner", "id"),
+        Index("ix_jobs_pipeline_stage", "pipeline_stage"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -105,6 +106,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: A recipe's pipeline (:mod:`bocompress.service.db.pipeline`): on its first job the pipeline's
+    #: state (jobs, export, ratios, reason), on a later job ``{"root": <first job's id>}``.
+    pipeline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The pipeline's stage, on its first job only (first | finetune | second | done | failed | cancelled).
+    pipeline_stage: Mapped[str | None] = mapped_column(String(16))
 
 
 class Trial(Base):

@@ -29,6 +29,7 @@ from bocompress.service.db import hot
 from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
+from bocompress.service.db.pipeline import PipelineMixin, cancel_pipeline, start_pipeline
 from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
@@ -94,7 +95,7 @@ def hot_values(info: Any, t: Any, result: Result) -> tuple[dict[str, float], dic
     return values, sem, result_hash(values, sem, None)
 
 
-class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store):
+class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store):
     """Every :class:`Store` method through the ORM (see the module docstring)."""
 
     def __init__(self, engine: Engine, factory: sessionmaker[Session], jobs: hot.JobInfoCache | None = None) -> None:
@@ -341,6 +342,7 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
             if compression:
                 s.add(Trial(job_id=job.id, kind="profile", number=0, seq=0, state=TrialState.QUEUED, params={},
                             values={}, sem={}, attempt=1, created_at=now))
+                start_pipeline(s, job)
             s.flush()
             return job_out(s, job, with_best=False), True
 
@@ -383,6 +385,7 @@ class OrmStore(ExportsMixin, RecordsMixin, SnapshotMixin, StrategiesMixin, Store
             job = self._visible_job(s, job_id, viewer)
             if job.state not in FINISHED_JOB_STATES:
                 cancel_job(s, job, self.dialect)
+            cancel_pipeline(s, job, self.dialect)  # a pipeline's first job: what follows it too
             return job_out(s, job)
 
         return await self._tx(_cancel)

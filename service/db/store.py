@@ -158,7 +158,8 @@ class Store(ABC):
 
     @abstractmethod
     async def cancel(self, job_id: int, viewer: Viewer) -> dict[str, Any]:
-        """Cancel an active job (queued and running trials become ``cancelled``); a finished one is returned as is."""
+        """Cancel an active job (queued and running trials become ``cancelled``); a finished one is returned as is.
+        A pipeline's first job cancels the pipeline: its open export or second job, and every stage to come."""
 
     @abstractmethod
     async def trial_page(self, job_id: int, viewer: Viewer, since: int, limit: int) -> TrialPage:
@@ -271,6 +272,12 @@ class Store(ABC):
     @abstractmethod
     def reap(self, limit: int = 500) -> int:
         """Re-queue (or abandon) trials whose lease expired: how many."""
+
+    @abstractmethod
+    def advance_pipelines(self, limit: int = 100) -> int:
+        """Take the next step of every pipeline (a ``recipe`` job) whose stage has finished: how
+        many moved. Idempotent and guarded in the database (:mod:`bocompress.service.db.pipeline`):
+        two replicas calling it at once advance each pipeline once."""
 
     # -------------------------------------------------------------- lifetime
 

@@ -141,6 +141,10 @@ def job_out(s: Session | None, job: Job, with_best: bool = True, light: bool = F
         from bocompress.service.db.strategies import job_progress
 
         out["progress"] = job_progress(s, job)
+        if job.pipeline is not None:
+            from bocompress.service.db.pipeline import pipeline_view
+
+            out["pipeline"] = pipeline_view(s, job)
     return out
 
 

@@ -433,3 +433,110 @@ def test_the_dashboard_reads_a_job_whole(store: Store) -> None:
                 await other
 
     run(store, go)
+
+
+def _pipeline_job_spec(trials: int) -> dict[str, Any]:
+    from bocompress.service.api.pipeline import recipe_spec
+
+    body = _spec(compression={"model": "digits-cnn", "data": "digits", "method": {"Conv2d": "tucker2", "Linear": "svd"}},
+                 objective={"kind": "scalarized"}, budget={"max_trials": trials, "max_parallel": trials},
+                 recipe={"kind": "two-pass", "finetune": {"epochs": 2}})
+    return recipe_spec(body, body.model_dump(mode="json", exclude_none=True))
+
+
+async def _search(s: Store, job_id: int, profile: dict[str, Any], points: list[dict[str, float]]) -> list[dict]:
+    """Play a worker: profile the job, then evaluate ``points`` (the job's whole budget)."""
+    task = await s.lease("w", ["profile"])
+    assert task is not None and task["job"]["id"] == job_id
+    await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
+    await asyncio.to_thread(s.propose, job_id, 0, points)
+    out = []
+    for i in range(len(points)):
+        a = await s.lease("w", ["evaluate"])
+        assert a is not None and a["job"]["id"] == job_id
+        out.append(await s.complete(a["trial"]["id"], a["lease"]["token"], Result(values={"distill_l2": 0.01 * (i + 1)})))
+    return out
+
+
+def test_a_pipeline_advances_once_per_stage_and_fails_with_its_reason(store: Store, database_url: str) -> None:
+    """A two-pass pipeline through every stage, each step taken once even by two replicas at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
+    engine2 = make_engine(database_url)
+    replica = OrmStore(engine2, make_sessionmaker(engine2))
+
+    def both() -> int:  # two replicas' schedulers advance at the same moment
+        with ThreadPoolExecutor(2) as pool:
+            return sum(pool.map(lambda st: st.advance_pipelines(), [store, replica]))
+
+    async def go(s: Store) -> None:
+        job, _ = await s.create_job(ME, "p", _pipeline_job_spec(2), None, None)
+        assert job["pipeline"]["stage"] == "first" and job["spec"]["compression"]["method"] == {"Conv2d": "tucker2"}
+        assert await asyncio.to_thread(both) == 0  # the first pass is still profiling
+        t1 = await _search(s, job["id"], profile, [{"fc0": 0.25, "fc1": 0.25}, {"fc0": 0.5, "fc1": 0.5}])
+        assert (await s.get_job(job["id"], ME))["state"] == JobState.COMPLETED
+        assert await asyncio.to_thread(both) == 1 and await asyncio.to_thread(both) == 0
+        pipe = (await s.get_job(job["id"], ME))["pipeline"]
+        assert pipe["stage"] == "finetune" and pipe["export"]["trial_id"] == t1[0]["id"]  # the best (lowest L)
+        assert pipe["ratios"] == [t1[0]["values"]["ratio"]]
+        e = await s.lease("w", ["export"])
+        assert e is not None and e["trial"]["id"] == pipe["export"]["task_id"]
+        assert e["trial"]["params"]["retrain"] == {"mode": "finetune-distill", "epochs": 2, "batch_size": 64, "seed": 0}
+        kept = await s.store_artifact(e["trial"]["id"], e["lease"]["token"], ADMIN, b"fine-tuned", {"w": {}})
+        await s.complete(e["trial"]["id"], e["lease"]["token"], Result(values={"distill_l2": 0.005},
+                                                                       artifact={"blob_id": kept["blob_id"]}))
+        assert await asyncio.to_thread(both) == 1 and await asyncio.to_thread(both) == 0
+        pipe = (await s.get_job(job["id"], ME))["pipeline"]
+        assert pipe["stage"] == "second" and len(pipe["jobs"]) == 2
+        listed = (await s.list_jobs(ME, 10, None, None)).items
+        assert [j["id"] for j in listed] == [pipe["jobs"][1], job["id"]]  # exactly one second job
+        job2 = await s.get_job(pipe["jobs"][1], ME)
+        model = job2["spec"]["compression"]["model"]
+        assert model == pipe["export"]["model"] and job2["spec"]["compression"]["method"] == {"Linear": "svd"}
+        assert job2["pipeline"] == {**pipe, "pass": 2} and job2["owner"] == "me"
+        assert await s.upload_file(model, "model", ME) == (b"fine-tuned", kept["sha256"])  # the owner's model
+        t2 = await _search(s, job2["id"], profile, [{"fc0": 0.125, "fc1": 0.25}, {"fc0": 0.5, "fc1": 0.25}])
+        assert await asyncio.to_thread(both) == 1
+        pipe = (await s.get_job(job["id"], ME))["pipeline"]
+        r1, r2 = t1[0]["values"]["ratio"], t2[0]["values"]["ratio"]
+        assert pipe["stage"] == "done" and pipe["ratios"] == [r1, r2] and pipe["total_ratio"] == r1 * r2
+        assert pipe["final"]["job_id"] == job2["id"] and pipe["final"]["trial_id"] == t2[0]["id"]
+        assert await asyncio.to_thread(both) == 0
+
+        # a failed fine-tune export fails the pipeline, with the reason; nothing follows
+        bad, _ = await s.create_job(ME, "q", _pipeline_job_spec(1), None, None)
+        await _search(s, bad["id"], profile, [{"fc0": 0.5, "fc1": 0.5}])
+        assert await asyncio.to_thread(both) == 1
+        e = await s.lease("w", ["export"])
+        await s.fail(e["trial"]["id"], e["lease"]["token"], "CUDA out of memory", retry=False)
+        assert await asyncio.to_thread(both) == 1
+        pipe = (await s.get_job(bad["id"], ME))["pipeline"]
+        assert pipe["stage"] == "failed" and "CUDA out of memory" in pipe["reason"] and pipe["jobs"] == [bad["id"]]
+
+        # cancelling the first job cancels the export that waits, and the pipeline
+        c, _ = await s.create_job(ME, "r", _pipeline_job_spec(1), None, None)
+        await _search(s, c["id"], profile, [{"fc0": 0.5, "fc1": 0.5}])
+        assert await asyncio.to_thread(both) == 1
+        cancelled = await s.cancel(c["id"], ME)
+        assert cancelled["pipeline"]["stage"] == "cancelled" and cancelled["state"] == JobState.COMPLETED
+        assert await s.lease("w", ["export"]) is None
+
+        # ... and at the second stage, the second job
+        d, _ = await s.create_job(ME, "s", _pipeline_job_spec(1), None, None)
+        await _search(s, d["id"], profile, [{"fc0": 0.5, "fc1": 0.5}])
+        assert await asyncio.to_thread(both) == 1
+        e = await s.lease("w", ["export"])
+        kept = await s.store_artifact(e["trial"]["id"], e["lease"]["token"], ADMIN, b"ft", {"w": {}})
+        await s.complete(e["trial"]["id"], e["lease"]["token"], Result(artifact={"blob_id": kept["blob_id"]}))
+        assert await asyncio.to_thread(both) == 1
+        second = (await s.cancel(d["id"], ME))["pipeline"]
+        assert second["stage"] == "cancelled" and "'second'" in second["reason"]
+        assert (await s.get_job(second["jobs"][1], ME))["state"] == JobState.CANCELLED
+        assert await s.lease("w", ["profile", "evaluate"]) is None
+        assert await asyncio.to_thread(both) == 0
+
+    try:
+        run(store, go)
+    finally:
+        engine2.dispose()
