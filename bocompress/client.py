@@ -273,7 +273,7 @@ class Client:
         """``GET /healthz``: the service's liveness answer."""
         return self._json("GET", "/healthz")
 
-    def create_job(self, spec: Mapping[str, Any] | JobCreate) -> "Job":
+    def create_job(self, spec: Mapping[str, Any] | JobCreate, idempotency_key: str | None = None) -> "Job":
         """Create a job (``POST /api/v1/jobs``).
 
         Args:
@@ -281,12 +281,15 @@ class Client:
                 :class:`~bocompress.schemas.JobCreate`. A dict is sent as is; the service
                 validates it (a mistake is an :class:`~bocompress.errors.UnprocessableEntityError`
                 naming the field).
+            idempotency_key: The ``Idempotency-Key`` (default: a fresh one, so only this call's own
+                retries are deduplicated). Pass your own, e.g. one per row of a batch script, and
+                a rerun of the script answers the jobs it already made instead of new ones.
 
         Returns:
             A :class:`Job` handle.
         """
         body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobCreate) else dict(spec)
-        return Job(self, self._json("POST", "/jobs", json=body))
+        return Job(self, self._json("POST", "/jobs", json=body, idempotency_key=idempotency_key))
 
     def submit_many(self, specs: Iterable[Mapping[str, Any] | JobCreate]) -> list["Job"]:
         """Create several jobs, one request (and one idempotency key) each, in order."""

@@ -62,6 +62,43 @@ def start_pipeline(s: Session, job: Job) -> None:
     s.refresh(job)
 
 
+def _constrained_budget(spec: dict[str, Any]) -> float | None:
+    o = spec.get("objective") or {}
+    return float(o["budget"]) if o.get("kind") == "constrained" and o.get("budget") is not None else None
+
+
+def first_pass_budget(s: Session, job: Job, prof: dict[str, Any]) -> None:
+    """A ``constrained`` recipe's budget b is the FINAL model's R against the original. When the first
+    pass is profiled, its own budget becomes ``1 - (1 - b) * C_sel / C_total``: the layers it searches
+    (cost C_sel of the model's C_total) held to b of their own cost, the rest left for the second pass
+    (:func:`_second_job` gives it ``b / R1``). The stored spec's ``objective.budget`` is the pass's; the
+    pipeline keeps b (``budget``), and :func:`as_requested` gives the spec as it was posted back."""
+    b = _constrained_budget(job.spec or {})
+    if job.pipeline_stage != "first" or b is None or "budget" in (job.pipeline or {}):
+        return
+    kind = str((job.spec.get("objective") or {}).get("cost") or "params")
+    total = float((prof.get("totals") or {}).get(kind) or 0.0)
+    sel = sum(float((layer.get("dense") or {}).get(kind, 0.0)) for layer in prof.get("layers") or []
+              if kind in (layer.get("costs") or {}))
+    if total <= 0 or sel <= 0:
+        return
+    b1 = min(1.0, 1.0 - (1.0 - b) * min(sel, total) / total)
+    job.spec = {**job.spec, "objective": {**job.spec["objective"], "budget": b1}}
+    job.pipeline = {**(job.pipeline or {}), "budget": b, "budgets": [b1]}
+    s.flush()  # before set_job_state's refresh of the row
+    add_event(s, job.id, "pipeline_budget",
+              detail=f"total R <= {b:g}: the first pass's layers ({sel / total:.1%} of the {kind}) at R <= {b1:.4f}")
+
+
+def as_requested(job: Job) -> dict[str, Any]:
+    """The spec of a first pass as it was posted (its total budget back in ``objective.budget``)."""
+    spec = dict(job.spec or {})
+    b = (job.pipeline or {}).get("budget") if job.pipeline_stage is not None else None
+    if b is not None and "objective" in spec:
+        spec["objective"] = {**spec["objective"], "budget": b}
+    return spec
+
+
 def _move(s: Session, root: Job, frm: str, to: str, **changes: Any) -> None:
     """The guarded stage change ``frm`` -> ``to`` (with ``changes`` to the pipeline's state)."""
     state = {**(root.pipeline or {}), **changes}
@@ -119,11 +156,20 @@ def _model_from_export(s: Session, root: Job, task: Trial) -> Blob:
 
 
 def _second_job(s: Session, root: Job, model_id: str) -> Job:
-    """The second pass: the first job's spec with the fine-tuned model and the second pass's layers."""
+    """The second pass: the first job's spec with the fine-tuned model and the second pass's layers;
+    under a ``constrained`` objective its budget is ``b / R1`` (at most 1): R against the fine-tuned first
+    pass, so that the final model keeps at most b of the original's cost."""
     spec = {k: v for k, v in root.spec.items() if k != "recipe"}
     second = root.spec["recipe"]["second"]
     spec["compression"] = {**spec["compression"], "model": model_id, "method": second["method"],
                            "layers": second["layers"]}
+    b = (root.pipeline or {}).get("budget")
+    r1 = (root.pipeline or {}).get("ratios") or []
+    if b is not None and r1 and float(r1[0]) > 0:
+        b2 = min(1.0, float(b) / float(r1[0]))
+        spec["objective"] = {**spec["objective"], "budget": b2}
+        root.pipeline = {**root.pipeline, "budgets": [*list(root.pipeline.get("budgets") or [])[:1], b2]}
+        s.flush()
     now = utcnow()
     job = Job(name=f"{root.name} (pass 2)"[:200], owner=root.owner, kind="compression", state=JobState.PROFILING,
               spec=spec, search_space=None, idempotency_key=None, created_at=now, updated_at=now, seq=0,
@@ -260,7 +306,8 @@ def pipeline_view(s: Session, job: Job) -> dict[str, Any] | None:
     return {"kind": state.get("kind"), "stage": root.pipeline_stage, "root": root.id,
             "pass": 1 if job.id == root.id else 2, "jobs": list(state.get("jobs") or [root.id]),
             "export": state.get("export"), "ratios": list(state.get("ratios") or []),
-            "total_ratio": state.get("total_ratio"), "final": state.get("final"), "reason": state.get("reason")}
+            "total_ratio": state.get("total_ratio"), "budget": state.get("budget"),
+            "budgets": list(state.get("budgets") or []), "final": state.get("final"), "reason": state.get("reason")}
 
 
 class PipelineMixin:
@@ -283,5 +330,5 @@ class PipelineMixin:
         return moved
 
 
-__all__ = ["ACTIVE_STAGES", "FINAL_STAGES", "PipelineMixin", "advance", "cancel_pipeline", "pipeline_view",
-           "root_of", "start_pipeline"]
+__all__ = ["ACTIVE_STAGES", "FINAL_STAGES", "PipelineMixin", "advance", "as_requested", "cancel_pipeline",
+           "first_pass_budget", "pipeline_view", "root_of", "start_pipeline"]

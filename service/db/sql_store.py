@@ -29,7 +29,7 @@ from bocompress.service.db import hot
 from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
-from bocompress.service.db.pipeline import PipelineMixin, cancel_pipeline, start_pipeline
+from bocompress.service.db.pipeline import PipelineMixin, as_requested, cancel_pipeline, first_pass_budget, start_pipeline
 from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
@@ -282,6 +282,7 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
             prof, space = validate_profile(job, result.profile)
             complete(s, t, {}, {}, tok, extra={"profile": prof})
             if job.state == JobState.PROFILING:
+                first_pass_budget(s, job, prof)  # a recipe's total budget -> its first pass's (before the check)
                 unreachable = unreachable_budget(job, prof, space)
                 if unreachable:
                     set_job_state(s, job, JobState.FAILED, (JobState.PROFILING,), reason=unreachable, profile=prof,
@@ -311,7 +312,7 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
 
     def _prior(self, s: Session, viewer: Viewer, key: str, spec: dict[str, Any]) -> Job | None:
         prior = s.execute(select(Job).where(Job.owner == viewer.owner, Job.idempotency_key == key)).scalars().first()
-        if prior is not None and prior.spec != spec:
+        if prior is not None and as_requested(prior) != spec:
             # a reused key must come with the same job (as payment APIs answer), never the first job in silence
             raise TransitionError(f"Idempotency-Key {key[:60]!r} was already used for job {prior.id} with a "
                                   "different body: send a new key for a different job", "idempotency_mismatch")

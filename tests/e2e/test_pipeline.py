@@ -69,7 +69,8 @@ def test_pipeline_refuses_bad_recipes(pipe_server: LiveServer) -> None:
     assert job.spec["compression"]["method"] == {"Conv2d": "tucker2"}
     assert job.spec["recipe"]["second"] == {"method": {"Linear": "svd"}, "layers": ["*"]}
     assert job.pipeline == {"kind": "two-pass", "stage": "first", "root": job.id, "pass": 1, "jobs": [job.id],
-                            "export": None, "ratios": [], "total_ratio": None, "final": None, "reason": None}
+                            "export": None, "ratios": [], "total_ratio": None, "budget": None, "budgets": [],
+                            "final": None, "reason": None}
     # cancelled before any work: nothing follows
     job.cancel()
     assert job.refresh().pipeline["stage"] == "cancelled" and job.state == "cancelled"
@@ -79,7 +80,7 @@ def test_two_pass_pipeline_end_to_end(pipe_server: LiveServer, tmp_path: Path) -
     client = bocompress.Client(pipe_server.url, token=pipe_server.token("client", "alice"))
     log = tmp_path / "w.log"
     with worker_process(pipe_server.url, pipe_server.token("worker", "ops"), log):
-        job = client.create_job(_spec("two-pass", 6))
+        job = client.create_job(_spec("two-pass", 6), idempotency_key="two-pass-1")
         try:
             final = job.wait_pipeline(progress=False, poll=0.2, timeout=240)
         except Exception:
@@ -99,7 +100,16 @@ def test_two_pass_pipeline_end_to_end(pipe_server: LiveServer, tmp_path: Path) -
         assert export["values"]["retrain_epochs"] == 1
         r1, r2 = pipe["ratios"]
         assert r1 == first.best()["values"]["ratio"] and r2 == final.best()["values"]["ratio"]
-        assert r1 <= 0.7 and r2 <= 0.7 and pipe["total_ratio"] == pytest.approx(r1 * r2, rel=1e-12)
+        assert pipe["total_ratio"] == pytest.approx(r1 * r2, rel=1e-12)
+        # the budget is the final model's: conv layers (55,744 of 89,930 parameters) at 0.7 of their own cost
+        # in the first pass, the rest of the total left to the second
+        b1, b2 = pipe["budgets"]
+        assert pipe["budget"] == 0.7 and b1 == pytest.approx(1 - 0.3 * 55_744 / DIGITS_CNN_PARAMS, abs=0.01)
+        assert first.spec["objective"]["budget"] == b1 and final.spec["objective"]["budget"] == b2
+        assert b2 == pytest.approx(min(1.0, 0.7 / r1), rel=1e-12)
+        assert r1 <= b1 + 1e-12 and r2 <= b2 + 1e-12 and pipe["total_ratio"] <= 0.7 + 1e-12
+        # a retried POST (same key, same body) answers the same job though its stored budget is the pass's
+        assert client.create_job(_spec("two-pass", 6), idempotency_key="two-pass-1").id == job.id
         # the final model: one file, rebuilt from the ORIGINAL architecture; its size is the total R
         best = final.best()
         final.export(best["id"])
