@@ -295,14 +295,15 @@ def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> None:
     global PARTIAL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed; resnet20 and mobilenet; lowrank and channel_l1; R <= 0.5")
+    ap.add_argument("--quick", action="store_true",
+                    help="one seed; resnet20 and mobilenet; lowrank and channel_l1; R <= 0.5; 20 trials")
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*")
     ap.add_argument("--budgets", nargs="*", type=float)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed .. first-seed+seeds-1 (more seeds later; --from-json a,b pools them)")
-    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--trials", type=int, default=None, help="trials per search (default 30; 20 with --quick)")
     ap.add_argument("--optimizers", nargs="*")
     ap.add_argument("--ft-steps", type=int, default=50)
     ap.add_argument("--spearman", type=int, default=6,
@@ -337,7 +338,7 @@ def main() -> None:
         methods = args.methods or (["lowrank", "channel_l1"] if args.quick else list(METHODS))
         budgets = args.budgets or ([0.5] if args.quick else list(BUDGETS))
         seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
-        trials = args.trials
+        trials = args.trials or (20 if args.quick else 30)
         argv = sys.argv[1:]
         t0 = time.perf_counter()
         results = []
@@ -364,8 +365,12 @@ def main() -> None:
     if not args.no_docs:
         from bench._docs import write_section
 
-        write_section("compression-quality", "## Compression quality on trained deep networks", body,
-                      key="compression-quality")
+        if args.quick:  # its own section: a quick run does not replace the full grid's tables
+            write_section("compression-quality", "## Compression quality: the `--quick` subset", body,
+                          key="compression-quality-quick")
+        else:
+            write_section("compression-quality", "## Compression quality on trained deep networks", body,
+                          key="compression-quality")
 
 
 if __name__ == "__main__":
