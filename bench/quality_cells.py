@@ -41,20 +41,14 @@ def method_spec(model: str, method: str) -> Any:
 
 
 def bn_recalibrate(model: nn.Module, x: torch.Tensor, batch: int = 128) -> None:
-    """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average), in place."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
+    """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average), in place: the
+    worker's :func:`~bocompress.worker.strategies.training.recalibrate_bn`, which puts each BatchNorm's
+    momentum back afterwards (a model trained later, e.g. from scratch, must not keep averaging its whole
+    training into its statistics)."""
+    from bocompress.worker.strategies.training import recalibrate_bn
+
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            model(x[i : i + batch])
-    model.train(was)
-    model.eval()
+        recalibrate_bn(model, (x[i : i + batch] for i in range(0, len(x), batch)))
 
 
 def _outputs(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:

@@ -38,7 +38,8 @@ def _run(key: str, args: argparse.Namespace) -> dict:
     if key == "1":
         return mod.run(seeds=args.seeds, trials=args.trials)
     if key == "4":
-        return mod.run(trials=args.trials, original_epochs=args.original_epochs, finetune_epochs=args.finetune_epochs)
+        return mod.run(trials=args.trials, original_epochs=args.original_epochs, finetune_epochs=args.finetune_epochs,
+                       models=tuple(args.retrain_models))
     if key == "5":
         return mod.run(trials=args.trials, chipnet_epochs=args.chipnet_epochs)
     if key == "6":
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="which studies to run (2 runs with 1)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of each BO search (studies 1, 2, 6)")
     ap.add_argument("--trials", type=int, default=24, help="trials of each BO search")
-    ap.add_argument("--original-epochs", type=int, default=30, help="study 4: E, the original's training epochs")
+    ap.add_argument("--original-epochs", type=int, default=None,
+                    help="study 4: E for every model (default: each zoo model's recipe, 40 and 30)")
+    ap.add_argument("--retrain-models", nargs="*", default=["mobilenet", "resnet20"], help="study 4's models")
     ap.add_argument("--finetune-epochs", type=int, default=10, help="study 4: label fine-tuning epochs")
     ap.add_argument("--chipnet-epochs", type=int, default=10, help="study 5: ChipNet's soft-pruning epochs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -27,9 +27,9 @@ def search(cell: Cell, optimizer: str, seed: int, trials: int, score: str = "L")
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {"optimizer": optimizer, "seed": seed, "score": score, "n": len(hist),
                            "seconds": seconds}
-    if score != "L" and hist:  # the best by the score searched, not by L
+    if score != "L" and hist:  # the best by the score searched alone: among equal errors the first found, not the lowest L
         feas = [(p, m) for p, m in hist if m["feasible"]]
-        best = min(feas, key=lambda pm: (pm[1][score], pm[1]["L"])) if feas else None
+        best = min(feas, key=lambda pm: pm[1][score]) if feas else None
     else:
         best = best_feasible(hist)
     if best is None:
