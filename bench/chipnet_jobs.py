@@ -17,14 +17,10 @@ Prints a markdown table (not a test; writes nothing).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bocompress import Client
-from bocompress.procs import ROOT, ProcessGroup, free_port, wait_healthy
+from bench._local import local_service
 
 BUDGETS = ("channels", "activation", "params", "flops")
 MODES = ("finetune-distill", "finetune-labels", "scratch-e", "scratch-b")
@@ -49,17 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-calibration", type=int, default=512)
     ap.add_argument("--retrain-epochs", type=int, default=1)
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bocompress-chipnet-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    procs = ProcessGroup(work)
-    try:
-        procs.start("service", [sys.executable, "-m", "bocompress.cli", "serve", "--no-auth", "--port", str(port),
-                                "--database-url", f"sqlite:///{work / 'b.db'}", "--log-level", "warning"], env)
-        wait_healthy(url, 60.0)
-        procs.start("worker", [sys.executable, "-m", "worker", "--url", url, "--poll", "0.2"], env)
-        client = Client(url, token=None)
+    with local_service("bocompress-chipnet-") as (client, work):
         print(f"ChipNet jobs on resnet20 (digits32-train, n_calibration {args.n_calibration}), budget "
               f"{args.budget}, {args.epochs} epoch(s), gate_lr {args.gate_lr}\n")
         print("| budget type | R (exact) | \\|R - budget\\| | L | held-out accuracy | original | job wall s |")
@@ -108,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {mode} | {v.get('retrain_epochs', 0):.0f} | {v.get('accuracy_before', float('nan')):.4f} | "
                   f"{v.get('accuracy', float('nan')):.4f} | {v.get('distill_l2', float('nan')):.4f} | "
                   f"{time.perf_counter() - t0:.0f} |")
-    finally:
-        procs.stop()
 
 
 if __name__ == "__main__":

@@ -17,17 +17,12 @@ Prints a markdown table (not a test; writes nothing).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import bocompress
-from bocompress import Client
-from bocompress.procs import ROOT, ProcessGroup, free_port, wait_healthy
+from bench._local import local_service
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,17 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bocompress-pipeline-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    procs = ProcessGroup(work)
-    try:
-        procs.start("service", [sys.executable, "-m", "bocompress.cli", "serve", "--no-auth", "--port", str(port),
-                                "--database-url", f"sqlite:///{work / 'b.db'}", "--log-level", "warning"], env)
-        wait_healthy(url, 60.0)
-        procs.start("worker", [sys.executable, "-m", "worker", "--url", url, "--poll", "0.2"], env)
-        client = Client(url, token=None)
+    with local_service("bocompress-pipeline-") as (client, work):
         t0 = time.perf_counter()
         job = client.create_job({
             "name": "digits-cnn-two-pass",
@@ -88,8 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| final model (one file, `load_compressed`) | {args.budget} | **{pipe['total_ratio']:.4f}** "
               f"({n:,} parameters) | | **{acc:.4f}** on the 450 held-out digits (original {acc0:.4f}) |")
         print(f"\nsubmit to done: {wall:.0f} s")
-    finally:
-        procs.stop()
 
 
 if __name__ == "__main__":

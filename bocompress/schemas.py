@@ -40,6 +40,7 @@ from bocompress.schemas_trials import (
     LeaseResponse,
     Page,
     RetrainOptions,
+    TrainingRun,
     TellRequest,
     TokenCreate,
     TokenOut,
@@ -436,18 +437,10 @@ class RecipeSecond(RecipePass):
         return _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))
 
 
-class RecipeFinetune(_Strict):
+class RecipeFinetune(TrainingRun):
     """The fine-tune between the passes: a ``finetune-distill`` retraining of the first pass's best."""
 
     epochs: Int = Field(default=5, ge=1, le=10_000)
-    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune learning rate (Adam)")
-    batch_size: Int = Field(default=64, ge=1, le=100_000)
-    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
-
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _lr_number(cls, v: Any) -> Any:
-        return v if v is None else _number(v)
 
 
 class Recipe(_Strict):

@@ -216,7 +216,22 @@ class TokenOut(BaseModel):
 RETRAIN_MODES = ("finetune-distill", "finetune-labels", "scratch-e", "scratch-b")
 
 
-class RetrainOptions(_Strict):
+class TrainingRun(_Strict):
+    """What every retraining on a worker takes beside its mode and epochs (``retrain`` of an export,
+    ``recipe.finetune``)."""
+
+    lr: float | None = Field(default=None, gt=0.0, le=10.0,
+                             description="learning rate (SGD; the scratch modes' peak); default: the mode's")
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number(cls, v: Any) -> Any:
+        return v if v is None else _number(v)
+
+
+class RetrainOptions(TrainingRun):
     """``retrain`` of an export: fine-tune or train from scratch the trial's compressed architecture.
 
     ``finetune-distill`` needs no labels; the other three train on labels. ``epochs`` are the
@@ -230,14 +245,6 @@ class RetrainOptions(_Strict):
                                 description="training data: an uploaded dataset id or a built-in set "
                                 "(default: the job's own data, its calibration part)",
                                 json_schema_extra={"pattern": "^(?:ds_[0-9a-f]{24}|" + "|".join(ZOO_DATA) + ")$"})
-    lr: float | None = Field(default=None, gt=0.0, le=10.0, description="fine-tune (or scratch peak) learning rate")
-    batch_size: Int = Field(default=64, ge=1, le=100_000)
-    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
-
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _lr_number(cls, v: Any) -> Any:
-        return v if v is None else _number(v)
 
 
 class ExportRequest(_Strict):

@@ -121,6 +121,20 @@ def _finished_job_reason(what: str, job: Job) -> tuple[str, str]:
     return "failed", f"{what} (job {job.id}) {job.state}: {job.reason or 'no reason given'}"
 
 
+def _completed_best(s: Session, root: Job, stage: str, job: Job, what: str) -> Trial | None:
+    """The best trial of a pass's job that has ended; None once the pipeline is moved to its end
+    (the job failed or was cancelled, or completed no trial)."""
+    if job.state != JobState.COMPLETED:
+        to, reason = _finished_job_reason(what, job)
+        _move(s, root, stage, to, reason=reason)
+        return None
+    best = best_trial(s, job)
+    if best is None or "ratio" not in (best.values or {}):
+        _move(s, root, stage, "failed", reason=f"{what} (job {job.id}) completed no trial")
+        return None
+    return best
+
+
 def _export_task(s: Session, root: Job, src: Trial) -> Trial:
     """The export of the first pass's best trial, fine-tuned by distillation (as ``POST …/export``
     with ``retrain: {"mode": "finetune-distill", ...}`` makes it)."""
@@ -203,13 +217,8 @@ def advance(s: Session, job_id: int, dry: bool = False) -> bool:
             return False
         if dry:
             return True
-        if root.state != JobState.COMPLETED:
-            to, reason = _finished_job_reason("the first pass", root)
-            _move(s, root, stage, to, reason=reason)
-            return True
-        best = best_trial(s, root)
-        if best is None or "ratio" not in (best.values or {}):
-            _move(s, root, stage, "failed", reason=f"the first pass (job {root.id}) completed no trial")
+        best = _completed_best(s, root, stage, root, "the first pass")
+        if best is None:
             return True
         task = _export_task(s, root, best)
         _move(s, root, stage, "finetune", ratios=[_ratio(best)],
@@ -249,13 +258,8 @@ def advance(s: Session, job_id: int, dry: bool = False) -> bool:
     if job2 is None:
         _move(s, root, stage, "failed", reason="the second pass's job vanished")
         return True
-    if job2.state != JobState.COMPLETED:
-        to, reason = _finished_job_reason("the second pass", job2)
-        _move(s, root, stage, to, reason=reason)
-        return True
-    best = best_trial(s, job2)
-    if best is None or "ratio" not in (best.values or {}):
-        _move(s, root, stage, "failed", reason=f"the second pass (job {job2.id}) completed no trial")
+    best = _completed_best(s, root, stage, job2, "the second pass")
+    if best is None:
         return True
     ratios = [*list(state.get("ratios") or [])[:1], _ratio(best)]
     total = ratios[0] * ratios[1] if len(ratios) == 2 else None
