@@ -42,7 +42,7 @@ UPLOAD_LIMIT = 96 * 1024 * 1024
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def probe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     db = new_database(request.param, Path(tmp_path_factory.mktemp("probe")), "probe")
-    srv = start_server(db, scheduler_interval=0.1, ask_wait_seconds=3, max_upload_bytes=UPLOAD_LIMIT,
+    srv = start_server(db, scheduler_interval=0.1, ask_wait_seconds=10, max_upload_bytes=UPLOAD_LIMIT,
                        max_proposal_failures=3)
     try:
         yield srv
