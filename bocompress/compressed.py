@@ -218,6 +218,12 @@ def to_bytes(original: "nn.Module", compressed: "nn.Module", arch: Any, extra: d
     return save(tensors, metadata={"bocompress": json.dumps(desc)}), desc
 
 
+def _checked(desc: dict[str, Any], where: Any) -> dict[str, Any]:
+    if desc.get("format") != FORMAT:
+        raise BocompressError(f"{where}: unknown export format {desc.get('format')!r}")
+    return desc
+
+
 def read_description(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
@@ -225,10 +231,25 @@ def read_description(path: str | Path) -> dict[str, Any]:
         meta = f.metadata() or {}
     if "bocompress" not in meta:
         raise BocompressError(f"{path} is not a bocompress export (no description in its metadata)")
-    desc = json.loads(meta["bocompress"])
-    if desc.get("format") != FORMAT:
-        raise BocompressError(f"{path}: unknown export format {desc.get('format')!r}")
-    return desc
+    return _checked(json.loads(meta["bocompress"]), path)
+
+
+def description_of(data: bytes, where: str = "the file") -> dict[str, Any] | None:
+    """The description in safetensors ``data`` (only the header is read); None when ``data`` is no
+    bocompress export. Raises BocompressError for an export of an unknown format."""
+    import struct
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (struct.error, ValueError, AttributeError):
+        return None
+    if not isinstance(meta, dict) or "bocompress" not in meta:
+        return None
+    try:
+        return _checked(json.loads(meta["bocompress"]), where)
+    except ValueError as exc:
+        raise BocompressError(f"{where}: unreadable export description: {exc}") from None
 
 
 def _apply_resize(model: "nn.Module", path: str, resize: dict[str, Any]) -> None:

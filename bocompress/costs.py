@@ -52,6 +52,12 @@ def model_cost(profile: Any, theta: Mapping[str, float], kind: str = "params") -
     return total
 
 
+def searched_cost(profile: Any, kind: str = "params") -> float:
+    """The dense cost of the layers the search compresses (those with a cost form of ``kind``)."""
+    return float(sum(float(_get(layer, "dense")[kind]) for layer in _get(profile, "layers")
+                     if kind in _get(layer, "costs")))
+
+
 def ratio(profile: Any, theta: Mapping[str, float], kind: str = "params") -> float:
     """R(theta) = cost(compressed) / cost(original), exact."""
     return model_cost(profile, theta, kind) / float(_get(profile, "totals")[kind])

@@ -374,7 +374,12 @@ class OptimizerSpec(_Strict):
 
 
 #: Methods that compress Linear layers (the second pass's layer type): tucker2 and channel_lasso compress none.
-LinearMethodName = Literal["svd", "magnitude", "channel_l1"]
+#: The layer types each method compresses (``svd`` on a Conv2d: only 1x1 convolutions).
+METHOD_TYPES = {"svd": ("Linear", "Conv2d"), "tucker2": ("Conv2d",), "magnitude": ("Conv2d", "Linear"),
+                "channel_l1": ("Conv2d", "Linear"), "channel_lasso": ("Conv2d",)}
+#: The methods that compress Linear layers (a recipe's second pass).
+LINEAR_METHODS = tuple(m for m in METHODS if "Linear" in METHOD_TYPES[m])
+LinearMethodName = Literal[LINEAR_METHODS]  # type: ignore[valid-type]
 
 
 class RecipePass(_Strict):
@@ -434,7 +439,7 @@ class RecipeSecond(RecipePass):
     @field_validator("method", mode="before")
     @classmethod
     def _method_ok(cls, v: Any) -> Any:
-        return _pass_method(v, "Linear", ("svd", "magnitude", "channel_l1"))
+        return _pass_method(v, "Linear", LINEAR_METHODS)
 
 
 class RecipeFinetune(TrainingRun):

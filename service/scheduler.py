@@ -23,6 +23,7 @@ from bocompress.spec import JobSpec
 from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
 from bocompress.service.db.errors import TransitionError
 from bocompress.service.db.models import Job, Trial, utcnow
+from bocompress.service.db.pipeline import ACTIVE_STAGES
 from bocompress.service.db.session import read_session, run_tx
 from bocompress.service.db.store import Store
 from bocompress.service.db.trials import acquire_generator, jobs_needing_proposals, release_generator, set_job_state
@@ -320,17 +321,19 @@ class Scheduler:
 
     def tick(self) -> int:
         """Reap expired leases and refill every short buffer once. Returns proposals made."""
-        with read_session(self.factory) as s:  # one read for both questions
+        with read_session(self.factory) as s:  # one read for the three questions
             expired = s.execute(select(Trial.id).where(Trial.state == TrialState.RUNNING,
                                                        Trial.lease_expires_at < utcnow()).limit(1)).first()
             todo = jobs_needing_proposals(s)
+            piped = s.execute(select(Job.id).where(Job.pipeline_stage.in_(ACTIVE_STAGES)).limit(1)).first()
         if expired is not None:
             self.store.reap()
-        try:  # a pipeline whose stage finished takes its next step (guarded: once across replicas)
-            self.store.advance_pipelines()
-        except Exception:  # noqa: BLE001 - the proposals below must still be made
-            self.errors += 1
-            log.exception("advancing pipelines failed")
+        if piped is not None:  # a pipeline whose stage finished takes its next step (guarded: once across replicas)
+            try:
+                self.store.advance_pipelines()
+            except Exception:  # noqa: BLE001 - the proposals below must still be made
+                self.errors += 1
+                log.exception("advancing pipelines failed")
         made = 0
         for job_id, _, _ in todo:
             if self._stop.is_set():

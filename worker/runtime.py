@@ -103,32 +103,20 @@ def _build_from_factory(arch: str | ModelSpec, prefixes: Sequence[str],
 # --------------------------------------------------------------------------- loading
 
 
-def _is_compressed(data: bytes) -> bool:
-    """Whether safetensors ``data`` is a bocompress export (a description in its metadata)."""
-    import json
-    import struct
-
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (struct.error, ValueError, AttributeError):
-        return False
-    return isinstance(meta, dict) and "bocompress" in meta
-
-
-def _load_compressed_bytes(data: bytes, ref: str, allowed_prefixes: Sequence[str]) -> tuple[nn.Module, Any]:
-    """An exported compressed model, rebuilt with :func:`bocompress.load_compressed`, and the
-    original architecture its description names (a zoo name, an import path or a ModelSpec)."""
+def _load_compressed_bytes(data: bytes, desc: dict[str, Any], ref: str,
+                           allowed_prefixes: Sequence[str]) -> tuple[nn.Module, Any]:
+    """An exported compressed model (``desc``: its description), rebuilt with
+    :func:`bocompress.load_compressed`, and the original architecture the description names (a zoo
+    name, an import path or a ModelSpec)."""
     import tempfile
 
-    from bocompress.compressed import load_compressed, read_description
+    from bocompress.compressed import load_compressed
     from bocompress.errors import BocompressError
 
     with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
         f.write(data)
         f.flush()
         try:
-            desc = read_description(f.name)
             model = load_compressed(f.name, allow_import=list(allowed_prefixes)).eval()
             arch: Any = parse_arch(dict(desc["arch_spec"])) if desc.get("arch_spec") else str(desc["arch"])
         except (BocompressError, ModelSpecError, KeyError) as exc:
@@ -200,9 +188,16 @@ def load_job_model(client: Any, ref: str, allowed_prefixes: Sequence[str]) -> tu
                 raise TaskError(f"uploaded model {ref!r}: {exc}") from exc
         if not arch:
             raise TaskError(f"uploaded model {ref!r} names no architecture")
+        from bocompress.compressed import description_of
+        from bocompress.errors import BocompressError
+
+        try:
+            desc = description_of(data, f"uploaded model {ref!r}")
+        except BocompressError as exc:
+            raise TaskError(str(exc)) from exc
+        if desc is not None:  # a bocompress export (a pipeline's fine-tuned first pass): rebuilt as described
+            return _load_compressed_bytes(data, desc, ref, allowed_prefixes)
         state_dict = _safetensors_load(data, f"uploaded model {ref!r}")
-        if _is_compressed(data):  # a bocompress export (a pipeline's fine-tuned first pass): rebuilt as described
-            return _load_compressed_bytes(data, ref, allowed_prefixes)
         if isinstance(arch, str) and arch in ARCHS:
             return load_model(arch, state_dict), arch
         return _build_from_factory(arch, allowed_prefixes, state_dict), arch

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import Any
 
 from bench.compression_quality import best_feasible, run_allocator, run_bocompress
+from bench.compression_report import _med
 from bench.quality_cells import Cell
 
 #: BO trials per search (the issue: a fixed budget <= 60).
@@ -41,8 +41,8 @@ def search(cell: Cell, optimizer: str, seed: int, trials: int, score: str = "L")
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
-    vals = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
-    return statistics.median(vals) if vals else math.nan
+    """Median of ``key`` over the rows that have a finite one (NaN for none)."""
+    return _med([float(r[key]) for r in rows if r.get(key) is not None])
 
 
 def fmt(x: Any, digits: int = 3) -> str:

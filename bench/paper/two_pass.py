@@ -20,13 +20,9 @@ from typing import Any
 from bench.compression_quality import best_feasible, run_bocompress
 from bench.paper.common import FT_STEPS, log
 from bench.quality_cells import Cell
+from bocompress.costs import searched_cost
 
 MODEL = "digits-cnn"
-
-
-def _searched_params(cell: Cell) -> float:
-    """Dense parameters of the layers the cell's compressor searches."""
-    return float(sum(float(layer["dense"]["params"]) for layer in cell.profile["layers"] if "params" in layer["costs"]))
 
 
 def run(budgets: tuple[float, ...] = (0.25, 0.1), seeds: int = 2, trials: int = 24) -> dict[str, Any]:
@@ -53,7 +49,7 @@ def run(budgets: tuple[float, ...] = (0.25, 0.1), seeds: int = 2, trials: int = 
             t0 = time.perf_counter()
             conv = Cell(MODEL, "lowrank", budget, ft_steps=FT_STEPS, spec={"Conv2d": "tucker2"})
             total = float(conv.profile["totals"]["params"])
-            p_conv = _searched_params(conv)
+            p_conv = searched_cost(conv.profile, "params")
             rest = total - p_conv  # params the conv search does not touch (linear layers, biases ...)
             conv.budget = min(1.0, (budget * p_conv + rest) / total)  # the convolutions at `budget` of their own
             p1, m1 = best_feasible(run_bocompress(conv, seed, trials)) or (None, None)

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bocompress.schemas import JobCreate, RecipeFirst, RecipeSecond
+from bocompress.schemas import METHOD_TYPES, JobCreate, RecipeFirst, RecipeSecond
 from bocompress.service.api.errors import bad_request
 
-#: The layer types each method compresses (``svd`` on a Conv2d: only 1x1 convolutions).
-METHOD_TYPES = {"svd": ("Linear", "Conv2d"), "tucker2": ("Conv2d",), "magnitude": ("Conv2d", "Linear"),
-                "channel_l1": ("Conv2d", "Linear"), "channel_lasso": ("Conv2d",)}
 #: Each pass's layer type and its default method (the paper's VGG-16 recipe).
 PASS_TYPE = {"first": "Conv2d", "second": "Linear"}
 PASS_DEFAULT = {"first": "tucker2", "second": "svd"}
@@ -68,4 +65,4 @@ def recipe_spec(body: JobCreate, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["METHOD_TYPES", "PASS_DEFAULT", "PASS_TYPE", "recipe_spec"]
+__all__ = ["PASS_DEFAULT", "PASS_TYPE", "recipe_spec"]

@@ -37,6 +37,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from bocompress.costs import searched_cost
+from bocompress.spec import JobSpec
 from bocompress.states import ACTIVE_JOB_STATES, FINISHED_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState
 from bocompress.service.db.errors import TransitionError
 from bocompress.service.db.models import Blob, Job, Trial, new_blob, utcnow
@@ -62,24 +64,18 @@ def start_pipeline(s: Session, job: Job) -> None:
     s.refresh(job)
 
 
-def _constrained_budget(spec: dict[str, Any]) -> float | None:
-    o = spec.get("objective") or {}
-    return float(o["budget"]) if o.get("kind") == "constrained" and o.get("budget") is not None else None
-
-
 def first_pass_budget(s: Session, job: Job, prof: dict[str, Any]) -> None:
     """A ``constrained`` recipe's budget b is the FINAL model's R against the original. When the first
     pass is profiled, its own budget becomes ``1 - (1 - b) * C_sel / C_total``: the layers it searches
     (cost C_sel of the model's C_total) held to b of their own cost, the rest left for the second pass
-    (:func:`_second_job` gives it ``b / R1``). The stored spec's ``objective.budget`` is the pass's; the
+    (:func:`_second_budget` gives it ``b / R1``). The stored spec's ``objective.budget`` is the pass's; the
     pipeline keeps b (``budget``), and :func:`as_requested` gives the spec as it was posted back."""
-    b = _constrained_budget(job.spec or {})
-    if job.pipeline_stage != "first" or b is None or "budget" in (job.pipeline or {}):
+    spec = JobSpec.of(job.spec or {})
+    if job.pipeline_stage != "first" or not spec.constrained or spec.budget is None or "budget" in (job.pipeline or {}):
         return
-    kind = str((job.spec.get("objective") or {}).get("cost") or "params")
-    total = float((prof.get("totals") or {}).get(kind) or 0.0)
-    sel = sum(float((layer.get("dense") or {}).get(kind, 0.0)) for layer in prof.get("layers") or []
-              if kind in (layer.get("costs") or {}))
+    b = spec.budget
+    total = float((prof.get("totals") or {}).get(spec.cost) or 0.0)
+    sel = searched_cost(prof, spec.cost)
     if total <= 0 or sel <= 0:
         return
     b1 = min(1.0, 1.0 - (1.0 - b) * min(sel, total) / total)
@@ -87,7 +83,7 @@ def first_pass_budget(s: Session, job: Job, prof: dict[str, Any]) -> None:
     job.pipeline = {**(job.pipeline or {}), "budget": b, "budgets": [b1]}
     s.flush()  # before set_job_state's refresh of the row
     add_event(s, job.id, "pipeline_budget",
-              detail=f"total R <= {b:g}: the first pass's layers ({sel / total:.1%} of the {kind}) at R <= {b1:.4f}")
+              detail=f"total R <= {b:g}: the first pass's layers ({sel / total:.1%} of the {spec.cost}) at R <= {b1:.4f}")
 
 
 def as_requested(job: Job) -> dict[str, Any]:
@@ -169,21 +165,22 @@ def _model_from_export(s: Session, root: Job, task: Trial) -> Blob:
     return blob
 
 
-def _second_job(s: Session, root: Job, model_id: str) -> Job:
-    """The second pass: the first job's spec with the fine-tuned model and the second pass's layers;
-    under a ``constrained`` objective its budget is ``b / R1`` (at most 1): R against the fine-tuned first
-    pass, so that the final model keeps at most b of the original's cost."""
+def _second_budget(state: dict[str, Any]) -> float | None:
+    """The second pass's ``constrained`` budget, ``b / R1`` (at most 1): R against the fine-tuned first
+    pass, so that the final model keeps at most b of the original's cost; None without a budget."""
+    b, r1 = state.get("budget"), state.get("ratios") or []
+    return min(1.0, float(b) / float(r1[0])) if b is not None and r1 and float(r1[0]) > 0 else None
+
+
+def _second_job(s: Session, root: Job, model_id: str, budget: float | None) -> Job:
+    """The second pass: the first job's spec with the fine-tuned model, the second pass's layers and
+    (``constrained``) its ``budget``."""
     spec = {k: v for k, v in root.spec.items() if k != "recipe"}
     second = root.spec["recipe"]["second"]
     spec["compression"] = {**spec["compression"], "model": model_id, "method": second["method"],
                            "layers": second["layers"]}
-    b = (root.pipeline or {}).get("budget")
-    r1 = (root.pipeline or {}).get("ratios") or []
-    if b is not None and r1 and float(r1[0]) > 0:
-        b2 = min(1.0, float(b) / float(r1[0]))
-        spec["objective"] = {**spec["objective"], "budget": b2}
-        root.pipeline = {**root.pipeline, "budgets": [*list(root.pipeline.get("budgets") or [])[:1], b2]}
-        s.flush()
+    if budget is not None:
+        spec["objective"] = {**spec["objective"], "budget": budget}
     now = utcnow()
     job = Job(name=f"{root.name} (pass 2)"[:200], owner=root.owner, kind="compression", state=JobState.PROFILING,
               spec=spec, search_space=None, idempotency_key=None, created_at=now, updated_at=now, seq=0,
@@ -244,9 +241,11 @@ def advance(s: Session, job_id: int, dry: bool = False) -> bool:
         except LookupError as exc:
             _move(s, root, stage, "failed", reason=str(exc))
             return True
-        job2 = _second_job(s, root, blob.id)
+        b2 = _second_budget(state)
+        job2 = _second_job(s, root, blob.id, b2)
         export.update(model=blob.id, values=dict(task.values or {}))
-        _move(s, root, stage, "second", jobs=[root.id, job2.id], export=export)
+        budgets = {"budgets": [*list(state.get("budgets") or [])[:1], b2]} if b2 is not None else {}
+        _move(s, root, stage, "second", jobs=[root.id, job2.id], export=export, **budgets)
         return True
     # stage == "second"
     jobs = list(state.get("jobs") or [])
