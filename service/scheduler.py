@@ -135,9 +135,13 @@ class History:
         return obs, pending, keys
 
 
-def _child_init(service_pid: int) -> None:
+def _child_init(service_pid: int, nice: int = 0) -> None:
     import bocompress.service.optimizer  # noqa: F401 - imported once, before the first proposal
 
+    if nice:
+        # Below the requests in the CPU's queue: a fit on a busy machine slows the next batch,
+        # never an ask, a lease or a result (those are answered from the buffer or a cheap point).
+        os.nice(nice)
     _configure_torch()
     threading.Thread(target=_exit_with, args=(service_pid,), name="bocompress-engine-watch", daemon=True).start()
 
@@ -173,14 +177,14 @@ class EngineProcess:
     so lets the fork server end).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["bocompress.service.optimizer"])
         self._new = lambda: ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init,
-                                                initargs=(os.getpid(),))
+                                                initargs=(os.getpid(), nice))
         self._pool = self._new()
 
     def warm(self) -> None:
@@ -284,7 +288,7 @@ class Scheduler:
 
         _configure_torch()
         if self.settings.engine_process:
-            self.engine = EngineProcess()
+            self.engine = EngineProcess(self.settings.engine_nice)
             self.engine.warm()
         self._thread = threading.Thread(target=self._run, name="bocompress-scheduler", daemon=True)
         self._thread.start()

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
 
 from bocompress.schemas import (
     IMPORT_PATH_RE,
@@ -142,7 +143,9 @@ async def ask(job_id: RowId, body: AskRequest, ctx: CtxDep, p: ClientDep) -> Any
     loop, not in a thread: a few clients waiting for proposals never hold the thread pool.
     """
     wake = ctx.scheduler.wake if ctx.scheduler is not None else None
-    return {"trials": await ctx.store.ask(job_id, viewer(p), body.count, ctx.settings.ask_wait_seconds, wake)}
+    # the store's dicts are the contract's already: no second validation against the response model
+    return JSONResponse({"trials": await ctx.store.ask(job_id, viewer(p), body.count, ctx.settings.ask_wait_seconds,
+                                                       wake)})
 
 
 @router.get("/trials/{trial_id}", response_model=TrialOut, responses=ERRORS)
@@ -156,4 +159,4 @@ async def tell(trial_id: RowId, body: TellRequest, ctx: CtxDep, p: ClientDep) ->
     out = await ctx.store.tell(trial_id, viewer(p), dict(body.values), dict(body.sem), bool(body.failed), body.error)
     if ctx.scheduler is not None:
         ctx.scheduler.wake()
-    return out
+    return JSONResponse(out)

@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from bocompress.service.db import hot
 from bocompress.service.db.errors import NotFound
 from bocompress.service.db.hot_pg import PgHot
-from bocompress.service.db.sql_store import OrmStore, hot_result_ok, hot_values, lease_answer, lease_info
+from bocompress.service.db.sql_store import HotAskTell, OrmStore, hot_result_ok, hot_values, lease_answer, lease_info
 from bocompress.service.db.store import Result, TrialPage, Viewer
 from bocompress.service.db.views import job_light, trial_page_sql
 
 
-class PostgresStore(OrmStore):
+class PostgresStore(HotAskTell, OrmStore):
     """PostgreSQL (see the module docstring)."""
 
     def __init__(self, engine: Engine, factory: sessionmaker[Session], database_url: str) -> None:

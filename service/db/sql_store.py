@@ -63,10 +63,6 @@ _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem
               "created_at", "started_at", "finished_at", "error", "proposal")
 
 
-class _Fallback(Exception):
-    """The hot path met an unusual case: roll back and let the ORM path answer it exactly."""
-
-
 def lease_info(token: str | None, expires_at: Any, lease_seconds: float, attempt: int) -> dict[str, Any]:
     """The ``lease`` object of lease and heartbeat answers."""
     return {"token": token, "expires_at": iso(expires_at), "lease_seconds": lease_seconds, "attempt": attempt}
@@ -264,14 +260,16 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
     async def complete(self, trial_id: int, token: str | None, result: Result) -> dict[str, Any]:
         fast = await self._complete_hot(trial_id, token, result)
         if fast is not None:
-            done, last = fast
-            trial = done.trial
-            row = _Row(trial)
-            log_transition("completed", row, TrialState.RUNNING)
-            if last:  # the job's budget is spent and nothing is open: close it (locked, so once)
-                await self._tx(lambda s: close_job_if_done(s, row.job_id, self.dialect))
-            return trial_out(row)
+            return await self._stored(*fast)
         return await self._tx(partial(self._complete_orm, trial_id, token, result))
+
+    async def _stored(self, done: hot.Finished, last: bool) -> dict[str, Any]:
+        """A result the hot path stored: logged, and the job closed when it was its last open trial."""
+        row = _Row(done.trial)
+        log_transition("completed", row, TrialState.RUNNING)
+        if last:  # the job's budget is spent and nothing is open: close it (locked, so once)
+            await self._tx(lambda s: close_job_if_done(s, row.job_id, self.dialect))
+        return trial_out(row)
 
     def _complete_orm(self, trial_id: int, tok: str | None, result: Result, s: Session) -> dict[str, Any]:
         t, job = self._worker_trial(s, trial_id)
@@ -454,8 +452,16 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
             s.refresh(j)
             return None, j.state != JobState.RUNNING or JobSpec.of(j.spec).budget_spent(j.n_created)
 
-        await self._read(_check)
         got: list[dict[str, Any]] = []
+        while len(got) < count:  # the common case: a few Core statements, no ORM session
+            row = await anyio.to_thread.run_sync(self._ask_hot, job_id, viewer)
+            if row is None:
+                break
+            log_transition("leased", row, TrialState.QUEUED)
+            got.append(trial_out(row))
+        if len(got) == count:
+            return got
+        await self._read(_check)
         deadline = time.monotonic() + wait_seconds
         delay = 0.005
         while len(got) < count:  # waits on the event loop: clients waiting never hold the thread pool
@@ -472,8 +478,22 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
             delay = min(delay * 1.5, 0.1)
         return got
 
+    def _ask_hot(self, job_id: int, viewer: Viewer) -> Any | None:
+        """A backend's hot ask (:class:`HotAskTell`): one trial row, or None (the ORM path answers)."""
+        return None
+
+    def _tell_hot(self, trial_id: int, viewer: Viewer, values: dict[str, float],
+                  sem: dict[str, float]) -> tuple[hot.Finished, bool] | None:
+        """A backend's hot tell (:class:`HotAskTell`): the stored result, or None (the ORM path answers)."""
+        return None
+
     async def tell(self, trial_id: int, viewer: Viewer, values: dict[str, float], sem: dict[str, float],
                    failed: bool, error: str | None) -> dict[str, Any]:
+        if not failed:
+            fast = await anyio.to_thread.run_sync(self._tell_hot, trial_id, viewer, values, sem)
+            if fast is not None:
+                return await self._stored(*fast)
+
         def _tell(s: Session) -> dict[str, Any]:
             t = lock_trial(s, trial_id, self.dialect)
             if t.kind != "evaluate":
@@ -508,7 +528,51 @@ class _Row:
         self.__dict__.update(d)
 
 
-class SQLiteStore(OrmStore):
+class HotAskTell:
+    """Ask and tell of a generic job as a few prebuilt Core statements in one transaction
+    (:func:`bocompress.service.db.hot.ask`, :func:`~bocompress.service.db.hot.finish`), in the thread
+    pool, on both backends; anything unusual goes to the ORM path of :class:`OrmStore`."""
+
+    engine: Engine
+    jobs: hot.JobInfoCache
+    dialect: str
+    cheap: Any
+
+    def _ask_hot(self, job_id: int, viewer: Viewer) -> Any | None:
+        """One trial for the asker by :func:`bocompress.service.db.hot.ask`, or None (the ORM path answers)."""
+        def _fast(conn: Connection) -> Any:
+            info = self.jobs.get(conn, job_id)
+            if info is None or info.kind != "generic" or not viewer.may_see(info.owner):
+                raise hot.Unusual
+            return hot.ask(conn, info, f"client:{viewer.owner}", self.cheap, self.dialect)
+
+        try:
+            return run_conn(self.engine, _fast)
+        except hot.Unusual:
+            return None
+
+    def _tell_hot(self, trial_id: int, viewer: Viewer, values: dict[str, float],
+                  sem: dict[str, float]) -> tuple[hot.Finished, bool] | None:
+        """The usual tell (a running trial of the caller's generic job) in Core, or None (the ORM path answers)."""
+        def _fast(conn: Connection) -> tuple[hot.Finished, bool] | None:
+            t = hot.told_row(conn, trial_id, self.dialect)
+            if t is None or t.kind != "evaluate" or t.state != TrialState.RUNNING:
+                return None
+            info = self.jobs.get(conn, t.job_id)
+            if info is None or info.kind != "generic" or not viewer.may_see(info.owner):
+                return None
+            done = hot.finish(conn, t, *hot_values(info, t, Result(values, sem)))
+            if done is None:
+                raise hot.Unusual
+            return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
+
+        try:
+            return run_conn(self.engine, _fast)
+        except hot.Unusual:
+            return None
+
+
+class SQLiteStore(HotAskTell, OrmStore):
     """SQLite: the hot path as Core statements in one ``BEGIN IMMEDIATE`` each, in the thread pool."""
 
     def _lease_sync(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
@@ -536,13 +600,13 @@ class SQLiteStore(OrmStore):
                 return None  # an ask/tell trial: the ORM path refuses it
             done = hot.finish(conn, t, *hot_values(info, t, result))
             if done is None:
-                raise _Fallback  # roll back: the ORM path answers
+                raise hot.Unusual  # roll back: the ORM path answers
             return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
 
         try:
             return await anyio.to_thread.run_sync(run_conn, self.engine, _fast)
-        except _Fallback:
+        except hot.Unusual:
             return None
 
 
-__all__ = ["OrmStore", "SQLiteStore", "hot_result_ok", "hot_values", "lease_answer", "lease_info", "log_transition"]
+__all__ = ["HotAskTell", "OrmStore", "SQLiteStore", "hot_result_ok", "hot_values", "lease_answer", "lease_info", "log_transition"]

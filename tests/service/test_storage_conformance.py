@@ -262,6 +262,69 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypat
     run(store, go)
 
 
+def test_hot_ask_and_tell_write_what_the_orm_path_writes(database_url: str) -> None:
+    """The backend's hot ask/tell and the ORM reference, on the same calls, leave the same trials
+    (numbers, states, seqs, proposals, values) and the same event log, and answer the same."""
+    from sqlalchemy import select
+
+    from bocompress.service.db.models import Event, Job
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = make_sessionmaker(engine)
+
+    async def scenario(s: Store) -> tuple[int, list[dict[str, Any]]]:
+        s.set_cheap_proposer(_cheap)
+        body = _spec(parameters=[{"name": "x", "type": "float", "low": 0.0, "high": 1.0}],
+                     objective={"metric": "y", "direction": "minimize"}, budget={"max_trials": 3, "max_parallel": 2})
+        spec = body.model_dump(mode="json", exclude_none=True)
+        job, _ = await s.create_job(ME, "h", spec, [p.model_dump() for p in body.parameters or []], None)
+        assert await asyncio.to_thread(s.propose, job["id"], 0, [{"x": 0.1}]) == 1
+        answers = []
+        (a,) = await s.ask(job["id"], ME, 1, wait_seconds=0.0)  # the engine's
+        (b,) = await s.ask(job["id"], ME, 1, wait_seconds=0.0)  # a cheap one: a is running
+        answers += [a, b, await s.tell(a["id"], ME, {"y": 0.5}, {"y": 0.01}, False, None)]
+        (c,) = await s.ask(job["id"], ME, 1, wait_seconds=0.0)  # cheap, near the incumbent a
+        answers += [c, await s.tell(b["id"], ME, {"y": 0.7}, {}, False, None),
+                    await s.tell(c["id"], ME, {"y": 0.4}, {}, False, None)]
+        assert await s.ask(job["id"], ME, 1, wait_seconds=0.0) == []
+        assert (await s.get_job(job["id"], ME))["state"] == JobState.COMPLETED
+        return job["id"], answers
+
+    def drop(d: dict[str, Any]) -> dict[str, Any]:  # what differs between two jobs by nature
+        return {k: v for k, v in d.items() if k not in ("id", "job_id", "created_at", "started_at", "finished_at")}
+
+    async def both() -> list[tuple[int, list[dict[str, Any]]]]:
+        out = []
+        for s in (open_store(engine, factory, database_url), OrmStore(engine, factory)):
+            await s.open()
+            try:
+                out.append(await scenario(s))
+            finally:
+                await s.close()
+        return out
+
+    try:
+        (hot_job, hot_answers), (orm_job, orm_answers) = run_coroutine(both())
+        assert [drop(t) for t in hot_answers] == [drop(t) for t in orm_answers]
+        assert [t["proposal"] for t in hot_answers[:2]] == ["engine", "cheap"] and hot_answers[3]["params"] == {"x": 0.11}
+
+        def log(job_id: int) -> tuple[Any, list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            def go(s: Any) -> Any:
+                number = dict(s.execute(select(Trial.id, Trial.number).where(Trial.job_id == job_id)).all())
+                events = [(number.get(e.trial_id), e.kind, e.from_state, e.to_state, e.detail)
+                          for e in s.execute(select(Event).where(Event.job_id == job_id).order_by(Event.id)).scalars()]
+                trials = [(t.number, t.state, t.seq, t.proposal, t.values, t.sem, t.worker, t.result_hash is not None)
+                          for t in s.execute(select(Trial).where(Trial.job_id == job_id).order_by(Trial.number)).scalars()]
+                j = s.execute(select(Job.seq, Job.n_created, Job.state).where(Job.id == job_id)).one()
+                return tuple(j), events, trials
+            return run_tx(factory, go)
+
+        assert log(hot_job) == log(orm_job)
+    finally:
+        engine.dispose()
+
+
 def test_without_a_cheap_proposer_an_empty_buffer_answers_nothing(store: Store) -> None:
     async def go(s: Store) -> None:
         body = _spec(parameters=[{"name": "x", "type": "float", "low": 0.0, "high": 1.0}])
