@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     cheap_proposals: Literal["auto", "perturb", "quasirandom", "off"] = Field(
         default="auto", description="how a lease or ask that finds its job's buffer empty is answered at once "
         "(service/optimizer/cheap.py): 'auto' (perturb the incumbent, quasi-random before there is one), "
-        "'perturb', 'quasirandom'; 'off': wait for the engine's next batch. Only while another consumer holds one "
-        "of the job's trials: a lone sequential worker or asker always waits for the engine")
+        "'perturb', 'quasirandom'; 'off': wait for the engine's next batch. Only for parallel demand (another "
+        "consumer holds one of the job's trials, or other asks of the job wait): a lone sequential worker or asker "
+        "always waits for the engine")
     replica: str = Field(default="", description="name of this replica (default host:pid)")
 
     @model_validator(mode="after")

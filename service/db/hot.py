@@ -292,9 +292,10 @@ def _best_params(conn: Connection, info: JobInfo) -> dict[str, float] | None:
     return None if row is None else dict(row.params)
 
 
-def ask(conn: Connection, info: JobInfo, worker: str, cheap: Any, dialect: str) -> Row[Any]:
+def ask(conn: Connection, info: JobInfo, worker: str, cheap: Any, dialect: str, crowd: bool = False) -> Row[Any]:
     """Hand the asker the oldest queued trial of the running generic job ``info``; when none is
-    queued and another consumer holds one of its trials, a cheap proposal made here (see
+    queued and another consumer holds one of its trials (or ``crowd``: other asks of the job are
+    waiting), a cheap proposal made here (see
     :meth:`bocompress.service.db.sql_store.OrmStore._add_cheap`), inserted straight as running.
 
     The trial row as it now is. :class:`Unusual` for anything else (the job not running, its
@@ -318,7 +319,7 @@ def ask(conn: Connection, info: JobInfo, worker: str, cheap: Any, dialect: str) 
     if (cheap is None or cur is None or cur.state != JobState.RUNNING or not info.search_space
             or info.view.budget_spent(int(cur.n_created))):
         raise Unusual
-    if conn.execute(_BUSY, job).first() is None:
+    if not crowd and conn.execute(_BUSY, job).first() is None:
         raise Unusual
     at = int(cur.n_created)
     point = cheap(list(info.search_space), False, _best_params(conn, info), at, dict(info.spec.get("optimizer") or {}))

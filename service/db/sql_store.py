@@ -100,6 +100,9 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         self.dialect = engine.dialect.name
         #: What running jobs never change, cached per process for the hot path.
         self.jobs = jobs or hot.JobInfoCache()
+        #: Asks in flight per job in this process (on the event loop): more than one is parallel
+        #: demand even before any of the job's trials runs.
+        self._asking: dict[int, int] = {}
 
     async def _tx(self, fn: Callable[[Session], T]) -> T:
         return await anyio.to_thread.run_sync(partial(run_tx, self.factory, fn))
@@ -155,8 +158,11 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
 
     # -------------------------------------------------------------- cheap proposals (an empty buffer)
 
-    def _add_cheap(self, s: Session, job: Job) -> bool:
+    def _add_cheap(self, s: Session, job: Job, crowd: bool = False) -> bool:
         """Insert one cheap proposal for the running ``job`` (in ``s``'s transaction): whether one went in.
+
+        ``crowd``: other asks of the job are waiting in this process right now (parallel demand
+        before any trial runs: many askers starting at once).
 
         The point is a function of the job's ``n_created``; when another process inserted first
         (PostgreSQL, several replicas), it is made again for the new count, never inserted twice.
@@ -168,7 +174,7 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
             view = JobSpec.of(job.spec)
             if view.budget_spent(job.n_created):
                 return False
-            if not self._parallel_demand(s, job.id):
+            if not crowd and not self._parallel_demand(s, job.id):
                 return False
             best = best_trial(s, job)
             point = cheap(list(job.search_space), view.is_compression, None if best is None else dict(best.params),
@@ -425,61 +431,73 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
     async def pareto(self, job_id: int, viewer: Viewer) -> list[dict[str, Any]]:
         return await self._read(lambda s: [trial_out(t) for t in pareto_trials(s, self._visible_job(s, job_id, viewer))])
 
-    async def ask(self, job_id: int, viewer: Viewer, count: int, wait_seconds: float,
-                  wake: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-        def _check(s: Session) -> None:
-            job = self._visible_job(s, job_id, viewer)
-            if job.kind != "generic":
-                raise TransitionError(f"job {job_id} is a compression job: its trials are evaluated by workers",
-                                      "not_generic")
-            if job.state in (JobState.CANCELLED, JobState.FAILED):
-                # Stopped before its budget was spent: nothing will ever be proposed. (A completed
-                # job's budget is spent: it answers an empty list, the contract's "no more trials".)
-                raise TransitionError(f"job {job_id} is {job.state}: it proposes no more trials", "job_finished")
+    def _ask_check(self, job_id: int, viewer: Viewer, s: Session) -> None:
+        """Refuse an ask the job will never answer (the exact 404/409), before it waits."""
+        job = self._visible_job(s, job_id, viewer)
+        if job.kind != "generic":
+            raise TransitionError(f"job {job_id} is a compression job: its trials are evaluated by workers",
+                                  "not_generic")
+        if job.state in (JobState.CANCELLED, JobState.FAILED):
+            # Stopped before its budget was spent: nothing will ever be proposed. (A completed
+            # job's budget is spent: it answers an empty list, the contract's "no more trials".)
+            raise TransitionError(f"job {job_id} is {job.state}: it proposes no more trials", "job_finished")
 
-        def _claim(s: Session) -> tuple[dict[str, Any] | None, bool]:
-            c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0, job_id=job_id,
-                           dialect=self.dialect)
+    def _ask_claim(self, job_id: int, viewer: Viewer, crowd: bool, s: Session) -> tuple[dict[str, Any] | None, bool]:
+        """One trial for the asker through the ORM: (trial or None, whether none will ever come)."""
+        j = s.get(Job, job_id)
+        assert j is not None
+        s.refresh(j)
+        # Read before the claim: on PostgreSQL (read committed) a batch committed between a claim that
+        # found nothing and a later read of n_created would look like a spent budget with trials queued.
+        spent = j.state != JobState.RUNNING or JobSpec.of(j.spec).budget_spent(j.n_created)
+        c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0, job_id=job_id,
+                       dialect=self.dialect)
+        if c is not None:
+            return trial_out(c.trial), False
+        if not spent and self._add_cheap(s, j, crowd):  # an empty buffer: answered at once, not after the next fit
+            c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0,
+                           job_id=job_id, dialect=self.dialect)
             if c is not None:
                 return trial_out(c.trial), False
-            j = s.get(Job, job_id)
-            assert j is not None
-            if self._add_cheap(s, j):  # an empty buffer: answered at once, not after the next fit
-                c = claim_next(s, worker=f"client:{viewer.owner}", kinds=("evaluate",), lease_seconds=0,
-                               job_id=job_id, dialect=self.dialect)
-                if c is not None:
-                    return trial_out(c.trial), False
-            s.refresh(j)
-            return None, j.state != JobState.RUNNING or JobSpec.of(j.spec).budget_spent(j.n_created)
+        return None, spent
 
-        got: list[dict[str, Any]] = []
-        while len(got) < count:  # the common case: a few Core statements, no ORM session
-            row = await anyio.to_thread.run_sync(self._ask_hot, job_id, viewer)
-            if row is None:
-                break
-            log_transition("leased", row, TrialState.QUEUED)
-            got.append(trial_out(row))
-        if len(got) == count:
+    async def ask(self, job_id: int, viewer: Viewer, count: int, wait_seconds: float,
+                  wake: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        self._asking[job_id] = self._asking.get(job_id, 0) + 1
+        try:
+            got: list[dict[str, Any]] = []
+            while len(got) < count:  # the common case: a few Core statements, no ORM session
+                row = await anyio.to_thread.run_sync(self._ask_hot, job_id, viewer, self._asking[job_id] > 1)
+                if row is None:
+                    break
+                log_transition("leased", row, TrialState.QUEUED)
+                got.append(trial_out(row))
+            if len(got) == count:
+                return got
+            await self._read(partial(self._ask_check, job_id, viewer))
+            deadline = time.monotonic() + wait_seconds
+            delay = 0.005
+            while len(got) < count:  # waits on the event loop: clients waiting never hold the thread pool
+                t, exhausted = await self._tx(partial(self._ask_claim, job_id, viewer, self._asking[job_id] > 1))
+                if t is not None:
+                    got.append(t)
+                    delay = 0.005
+                    continue
+                if exhausted or time.monotonic() > deadline:
+                    break
+                if wake is not None:
+                    wake()
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.1)
             return got
-        await self._read(_check)
-        deadline = time.monotonic() + wait_seconds
-        delay = 0.005
-        while len(got) < count:  # waits on the event loop: clients waiting never hold the thread pool
-            t, exhausted = await self._tx(_claim)
-            if t is not None:
-                got.append(t)
-                delay = 0.005
-                continue
-            if exhausted or time.monotonic() > deadline:
-                break
-            if wake is not None:
-                wake()
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
-        return got
+        finally:
+            self._asking[job_id] -= 1
+            if not self._asking[job_id]:
+                del self._asking[job_id]
 
-    def _ask_hot(self, job_id: int, viewer: Viewer) -> Any | None:
-        """A backend's hot ask (:class:`HotAskTell`): one trial row, or None (the ORM path answers)."""
+    def _ask_hot(self, job_id: int, viewer: Viewer, crowd: bool) -> Any | None:
+        """A backend's hot ask (:class:`HotAskTell`): one trial row, or None (the ORM path answers).
+        ``crowd``: other asks of the job are in flight in this process."""
         return None
 
     def _tell_hot(self, trial_id: int, viewer: Viewer, values: dict[str, float],
@@ -538,13 +556,13 @@ class HotAskTell:
     dialect: str
     cheap: Any
 
-    def _ask_hot(self, job_id: int, viewer: Viewer) -> Any | None:
+    def _ask_hot(self, job_id: int, viewer: Viewer, crowd: bool) -> Any | None:
         """One trial for the asker by :func:`bocompress.service.db.hot.ask`, or None (the ORM path answers)."""
         def _fast(conn: Connection) -> Any:
             info = self.jobs.get(conn, job_id)
             if info is None or info.kind != "generic" or not viewer.may_see(info.owner):
                 raise hot.Unusual
-            return hot.ask(conn, info, f"client:{viewer.owner}", self.cheap, self.dialect)
+            return hot.ask(conn, info, f"client:{viewer.owner}", self.cheap, self.dialect, crowd)
 
         try:
             return run_conn(self.engine, _fast)

@@ -262,6 +262,25 @@ def test_an_empty_buffer_is_answered_by_a_cheap_proposal(store: Store, monkeypat
     run(store, go)
 
 
+def test_asks_that_start_together_are_parallel_demand(store: Store) -> None:
+    """Many askers starting at once on an empty buffer (no trial running yet) are answered by cheap
+    proposals at once, not after the engine's first batch; a lone asker still waits for the engine."""
+    store.set_cheap_proposer(_cheap)
+
+    async def go(s: Store) -> None:
+        body = _spec(parameters=[{"name": "x", "type": "float", "low": 0.0, "high": 1.0}],
+                     objective={"metric": "y", "direction": "minimize"}, budget={"max_trials": 8, "max_parallel": 4})
+        spec = body.model_dump(mode="json", exclude_none=True)
+        job, _ = await s.create_job(ME, "crowd", spec, [p.model_dump() for p in body.parameters or []], None)
+        assert await s.ask(job["id"], ME, 1, wait_seconds=0.0) == []  # alone: it waits for the engine
+        t0 = asyncio.get_running_loop().time()
+        got = await asyncio.gather(*(s.ask(job["id"], ME, 1, wait_seconds=20.0) for _ in range(3)))
+        assert asyncio.get_running_loop().time() - t0 < 10.0  # not the 20 s wait: no engine runs here
+        assert sorted(t["number"] for (t,) in got) == [0, 1, 2] and {t["proposal"] for (t,) in got} == {"cheap"}
+
+    run(store, go)
+
+
 def test_hot_ask_and_tell_write_what_the_orm_path_writes(database_url: str) -> None:
     """The backend's hot ask/tell and the ORM reference, on the same calls, leave the same trials
     (numbers, states, seqs, proposals, values) and the same event log, and answer the same."""
