@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, func, insert, select, text, update
+from sqlalchemy import String, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from bocompress.spec import JobSpec
@@ -270,11 +270,12 @@ _BUSY = (select(TRIALS.c.id).where(TRIALS.c.job_id == bindparam("job"), TRIALS.c
 _CREATE_ONE = (update(JOBS).where(JOBS.c.id == bindparam("job"), JOBS.c.n_created == bindparam("at"),
                                   JOBS.c.state == JobState.RUNNING)
                .values(n_created=JOBS.c.n_created + 1, seq=JOBS.c.seq + 2, updated_at=bindparam("now"))
-               .returning(JOBS.c.seq))
+               .returning(*[JOBS.c[k] for k in _JOB_DYN]))
 _INSERT_ASKED = (insert(TRIALS).values(
     job_id=bindparam("job"), kind="evaluate", number=bindparam("at"), seq=bindparam("seq"), state=TrialState.RUNNING,
     params=bindparam("params"), values={}, sem={}, attempt=1, created_at=bindparam("now"), proposal="cheap",
-    worker=bindparam("worker"), started_at=bindparam("now"), lease_token=bindparam("tok"))
+    worker=bindparam("worker"), started_at=bindparam("now"), lease_token=bindparam("tok"),
+    lease_expires_at=bindparam("until"))
     .returning(*_TRIAL_COLS))
 _BEST: dict[tuple[str, bool], Any] = {}
 
@@ -315,24 +316,80 @@ def ask(conn: Connection, info: JobInfo, worker: str, cheap: Any, dialect: str, 
         _event(conn, info.id, tid, "leased", TrialState.QUEUED, TrialState.RUNNING, worker, now)
         return row
     # An empty buffer: a cheap point, only for parallel demand (a lone asker's search stays BO).
+    got = _cheap_running(conn, info, worker, cheap, now, None, crowd)
+    if got is None:
+        raise Unusual
+    return got[0]
+
+
+def _cheap_running(conn: Connection, info: JobInfo, worker: str, cheap: Any, now: datetime,
+                   until: datetime | None, crowd: bool) -> tuple[Row[Any], Row[Any]] | None:
+    """One cheap proposal for the running job ``info``, inserted straight as ``worker``'s running
+    trial (lease until ``until``): (trial row, the job's changing columns), or None when the job
+    takes none now (not running, its budget created, no parallel demand unless ``crowd``, a race).
+
+    The same rule, point and event log as :meth:`bocompress.service.db.sql_store.OrmStore._add_cheap`
+    followed by a claim: "proposed" then "leased", two ``seq`` bumps.
+    """
+    job = {"job": info.id}
     cur = conn.execute(_JOB_NOW, job).first()
     if (cheap is None or cur is None or cur.state != JobState.RUNNING or not info.search_space
             or info.view.budget_spent(int(cur.n_created))):
-        raise Unusual
+        return None
     if not crowd and conn.execute(_BUSY, job).first() is None:
-        raise Unusual
+        return None
     at = int(cur.n_created)
-    point = cheap(list(info.search_space), False, _best_params(conn, info), at, dict(info.spec.get("optimizer") or {}))
+    point = cheap(list(info.search_space), info.view.is_compression, _best_params(conn, info), at,
+                  dict(info.spec.get("optimizer") or {}))
     if not point:
-        raise Unusual
+        return None
     j = conn.execute(_CREATE_ONE, {**job, "at": at, "now": now}).first()
     if j is None:
-        raise Unusual  # another insert got in first
+        return None  # another insert got in first
     row = conn.execute(_INSERT_ASKED, {**job, "at": at, "seq": int(j.seq), "params": point, "now": now,
-                                       "worker": worker, "tok": tok}).one()
+                                       "worker": worker, "tok": secrets.token_hex(16), "until": until}).one()
     _event(conn, info.id, row.id, "proposed", None, TrialState.QUEUED, "cheap", now)
     _event(conn, info.id, row.id, "leased", TrialState.QUEUED, TrialState.RUNNING, worker, now)
-    return row
+    return row, j
+
+
+_EXPIRED = (select(TRIALS.c.id).where(TRIALS.c.state == TrialState.RUNNING, TRIALS.c.lease_expires_at < bindparam("now"))
+            .limit(1))
+
+
+def _has(state: TrialState) -> Any:
+    return select(TRIALS.c.id).where(TRIALS.c.job_id == JOBS.c.id, TRIALS.c.kind == "evaluate",
+                                     TRIALS.c.state == state).exists()
+
+
+#: Running compression jobs with parallel demand (a trial running) and an empty buffer, served
+#: longest ago first; a just-profiled one (nothing created yet) only after the grace time.
+_CHEAP_JOBS = (select(JOBS.c.id).where(
+    JOBS.c.state == JobState.RUNNING, JOBS.c.kind == "compression",
+    or_(JOBS.c.n_created > 0, JOBS.c.updated_at < bindparam("grace")), ~_has(TrialState.QUEUED),
+    _has(TrialState.RUNNING)).order_by(JOBS.c.updated_at, JOBS.c.id).limit(16))
+
+
+def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
+                grace_s: float) -> tuple[Row[Any], Any, JobInfo] | None:
+    """A worker found nothing queued: a cheap proposal of the compression job that waits longest
+    (see :meth:`bocompress.service.db.sql_store.OrmStore._cheap_lease`), leased to ``worker``:
+    (trial row, job row, info), or None. :class:`Unusual` when a lease has expired (the ORM path
+    reaps it first, and its trial goes out before any new point)."""
+    now = utcnow()
+    if conn.execute(_EXPIRED, {"now": now}).first() is not None:
+        raise Unusual
+    for job_id in conn.execute(_CHEAP_JOBS, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
+        info = cache.get(conn, int(job_id))
+        if info is None:
+            continue
+        secs = info.lease_seconds
+        got = _cheap_running(conn, info, worker, cheap, now, (now + timedelta(seconds=secs)) if secs > 0 else None,
+                             True)  # the query found a running trial
+        if got is not None:
+            row, j = got
+            return row, _Dyn(int(j.seq), j.state, j.reason, j.updated_at, int(j.n_created)), info
+    return None
 
 
 def told_row(conn: Connection, trial_id: int, dialect: str) -> Row[Any] | None:
@@ -348,4 +405,5 @@ def open_trials(conn: Connection, job_id: int) -> int:
 
 
 __all__ = ["CLAIM_WHERE", "JOB_INFO_COLS", "RESULT_COLS", "Finished", "JobInfo", "JobInfoCache", "Unusual", "ask",
+           "cheap_lease",
            "finish", "heartbeat", "lease", "open_trials", "result_row", "told_row"]

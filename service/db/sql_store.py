@@ -229,12 +229,19 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
 
         return run_tx(self.factory, _go)
 
-    async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
-        got = await self._lease_once(worker, kinds)
-        if got is None and await self._tx(lambda s: reap_expired(s, limit=50)) > 0:
+    async def _empty_lease(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
+        """Nothing was queued: reap expired leases (and lease what they put back), else a cheap proposal."""
+        got = None
+        if await self._tx(lambda s: reap_expired(s, limit=50)) > 0:
             got = await self._lease_once(worker, kinds)
         if got is None and self.cheap is not None and "evaluate" in kinds:
             got = await anyio.to_thread.run_sync(self._cheap_lease, worker)
+        return got
+
+    async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
+        got = await self._lease_once(worker, kinds)
+        if got is None:
+            got = await self._empty_lease(worker, kinds)
         if got is None:
             return None
         row, out = got
@@ -588,6 +595,21 @@ class HotAskTell:
             return run_conn(self.engine, _fast)
         except hot.Unusual:
             return None
+
+    async def _empty_lease(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
+        """The usual empty queue (no lease expired) answered by :func:`bocompress.service.db.hot.cheap_lease`."""
+        if self.cheap is None or "evaluate" not in kinds:
+            return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
+        cheap = self.cheap
+        try:
+            got = await anyio.to_thread.run_sync(
+                run_conn, self.engine, lambda c: hot.cheap_lease(c, self.jobs, worker, cheap, FIRST_BATCH_GRACE_S))
+        except hot.Unusual:
+            return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
+        if got is None:
+            return None
+        row, dyn, info = got
+        return row, lease_answer(row, job_light(info, dyn), info.lease_seconds)
 
 
 class SQLiteStore(HotAskTell, OrmStore):
