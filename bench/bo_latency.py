@@ -383,8 +383,8 @@ def run_consumers(url: str, token: str, wtoken: str, mode: str, consumers: int, 
         stamps = sorted({datetime.fromisoformat(x.replace("Z", "+00:00")).timestamp() for x in eng})
         gaps.append(max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0))
     return {"mode": mode, "consumers": consumers, "jobs": jobs, "trials": trials * jobs, "answered": len(lat),
-            "calls": calls[0], "empty": empty[0], "p50_s": _q(lat, 0.5), "p95_s": _q(lat, 0.95), "max_s": max(lat),
-            "job_p95_max_s": max(_q(v, 0.95) for v in per_job.values() if v),
+            "calls": calls[0], "empty": empty[0], "p50_s": _q(lat, 0.5), "p95_s": _q(lat, 0.95), "max_s": max(lat, default=float("nan")),
+            "job_p95_max_s": max((_q(v, 0.95) for v in per_job.values() if v), default=float("nan")),
             "engine_share_min": min(engine_share), "engine_share_max": max(engine_share),
             "engine_gap_max_s": max(gaps), "wall_s": wall, "load1": load}
 

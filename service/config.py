@@ -51,8 +51,9 @@ class Settings(BaseSettings):
                          description="threads that run database work, per server process (at most this many at once); "
                                      "on PostgreSQL the worker loop and the trial polls run on the event loop instead")
     engine_process: bool = Field(default=True, description="compute proposals in a child process (off: in a thread)")
-    engine_nice: int = Field(default=10, ge=0, le=19, description="the engine process's niceness: on a busy machine "
-                             "its fits yield the CPU to the requests (0: the service's own priority)")
+    engine_nice: int = Field(default=0, ge=0, le=19, description="the engine process's niceness (0: the service's "
+                             "own priority); above 0 its fits yield the CPU to the requests on a busy machine, but a "
+                             "lone consumer and a new job's first batch then wait longer for the engine")
     ask_wait_seconds: float = Field(default=20.0, ge=0.0, le=300.0)
     cheap_proposals: Literal["auto", "perturb", "quasirandom", "off"] = Field(
         default="auto", description="how a lease or ask that finds its job's buffer empty is answered at once "
