@@ -303,6 +303,16 @@ def _trials_of(url: str, token: str, job_id: int) -> list[dict[str, Any]]:
     return list({t["id"]: t for t in out}.values())  # each trial's last change
 
 
+def _cancel_unfinished(url: str, token: str, job_ids: list[int]) -> None:
+    """Cancel the jobs a scenario left running (its window closed first), so their refills do not
+    hold the engine during the next scenario."""
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        for jid in job_ids:
+            c.post(f"/api/v1/jobs/{jid}/cancel").raise_for_status()
+
+
 def run_consumers(url: str, token: str, wtoken: str, mode: str, consumers: int, jobs: int, trials: int,
                   tag: str) -> dict[str, Any]:
     """``consumers`` askers (``mode="ask"``, generic jobs) or workers (``mode="lease"``, compression jobs)
@@ -374,6 +384,7 @@ def run_consumers(url: str, token: str, wtoken: str, mode: str, consumers: int, 
     asyncio.run(all_consumers())
     wall = time.perf_counter() - t0
     load = os.getloadavg()[0]
+    _cancel_unfinished(url, token, [j for j in ids if j not in done])  # no engine work left for the next scenario
     # What made the points, and the longest stretch each job went without an engine batch.
     engine_share, gaps = [], []
     for jid in ids:
