@@ -1,4 +1,4 @@
-"""The worker hot path: lease, heartbeat and result in a few statements, no ORM session.
+"""The hot path: lease, heartbeat and result, and a generic job's ask and tell, in a few statements, no ORM session.
 
 Every worker cycle is three requests (lease -> heartbeat -> complete), so these three decide how
 many trials per second one service process can hand out. The ORM functions of

@@ -2,8 +2,10 @@
 
 :class:`OrmStore` implements every method with the guarded transitions of
 :mod:`bocompress.service.db.trials`, one transaction in the thread pool each; it is the behaviour both
-backends share and what they fall back to for anything unusual. :class:`SQLiteStore` adds the
-worker hot path of :mod:`bocompress.service.db.hot` (lease, heartbeat, result as a few Core statements).
+backends share and what they fall back to for anything unusual. :class:`HotAskTell` (both backends)
+answers the usual ask, tell and empty-queue lease with the prebuilt Core statements of
+:mod:`bocompress.service.db.hot`; :class:`SQLiteStore` adds the rest of the worker hot path (lease,
+heartbeat, result as a few Core statements).
 """
 
 from __future__ import annotations
