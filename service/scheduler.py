@@ -24,6 +24,7 @@ from bocompress.states import OPEN_TRIAL_STATES, JobState, TrialState
 from bocompress.service.db.errors import TransitionError
 from bocompress.service.db.models import Job, Trial, utcnow
 from bocompress.service.db.pipeline import ACTIVE_STAGES
+from bocompress.service.db.queries import EXPIRED_LEASE
 from bocompress.service.db.session import read_session, run_tx
 from bocompress.service.db.store import Store
 from bocompress.service.db.trials import acquire_generator, jobs_needing_proposals, release_generator, set_job_state
@@ -326,8 +327,7 @@ class Scheduler:
     def tick(self) -> int:
         """Reap expired leases and refill every short buffer once. Returns proposals made."""
         with read_session(self.factory) as s:  # one read for the three questions
-            expired = s.execute(select(Trial.id).where(Trial.state == TrialState.RUNNING,
-                                                       Trial.lease_expires_at < utcnow()).limit(1)).first()
+            expired = s.execute(EXPIRED_LEASE, {"now": utcnow()}).first()
             todo = jobs_needing_proposals(s)
             piped = s.execute(select(Job.id).where(Job.pipeline_stage.in_(ACTIVE_STAGES)).limit(1)).first()
         if expired is not None:

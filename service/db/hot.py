@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import String, bindparam, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Row
 
 from bocompress.spec import JobSpec
 from bocompress.states import ACTIVE_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState, sql_in
 from bocompress.service.db.models import Event, Job, Trial, utcnow
+from bocompress.service.db.queries import BUSY, CHEAP_JOBS, EXPIRED_LEASE, best_query
 
 TRIALS = Trial.__table__
 JOBS = Job.__table__
@@ -141,6 +142,11 @@ class _Dyn:
     job_n_created: int
 
 
+def _dyn(j: Row[Any]) -> _Dyn:
+    """A job's changing columns (a row of :data:`_JOB_DYN`)."""
+    return _Dyn(int(j.seq), j.state, j.reason, j.updated_at, int(j.n_created))
+
+
 _BUMP_DYN = (update(JOBS).where(JOBS.c.id == bindparam("job")).values(seq=JOBS.c.seq + 1, updated_at=bindparam("now"))
              .returning(*[JOBS.c[k] for k in _JOB_DYN]))
 _LEASE = (update(TRIALS).where(TRIALS.c.id == bindparam("tid"), TRIALS.c.state == TrialState.QUEUED)
@@ -168,7 +174,7 @@ def lease(conn: Connection, cache: JobInfoCache, worker: str, kinds: list[str]) 
     row = conn.execute(_LEASE, {"tid": tid, "seq": j.seq, "worker": worker, "now": now, "tok": secrets.token_hex(16),
                                 "until": (now + timedelta(seconds=secs)) if secs > 0 else None}).one()
     _event(conn, job_id, tid, "leased", TrialState.QUEUED, TrialState.RUNNING, worker, now)
-    return row, _Dyn(int(j.seq), j.state, j.reason, j.updated_at, int(j.n_created)), info
+    return row, _dyn(j), info
 
 
 # --------------------------------------------------------------------------- heartbeat
@@ -221,8 +227,6 @@ class Finished:
         return self.job_state == JobState.RUNNING and self.job_n_created >= max_trials
 
 
-_BUMP = (update(JOBS).where(JOBS.c.id == bindparam("job")).values(seq=JOBS.c.seq + 1, updated_at=bindparam("now"))
-         .returning(JOBS.c.seq, JOBS.c.state, JOBS.c.n_created))
 _FINISH = (update(TRIALS).where(TRIALS.c.id == bindparam("tid"), TRIALS.c.state == TrialState.RUNNING,
                                 TRIALS.c.attempt == bindparam("att"))
            .values(state=TrialState.COMPLETED, seq=bindparam("seq"), values=bindparam("vals"), sem=bindparam("sems"),
@@ -235,7 +239,7 @@ def finish(conn: Connection, t: Row[Any], values: dict[str, Any], sem: dict[str,
     caller rolls back and asks the ORM path for the exact answer.
     """
     now = utcnow()
-    j = conn.execute(_BUMP, {"job": t.job_id, "now": now}).one()
+    j = conn.execute(_BUMP_DYN, {"job": t.job_id, "now": now}).one()
     done = conn.execute(_FINISH, {"tid": t.id, "att": t.attempt, "seq": j.seq, "vals": values, "sems": sem,
                                   "h": result_hash, "now": now})
     if done.rowcount != 1:
@@ -258,14 +262,7 @@ _PICK = (select(TRIALS.c.id).where(TRIALS.c.job_id == bindparam("job"), TRIALS.c
 _PICK_PG = _PICK.with_for_update(skip_locked=True)
 _BUMP_RUNNING = (update(JOBS).where(JOBS.c.id == bindparam("job"), JOBS.c.state == JobState.RUNNING)
                  .values(seq=JOBS.c.seq + 1, updated_at=bindparam("now")).returning(JOBS.c.seq))
-#: An asked trial is the asker's until told: no lease expiry.
-_CLAIM_ASKED = (update(TRIALS).where(TRIALS.c.id == bindparam("tid"), TRIALS.c.state == TrialState.QUEUED)
-                .values(state=TrialState.RUNNING, seq=bindparam("seq"), worker=bindparam("worker"),
-                        started_at=bindparam("now"), lease_token=bindparam("tok"), lease_expires_at=None)
-                .returning(*_TRIAL_COLS))
 _JOB_NOW = select(JOBS.c.state, JOBS.c.n_created).where(JOBS.c.id == bindparam("job"))
-_BUSY = (select(TRIALS.c.id).where(TRIALS.c.job_id == bindparam("job"), TRIALS.c.kind == "evaluate",
-                                   TRIALS.c.state == TrialState.RUNNING).limit(1))
 #: A cheap point is proposed (-> queued) and asked (-> running) in one step: two seq bumps, as the two transitions make.
 _CREATE_ONE = (update(JOBS).where(JOBS.c.id == bindparam("job"), JOBS.c.n_created == bindparam("at"),
                                   JOBS.c.state == JobState.RUNNING)
@@ -277,19 +274,9 @@ _INSERT_ASKED = (insert(TRIALS).values(
     worker=bindparam("worker"), started_at=bindparam("now"), lease_token=bindparam("tok"),
     lease_expires_at=bindparam("until"))
     .returning(*_TRIAL_COLS))
-_BEST: dict[tuple[str, bool], Any] = {}
-
-
 def _best_params(conn: Connection, info: JobInfo) -> dict[str, float] | None:
-    """The incumbent's parameters (:func:`bocompress.service.db.queries.best_trial` in Core)."""
-    key = (info.view.metric, info.view.maximize)
-    q = _BEST.get(key)
-    if q is None:
-        value = TRIALS.c["values"][key[0]].as_float()
-        q = _BEST[key] = (select(TRIALS.c.params).where(
-            TRIALS.c.job_id == bindparam("job"), TRIALS.c.kind == "evaluate", TRIALS.c.state == TrialState.COMPLETED,
-            value.is_not(None)).order_by(value.desc() if key[1] else value.asc(), TRIALS.c.id).limit(1))
-    row = conn.execute(q, {"job": info.id}).first()
+    """The incumbent's parameters (:func:`bocompress.service.db.queries.best_query`)."""
+    row = conn.execute(best_query(info.view.metric, info.view.maximize, params_only=True), {"job": info.id}).first()
     return None if row is None else dict(row.params)
 
 
@@ -310,7 +297,9 @@ def ask(conn: Connection, info: JobInfo, worker: str, cheap: Any, dialect: str, 
         j = conn.execute(_BUMP_RUNNING, {**job, "now": now}).first()
         if j is None:
             raise Unusual
-        row = conn.execute(_CLAIM_ASKED, {"tid": tid, "seq": j.seq, "worker": worker, "now": now, "tok": tok}).first()
+        # an asked trial is the asker's until told: no lease expiry
+        row = conn.execute(_LEASE, {"tid": tid, "seq": j.seq, "worker": worker, "now": now, "tok": tok,
+                                    "until": None}).first()
         if row is None:
             raise Unusual
         _event(conn, info.id, tid, "leased", TrialState.QUEUED, TrialState.RUNNING, worker, now)
@@ -336,7 +325,7 @@ def _cheap_running(conn: Connection, info: JobInfo, worker: str, cheap: Any, now
     if (cheap is None or cur is None or cur.state != JobState.RUNNING or not info.search_space
             or info.view.budget_spent(int(cur.n_created))):
         return None
-    if not crowd and conn.execute(_BUSY, job).first() is None:
+    if not crowd and conn.execute(BUSY, job).first() is None:
         return None
     at = int(cur.n_created)
     point = cheap(list(info.search_space), info.view.is_compression, _best_params(conn, info), at,
@@ -353,23 +342,6 @@ def _cheap_running(conn: Connection, info: JobInfo, worker: str, cheap: Any, now
     return row, j
 
 
-_EXPIRED = (select(TRIALS.c.id).where(TRIALS.c.state == TrialState.RUNNING, TRIALS.c.lease_expires_at < bindparam("now"))
-            .limit(1))
-
-
-def _has(state: TrialState) -> Any:
-    return select(TRIALS.c.id).where(TRIALS.c.job_id == JOBS.c.id, TRIALS.c.kind == "evaluate",
-                                     TRIALS.c.state == state).exists()
-
-
-#: Running compression jobs with parallel demand (a trial running) and an empty buffer, served
-#: longest ago first; a just-profiled one (nothing created yet) only after the grace time.
-_CHEAP_JOBS = (select(JOBS.c.id).where(
-    JOBS.c.state == JobState.RUNNING, JOBS.c.kind == "compression",
-    or_(JOBS.c.n_created > 0, JOBS.c.updated_at < bindparam("grace")), ~_has(TrialState.QUEUED),
-    _has(TrialState.RUNNING)).order_by(JOBS.c.updated_at, JOBS.c.id).limit(16))
-
-
 def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
                 grace_s: float) -> tuple[Row[Any], Any, JobInfo] | None:
     """A worker found nothing queued: a cheap proposal of the compression job that waits longest
@@ -377,9 +349,9 @@ def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
     (trial row, job row, info), or None. :class:`Unusual` when a lease has expired (the ORM path
     reaps it first, and its trial goes out before any new point)."""
     now = utcnow()
-    if conn.execute(_EXPIRED, {"now": now}).first() is not None:
+    if conn.execute(EXPIRED_LEASE, {"now": now}).first() is not None:
         raise Unusual
-    for job_id in conn.execute(_CHEAP_JOBS, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
+    for job_id in conn.execute(CHEAP_JOBS, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
         info = cache.get(conn, int(job_id))
         if info is None:
             continue
@@ -388,7 +360,7 @@ def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
                              True)  # the query found a running trial
         if got is not None:
             row, j = got
-            return row, _Dyn(int(j.seq), j.state, j.reason, j.updated_at, int(j.n_created)), info
+            return row, _dyn(j), info
     return None
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from bocompress.objective import pareto_front
 from bocompress.spec import JobSpec
-from bocompress.states import TrialState
+from bocompress.states import JobState, TrialState
 from bocompress.service.db.errors import NotFound
 from bocompress.service.db.models import Job, Trial
 
@@ -31,14 +31,49 @@ def count_states(session: Session, job_id: int, kind: str = "evaluate") -> dict[
     return out
 
 
+_BEST: dict[tuple[str, bool, bool], Any] = {}
+
+
+def best_query(metric: str, maximize: bool, params_only: bool = False) -> Any:
+    """The completed trial of job ``:job`` with the best ``metric`` (or only its ``params``), ranked
+    in SQL (one indexed scan, no rows loaded); built once per (metric, direction) and reused."""
+    key = (metric, maximize, params_only)
+    q = _BEST.get(key)
+    if q is None:
+        if len(_BEST) >= 1024:
+            _BEST.clear()
+        value = Trial.values[metric].as_float()
+        q = _BEST[key] = (
+            select(Trial.params if params_only else Trial)
+            .where(Trial.job_id == bindparam("job"), Trial.kind == "evaluate", Trial.state == TrialState.COMPLETED,
+                   value.is_not(None))
+            .order_by(value.desc() if maximize else value.asc(), Trial.id).limit(1))
+    return q
+
+
 def best_trial(session: Session, job: Job) -> Trial | None:
-    """The completed trial with the best objective, ranked in SQL (one indexed scan, no rows loaded)."""
+    """The completed trial with the best objective (:func:`best_query`)."""
     spec = JobSpec.of(job.spec)
-    value = Trial.values[spec.metric].as_float()
-    q = (select(Trial).where(Trial.job_id == job.id, Trial.kind == "evaluate", Trial.state == TrialState.COMPLETED,
-                             value.is_not(None))
-         .order_by(value.desc() if spec.maximize else value.asc(), Trial.id).limit(1))
-    return session.execute(q).scalars().first()
+    return session.execute(best_query(spec.metric, spec.maximize), {"job": job.id}).scalars().first()
+
+
+#: Whether any lease has expired by ``:now`` (the reaper's first question).
+EXPIRED_LEASE = (select(Trial.id).where(Trial.state == TrialState.RUNNING, Trial.lease_expires_at < bindparam("now"))
+                 .limit(1))
+#: Whether job ``:job`` has an evaluation running: parallel demand, the condition of a cheap proposal.
+BUSY = (select(Trial.id).where(Trial.job_id == bindparam("job"), Trial.kind == "evaluate",
+                               Trial.state == TrialState.RUNNING).limit(1))
+
+
+def _has(state: TrialState) -> Any:
+    return select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate", Trial.state == state).exists()
+
+
+#: Running compression jobs with parallel demand (a trial running) and an empty buffer, served
+#: longest ago first; a just-profiled one (nothing created yet) only once ``:grace`` has passed.
+CHEAP_JOBS = (select(Job.id).where(
+    Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
+    ~_has(TrialState.QUEUED), _has(TrialState.RUNNING)).order_by(Job.updated_at, Job.id).limit(16))
 
 
 def pareto_trials(session: Session, job: Job) -> list[Trial]:
@@ -55,4 +90,5 @@ def pareto_trials(session: Session, job: Job) -> list[Trial]:
     return sorted((rows[i] for i in pareto_front(pts)), key=lambda t: float(t.values.get("ratio", 0.0)))
 
 
-__all__ = ["best_trial", "count_states", "pareto_trials", "visible_job"]
+__all__ = ["BUSY", "CHEAP_JOBS", "EXPIRED_LEASE", "best_query", "best_trial", "count_states", "pareto_trials",
+           "visible_job"]

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,7 +32,7 @@ from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
 from bocompress.service.db.pipeline import PipelineMixin, as_requested, cancel_pipeline, first_pass_budget, start_pipeline
-from bocompress.service.db.queries import best_trial, pareto_trials, visible_job
+from bocompress.service.db.queries import BUSY, CHEAP_JOBS, best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
@@ -197,8 +197,7 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         """Whether another consumer holds one of the job's trials. A lone sequential consumer (a
         single worker or asker, nothing else running) waits for the engine, so its search stays
         BO, every point conditioned on every result; cheap points serve parallel demand only."""
-        return s.execute(select(Trial.id).where(Trial.job_id == job_id, Trial.kind == "evaluate",
-                                                Trial.state == TrialState.RUNNING).limit(1)).first() is not None
+        return s.execute(BUSY, {"job": job_id}).first() is not None
 
     def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
@@ -208,21 +207,11 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         allocator's points, comes within a scheduler tick), then answered cheaply too, so a
         scheduler busy with another job's fit never keeps its workers idle."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
-            def has(state: TrialState) -> Any:
-                return select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate",
-                                              Trial.state == state).exists()
-
-            # only jobs with parallel demand (another trial running: see _parallel_demand) and an
-            # empty buffer, found in the query rather than job by job
-            rows = s.execute(
-                select(Job)
-                .where(Job.state == JobState.RUNNING, Job.kind == "compression",
-                       or_(Job.n_created > 0, Job.updated_at < utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)),
-                       ~has(TrialState.QUEUED), has(TrialState.RUNNING))
-                .order_by(Job.updated_at, Job.id).limit(16)
-            ).scalars().all()
-            for job in rows:
-                if self._add_cheap(s, job):
+            # only jobs with parallel demand and an empty buffer, found in the query rather than job by job
+            grace = utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)
+            for job_id in s.execute(CHEAP_JOBS, {"grace": grace}).scalars().all():
+                job = s.get(Job, job_id)
+                if job is not None and self._add_cheap(s, job):
                     c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
                     if c is not None:
                         return c.trial, lease_answer(c.trial, job_out(None, c.job, light=True),
@@ -555,6 +544,15 @@ class _Row:
         self.__dict__.update(d)
 
 
+def _finish_hot(conn: Connection, t: Any, info: hot.JobInfo, result: Result) -> tuple[hot.Finished, bool]:
+    """Store the evaluation ``t``'s result on the hot path: (the stored trial, whether it was the job's
+    last open one); :class:`hot.Unusual` when it no longer runs that attempt (the ORM path answers)."""
+    done = hot.finish(conn, t, *hot_values(info, t, result))
+    if done is None:
+        raise hot.Unusual
+    return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
+
+
 class HotAskTell:
     """Ask and tell of a generic job as a few prebuilt Core statements in one transaction
     (:func:`bocompress.service.db.hot.ask`, :func:`~bocompress.service.db.hot.finish`), in the thread
@@ -565,6 +563,13 @@ class HotAskTell:
     dialect: str
     cheap: Any
 
+    def _hot_tx(self, fn: Callable[[Connection], T]) -> T | None:
+        """``fn(conn)`` in one transaction; None (rolled back) when it raised :class:`hot.Unusual`."""
+        try:
+            return run_conn(self.engine, fn)
+        except hot.Unusual:
+            return None
+
     def _ask_hot(self, job_id: int, viewer: Viewer, crowd: bool) -> Any | None:
         """One trial for the asker by :func:`bocompress.service.db.hot.ask`, or None (the ORM path answers)."""
         def _fast(conn: Connection) -> Any:
@@ -573,10 +578,7 @@ class HotAskTell:
                 raise hot.Unusual
             return hot.ask(conn, info, f"client:{viewer.owner}", self.cheap, self.dialect, crowd)
 
-        try:
-            return run_conn(self.engine, _fast)
-        except hot.Unusual:
-            return None
+        return self._hot_tx(_fast)
 
     def _tell_hot(self, trial_id: int, viewer: Viewer, values: dict[str, float],
                   sem: dict[str, float]) -> tuple[hot.Finished, bool] | None:
@@ -588,15 +590,9 @@ class HotAskTell:
             info = self.jobs.get(conn, t.job_id)
             if info is None or info.kind != "generic" or not viewer.may_see(info.owner):
                 return None
-            done = hot.finish(conn, t, *hot_values(info, t, Result(values, sem)))
-            if done is None:
-                raise hot.Unusual
-            return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
+            return _finish_hot(conn, t, info, Result(values, sem))
 
-        try:
-            return run_conn(self.engine, _fast)
-        except hot.Unusual:
-            return None
+        return self._hot_tx(_fast)
 
     async def _empty_lease(self, worker: str, kinds: list[str]) -> tuple[Any, dict[str, Any]] | None:
         """The usual empty queue (no lease expired) answered by :func:`bocompress.service.db.hot.cheap_lease`."""
@@ -606,7 +602,7 @@ class HotAskTell:
         try:
             got = await anyio.to_thread.run_sync(
                 run_conn, self.engine, lambda c: hot.cheap_lease(c, self.jobs, worker, cheap, FIRST_BATCH_GRACE_S))
-        except hot.Unusual:
+        except hot.Unusual:  # a lease expired: the ORM path reaps it first
             return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
         if got is None:
             return None
@@ -640,15 +636,9 @@ class SQLiteStore(HotAskTell, OrmStore):
             info = self.jobs.get(conn, t.job_id)
             if info is None or info.kind != "compression":
                 return None  # an ask/tell trial: the ORM path refuses it
-            done = hot.finish(conn, t, *hot_values(info, t, result))
-            if done is None:
-                raise hot.Unusual  # roll back: the ORM path answers
-            return done, done.spends_budget(info.max_trials) and hot.open_trials(conn, t.job_id) == 0
+            return _finish_hot(conn, t, info, result)
 
-        try:
-            return await anyio.to_thread.run_sync(run_conn, self.engine, _fast)
-        except hot.Unusual:
-            return None
+        return await anyio.to_thread.run_sync(self._hot_tx, _fast)
 
 
 __all__ = ["HotAskTell", "OrmStore", "SQLiteStore", "hot_result_ok", "hot_values", "lease_answer", "lease_info", "log_transition"]

@@ -39,7 +39,7 @@ from bocompress.service.db.proposals import (
     refill_step,
     release_generator,
 )
-from bocompress.service.db.queries import best_trial, count_states
+from bocompress.service.db.queries import EXPIRED_LEASE, best_trial, count_states
 from bocompress.service.results import compression_values
 
 log = logging.getLogger("bocompress.trials")
@@ -145,8 +145,7 @@ def claim_next(session: Session, worker: str, kinds: Iterable[str], lease_second
 def reap_expired(session: Session, now: datetime | None = None, limit: int = 500) -> int:
     """Put trials whose lease expired back to ``queued`` (attempt + 1), or ``abandoned``."""
     now = now or utcnow()
-    if session.execute(select(Trial.id).where(Trial.state == TrialState.RUNNING, Trial.lease_expires_at < now).limit(1)
-                       ).first() is None:
+    if session.execute(EXPIRED_LEASE, {"now": now}).first() is None:
         return 0
     q = (select(Trial).where(Trial.state == TrialState.RUNNING, Trial.lease_expires_at.is_not(None),
                              Trial.lease_expires_at < now).order_by(Trial.id).limit(limit))
