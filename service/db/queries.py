@@ -35,7 +35,7 @@ _BEST: dict[tuple[str, bool, bool], Any] = {}
 
 
 def best_query(metric: str, maximize: bool, params_only: bool = False) -> Any:
-    """The completed trial of job ``:job`` with the best ``metric`` (or only its ``params``), ranked
+    """The completed trial of job ``:job`` with the best ``metric`` (or only its ``params``, ``id`` and ``value``), ranked
     in SQL (one indexed scan, no rows loaded); built once per (metric, direction) and reused."""
     key = (metric, maximize, params_only)
     q = _BEST.get(key)
@@ -44,7 +44,7 @@ def best_query(metric: str, maximize: bool, params_only: bool = False) -> Any:
             _BEST.clear()
         value = Trial.values[metric].as_float()
         q = _BEST[key] = (
-            select(Trial.params if params_only else Trial)
+            (select(Trial.params, Trial.id, value.label("value")) if params_only else select(Trial))
             .where(Trial.job_id == bindparam("job"), Trial.kind == "evaluate", Trial.state == TrialState.COMPLETED,
                    value.is_not(None))
             .order_by(value.desc() if maximize else value.asc(), Trial.id).limit(1))

@@ -622,3 +622,65 @@ def test_a_pipeline_advances_once_per_stage_and_fails_with_its_reason(store: Sto
         run(store, go)
     finally:
         engine2.dispose()
+
+
+def test_the_hot_incumbent_follows_every_change_made_by_any_process(database_url: str) -> None:
+    """The incumbent a cheap proposal starts from (kept per process and folded forward from the trials
+    changed since it last looked) is the trial that ranking every completed trial in SQL picks, after
+    every tell, whichever of two service processes told it: ties (lowest id wins), failures, a trial
+    told out of order, and the incumbent's own value changed behind its back."""
+    import random
+
+    from sqlalchemy import select
+
+    from bocompress.service.db import hot
+    from bocompress.service.db.queries import best_query
+    from bocompress.service.db.trials import bump_seq
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = make_sessionmaker(engine)
+    rng = random.Random(3)
+
+    async def go() -> None:
+        a, b = open_store(engine, factory, database_url), open_store(engine, factory, database_url)
+        for s in (a, b):
+            s.set_cheap_proposer(_cheap)
+            await s.open()
+        try:
+            body = _spec(parameters=[{"name": "x", "type": "float", "low": 0.0, "high": 1.0}],
+                         objective={"metric": "y", "direction": "minimize"}, budget={"max_trials": 60, "max_parallel": 60})
+            job, _ = await a.create_job(ME, "h", body.model_dump(mode="json", exclude_none=True),
+                                        [p.model_dump() for p in body.parameters or []], None)
+            assert await asyncio.to_thread(a.propose, job["id"], 0, [{"x": 0.5}]) == 1
+            running = [t for s in (a, b) for t in await s.ask(job["id"], ME, 1, wait_seconds=0.0)]
+            checked = 0
+            while running:
+                t = running.pop(rng.randrange(len(running)))
+                s = rng.choice((a, b))
+                failed = rng.random() < 0.15
+                y = float(rng.choice((0.5, 0.25, 0.25, 0.75)) if rng.random() < 0.5 else rng.random())
+                await s.tell(t["id"], ME, {} if failed else {"y": y}, {}, failed, "boom" if failed else None)
+                if rng.random() < 0.1:  # the incumbent's value changes behind the cache's back
+                    def worsen(ss: Any) -> None:
+                        best = ss.execute(best_query("y", False), {"job": job["id"]}).scalars().first()
+                        if best is not None:
+                            ss.execute(update(Trial).where(Trial.id == best.id).values(
+                                values={"y": 2.0}, seq=bump_seq(ss, job["id"])))
+                    run_tx(factory, worsen)
+                with engine.connect() as conn:
+                    info = a.jobs.get(conn, job["id"])
+                    got = hot._best_params(conn, info)
+                    row = conn.execute(best_query("y", False, params_only=True), {"job": job["id"]}).first()
+                    assert (info.best[0][1], got) == ((None, None) if row is None else (row.id, dict(row.params)))
+                    checked += row is not None
+                for s in rng.sample((a, b), 2):  # keep a few trials in flight: cheap points, told out of order
+                    if len(running) < 4 and (await s.get_job(job["id"], ME))["state"] == JobState.RUNNING:
+                        running += await s.ask(job["id"], ME, 1, wait_seconds=0.0)
+            assert checked > 30
+        finally:
+            for s in (a, b):
+                await s.close()
+
+    run_coroutine(go())
+    engine.dispose()
