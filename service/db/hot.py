@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Row
 from bocompress.spec import JobSpec
 from bocompress.states import ACTIVE_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState, sql_in
 from bocompress.service.db.models import Event, Job, Trial, utcnow
-from bocompress.service.db.queries import BUSY, CHEAP_JOBS, EXPIRED_LEASE, best_query
+from bocompress.service.db.queries import BUSY, CHEAP_JOBS, CHEAP_JOBS_CROWD, EXPIRED_LEASE, best_query
 
 TRIALS = Trial.__table__
 JOBS = Job.__table__
@@ -393,21 +393,23 @@ def _cheap_running(conn: Connection, info: JobInfo, worker: str, cheap: Any, now
 
 
 def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
-                grace_s: float) -> tuple[Row[Any], Any, JobInfo] | None:
+                grace_s: float, crowd: bool = False) -> tuple[Row[Any], Any, JobInfo] | None:
     """A worker found nothing queued: a cheap proposal of the compression job that waits longest
     (see :meth:`bocompress.service.db.sql_store.OrmStore._cheap_lease`), leased to ``worker``:
-    (trial row, job row, info), or None. :class:`Unusual` when a lease has expired (the ORM path
-    reaps it first, and its trial goes out before any new point)."""
+    (trial row, job row, info), or None. ``crowd``: other workers found nothing either a moment
+    ago (:data:`~bocompress.service.db.queries.CHEAP_JOBS_CROWD`). :class:`Unusual` when a lease
+    has expired (the ORM path reaps it first, and its trial goes out before any new point)."""
     now = utcnow()
     if conn.execute(EXPIRED_LEASE, {"now": now}).first() is not None:
         raise Unusual
-    for job_id in conn.execute(CHEAP_JOBS, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
+    jobs = CHEAP_JOBS_CROWD if crowd else CHEAP_JOBS
+    for job_id in conn.execute(jobs, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
         info = cache.get(conn, int(job_id))
         if info is None:
             continue
         secs = info.lease_seconds
         got = _cheap_running(conn, info, worker, cheap, now, (now + timedelta(seconds=secs)) if secs > 0 else None,
-                             True)  # the query found a running trial
+                             True)  # the query found parallel demand
         if got is not None:
             row, j = got
             return row, _dyn(j), info

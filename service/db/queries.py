@@ -74,6 +74,11 @@ def _has(state: TrialState) -> Any:
 CHEAP_JOBS = (select(Job.id).where(
     Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
     ~_has(TrialState.QUEUED), _has(TrialState.RUNNING)).order_by(Job.updated_at, Job.id).limit(16))
+#: :data:`CHEAP_JOBS` when other workers found nothing to do a moment ago (parallel demand though
+#: no trial of the job runs yet: a new job's workers are not left idle behind a busy engine).
+CHEAP_JOBS_CROWD = (select(Job.id).where(
+    Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
+    ~_has(TrialState.QUEUED)).order_by(Job.updated_at, Job.id).limit(16))
 
 
 def pareto_trials(session: Session, job: Job) -> list[Trial]:
@@ -90,5 +95,5 @@ def pareto_trials(session: Session, job: Job) -> list[Trial]:
     return sorted((rows[i] for i in pareto_front(pts)), key=lambda t: float(t.values.get("ratio", 0.0)))
 
 
-__all__ = ["BUSY", "CHEAP_JOBS", "EXPIRED_LEASE", "best_query", "best_trial", "count_states", "pareto_trials",
+__all__ = ["BUSY", "CHEAP_JOBS", "CHEAP_JOBS_CROWD", "EXPIRED_LEASE", "best_query", "best_trial", "count_states", "pareto_trials",
            "visible_job"]

@@ -32,7 +32,7 @@ from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
 from bocompress.service.db.pipeline import PipelineMixin, as_requested, cancel_pipeline, first_pass_budget, start_pipeline
-from bocompress.service.db.queries import BUSY, CHEAP_JOBS, best_trial, pareto_trials, visible_job
+from bocompress.service.db.queries import BUSY, CHEAP_JOBS, CHEAP_JOBS_CROWD, best_trial, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
@@ -59,6 +59,13 @@ log = logging.getLogger("bocompress.trials")
 #: Seconds a just-profiled compression job (no trial yet) is left to the engine's first batch
 #: before an empty lease is answered by a cheap proposal for it.
 FIRST_BATCH_GRACE_S = 0.25
+#: Workers that found nothing within this many seconds of each other are parallel demand (a
+#: worker polls every second when idle, by default).
+IDLE_WORKER_WINDOW_S = 2.5
+#: A job's first batch (its initial design: the one-shot allocators' points, which random points
+#: in many dimensions are not worth the budget they spend) is awaited this long by idle workers
+#: before they are given cheap points anyway: only an engine stuck behind other jobs' fits.
+FIRST_BATCH_CROWD_GRACE_S = 30.0
 T = TypeVar("T")
 #: Trial columns a page reads on SQLite (Core: no ORM row processing for thousands of rows).
 _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem", "attempt", "worker",
@@ -105,6 +112,9 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         #: Asks in flight per job in this process (on the event loop): more than one is parallel
         #: demand even before any of the job's trials runs.
         self._asking: dict[int, int] = {}
+        #: Workers whose last lease in this process found nothing, and when (``time.monotonic``):
+        #: two or more within :data:`IDLE_WORKER_WINDOW_S` are parallel demand for every job.
+        self._idle: dict[str, float] = {}
 
     async def _tx(self, fn: Callable[[Session], T]) -> T:
         return await anyio.to_thread.run_sync(partial(run_tx, self.factory, fn))
@@ -199,19 +209,35 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         BO, every point conditioned on every result; cheap points serve parallel demand only."""
         return s.execute(BUSY, {"job": job_id}).first() is not None
 
-    def _cheap_lease(self, worker: str) -> tuple[Any, dict[str, Any]] | None:
+    def _idle_crowd(self, worker: str) -> bool:
+        """Whether another worker's lease found nothing within :data:`IDLE_WORKER_WINDOW_S` (this process)."""
+        now = time.monotonic()
+        return any(w != worker and now - t < IDLE_WORKER_WINDOW_S for w, t in list(self._idle.items()))
+
+    def _note_idle(self, worker: str, idle: bool) -> None:
+        if not idle:
+            self._idle.pop(worker, None)
+            return
+        now = time.monotonic()
+        if len(self._idle) >= 4096:
+            self._idle = {w: t for w, t in self._idle.items() if now - t < IDLE_WORKER_WINDOW_S}
+        self._idle[worker] = now
+
+    def _cheap_lease(self, worker: str, crowd: bool = False) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
         budget left and an empty buffer that was served longest ago, leased to ``worker``. A job
         whose engine has not started its stream yet (``n_created == 0``: just profiled) is left to
         the engine for :data:`FIRST_BATCH_GRACE_S` (its first batch, the initial design or an
         allocator's points, comes within a scheduler tick), then answered cheaply too, so a
-        scheduler busy with another job's fit never keeps its workers idle."""
+        scheduler busy with another job's fit never keeps its workers idle. Parallel demand is a
+        trial of the job running, or (``crowd``) other workers that found nothing a moment ago: a
+        lone worker waits for the engine, sequential BO."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
             # only jobs with parallel demand and an empty buffer, found in the query rather than job by job
-            grace = utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)
-            for job_id in s.execute(CHEAP_JOBS, {"grace": grace}).scalars().all():
+            grace = utcnow() - timedelta(seconds=FIRST_BATCH_CROWD_GRACE_S if crowd else FIRST_BATCH_GRACE_S)
+            for job_id in s.execute(CHEAP_JOBS_CROWD if crowd else CHEAP_JOBS, {"grace": grace}).scalars().all():
                 job = s.get(Job, job_id)
-                if job is not None and self._add_cheap(s, job):
+                if job is not None and self._add_cheap(s, job, crowd):
                     c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
                     if c is not None:
                         return c.trial, lease_answer(c.trial, job_out(None, c.job, light=True),
@@ -226,13 +252,15 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         if await self._tx(lambda s: reap_expired(s, limit=50)) > 0:
             got = await self._lease_once(worker, kinds)
         if got is None and self.cheap is not None and "evaluate" in kinds:
-            got = await anyio.to_thread.run_sync(self._cheap_lease, worker)
+            got = await anyio.to_thread.run_sync(self._cheap_lease, worker, self._idle_crowd(worker))
         return got
 
     async def lease(self, worker: str, kinds: list[str]) -> dict[str, Any] | None:
         got = await self._lease_once(worker, kinds)
         if got is None:
             got = await self._empty_lease(worker, kinds)
+        if "evaluate" in kinds:
+            self._note_idle(worker, got is None)
         if got is None:
             return None
         row, out = got
@@ -598,10 +626,11 @@ class HotAskTell:
         """The usual empty queue (no lease expired) answered by :func:`bocompress.service.db.hot.cheap_lease`."""
         if self.cheap is None or "evaluate" not in kinds:
             return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
-        cheap = self.cheap
+        cheap, crowd = self.cheap, self._idle_crowd(worker)
         try:
             got = await anyio.to_thread.run_sync(
-                run_conn, self.engine, lambda c: hot.cheap_lease(c, self.jobs, worker, cheap, FIRST_BATCH_GRACE_S))
+                run_conn, self.engine, lambda c: hot.cheap_lease(
+                    c, self.jobs, worker, cheap, FIRST_BATCH_CROWD_GRACE_S if crowd else FIRST_BATCH_GRACE_S, crowd))
         except hot.Unusual:  # a lease expired: the ORM path reaps it first
             return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
         if got is None:

@@ -624,6 +624,52 @@ def test_a_pipeline_advances_once_per_stage_and_fails_with_its_reason(store: Sto
         engine2.dispose()
 
 
+def test_workers_idle_together_are_parallel_demand(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new compression job whose engine has not answered (its first batch, the initial design,
+    long overdue: a busy engine): a lone worker waits for it, but a second worker that finds nothing
+    while the first is idle gets a cheap trial at once, and so does the first on its next poll; a
+    worker idle long ago is no demand. Before the first batch is overdue, idle workers wait for it."""
+    from bocompress.service.db import sql_store
+
+    store.set_cheap_proposer(_cheap)
+    monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 0.0)
+    monkeypatch.setattr(sql_store, "FIRST_BATCH_CROWD_GRACE_S", 0.0)
+    profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
+
+    async def profiled(s: Store, worker: str) -> dict[str, Any]:
+        job = await _compression_job(s, {"kind": "scalarized", "kappa": 1.0})
+        task = await s.lease(worker, ["profile"])
+        assert task is not None
+        await s.complete(task["trial"]["id"], task["lease"]["token"], Result(profile=profile))
+        return job
+
+    async def go(s: Store) -> None:
+        cj = await profiled(s, "w1")
+        assert await s.lease("w1", ["evaluate"]) is None  # alone: it waits for the engine's first batch
+        assert await s.lease("w1", ["evaluate"]) is None  # polling again does not make it a crowd
+        b = await s.lease("w2", ["evaluate"])  # w1 is idle too: parallel demand, no trial running yet
+        assert b is not None and b["trial"]["job_id"] == cj["id"]
+        assert (b["trial"]["number"], b["trial"]["proposal"]) == (0, "cheap")
+        a = await s.lease("w1", ["evaluate"])  # now one runs: w1's next poll is answered as well
+        assert a is not None and (a["trial"]["number"], a["trial"]["proposal"]) == (1, "cheap")
+        for t in (a, b):
+            await s.complete(t["trial"]["id"], t["lease"]["token"], Result(values={"distill_l2": 0.1}))
+        monkeypatch.setattr(sql_store, "IDLE_WORKER_WINDOW_S", 0.0)  # w1's idle poll is long past
+        assert await s.lease("w1", ["evaluate"]) is None
+        assert await s.lease("w2", ["evaluate"]) is None  # no trial runs, nobody else idle just now
+        assert (await s.get_job(cj["id"], ME))["counts"]["running"] == 0
+        await s.cancel(cj["id"], ME)
+
+        monkeypatch.setattr(sql_store, "IDLE_WORKER_WINDOW_S", 60.0)
+        monkeypatch.setattr(sql_store, "FIRST_BATCH_CROWD_GRACE_S", 3600.0)
+        cj = await profiled(s, "w3")
+        assert await s.lease("w3", ["evaluate"]) is None
+        assert await s.lease("w4", ["evaluate"]) is None  # idle together, but the first batch is the engine's
+        assert (await s.get_job(cj["id"], ME))["n_created"] == 0
+
+    run(store, go)
+
+
 def test_the_hot_incumbent_follows_every_change_made_by_any_process(database_url: str) -> None:
     """The incumbent a cheap proposal starts from (kept per process and folded forward from the trials
     changed since it last looked) is the trial that ranking every completed trial in SQL picks, after
