@@ -403,7 +403,7 @@ def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
     if conn.execute(EXPIRED_LEASE, {"now": now}).first() is not None:
         raise Unusual
     jobs = CHEAP_JOBS_CROWD if crowd else CHEAP_JOBS
-    for job_id in conn.execute(jobs, {"grace": now - timedelta(seconds=grace_s)}).scalars().all():
+    for job_id in conn.execute(jobs, {"grace": now - timedelta(seconds=grace_s)} if crowd else {}).scalars().all():
         info = cache.get(conn, int(job_id))
         if info is None:
             continue

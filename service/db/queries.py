@@ -72,10 +72,10 @@ def _has(state: TrialState) -> Any:
 #: Running compression jobs with parallel demand (a trial running) and an empty buffer, served
 #: longest ago first; a just-profiled one (nothing created yet) only once ``:grace`` has passed.
 CHEAP_JOBS = (select(Job.id).where(
-    Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
-    ~_has(TrialState.QUEUED), _has(TrialState.RUNNING)).order_by(Job.updated_at, Job.id).limit(16))
-#: :data:`CHEAP_JOBS` when other workers found nothing to do a moment ago (parallel demand though
-#: no trial of the job runs yet: a new job's workers are not left idle behind a busy engine).
+    Job.state == JobState.RUNNING, Job.kind == "compression", ~_has(TrialState.QUEUED), _has(TrialState.RUNNING))
+    .order_by(Job.updated_at, Job.id).limit(16))
+#: :data:`CHEAP_JOBS` when other workers found nothing to do a moment ago: parallel demand though no
+#: trial of the job runs (a job just profiled only once its first batch is ``:grace`` overdue).
 CHEAP_JOBS_CROWD = (select(Job.id).where(
     Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
     ~_has(TrialState.QUEUED)).order_by(Job.updated_at, Job.id).limit(16))

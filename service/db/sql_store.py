@@ -56,16 +56,14 @@ from bocompress.service.db.views import iso, job_light, job_out, trial_out
 from bocompress.service.results import evaluate_values, unreachable_budget, validate_profile
 
 log = logging.getLogger("bocompress.trials")
-#: Seconds a just-profiled compression job (no trial yet) is left to the engine's first batch
-#: before an empty lease is answered by a cheap proposal for it.
-FIRST_BATCH_GRACE_S = 0.25
 #: Workers that found nothing within this many seconds of each other are parallel demand (a
 #: worker polls every second when idle, by default).
 IDLE_WORKER_WINDOW_S = 2.5
-#: A job's first batch (its initial design: the one-shot allocators' points, which random points
-#: in many dimensions are not worth the budget they spend) is awaited this long by idle workers
-#: before they are given cheap points anyway: only an engine stuck behind other jobs' fits.
-FIRST_BATCH_CROWD_GRACE_S = 30.0
+#: Seconds a just-profiled compression job (``n_created == 0``) is left to the engine's first batch
+#: (its initial design: the one-shot allocators' points, which random points in many dimensions are
+#: not worth the budget they spend) before idle workers get cheap points of it anyway: only an
+#: engine stuck behind other jobs' fits takes that long.
+FIRST_BATCH_GRACE_S = 30.0
 T = TypeVar("T")
 #: Trial columns a page reads on SQLite (Core: no ORM row processing for thousands of rows).
 _PAGE_COLS = ("id", "job_id", "seq", "number", "state", "params", "values", "sem", "attempt", "worker",
@@ -225,17 +223,17 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
 
     def _cheap_lease(self, worker: str, crowd: bool = False) -> tuple[Any, dict[str, Any]] | None:
         """A worker found nothing queued: a cheap proposal for the running compression job with
-        budget left and an empty buffer that was served longest ago, leased to ``worker``. A job
-        whose engine has not started its stream yet (``n_created == 0``: just profiled) is left to
-        the engine for :data:`FIRST_BATCH_GRACE_S` (its first batch, the initial design or an
-        allocator's points, comes within a scheduler tick), then answered cheaply too, so a
-        scheduler busy with another job's fit never keeps its workers idle. Parallel demand is a
-        trial of the job running, or (``crowd``) other workers that found nothing a moment ago: a
-        lone worker waits for the engine, sequential BO."""
+        budget left and an empty buffer that was served longest ago, leased to ``worker``, when
+        there is parallel demand: a trial of the job running, or (``crowd``) other workers that
+        found nothing a moment ago. A lone worker waits for the engine (sequential BO). A job whose
+        engine has not answered yet (``n_created == 0``) is left to its first batch for
+        :data:`FIRST_BATCH_GRACE_S`, then answered cheaply too, so an engine busy with other jobs'
+        fits does not keep its workers idle for long."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
             # only jobs with parallel demand and an empty buffer, found in the query rather than job by job
-            grace = utcnow() - timedelta(seconds=FIRST_BATCH_CROWD_GRACE_S if crowd else FIRST_BATCH_GRACE_S)
-            for job_id in s.execute(CHEAP_JOBS_CROWD if crowd else CHEAP_JOBS, {"grace": grace}).scalars().all():
+            jobs = (s.execute(CHEAP_JOBS_CROWD, {"grace": utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)}) if crowd
+                    else s.execute(CHEAP_JOBS))
+            for job_id in jobs.scalars().all():
                 job = s.get(Job, job_id)
                 if job is not None and self._add_cheap(s, job, crowd):
                     c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
@@ -629,8 +627,8 @@ class HotAskTell:
         cheap, crowd = self.cheap, self._idle_crowd(worker)
         try:
             got = await anyio.to_thread.run_sync(
-                run_conn, self.engine, lambda c: hot.cheap_lease(
-                    c, self.jobs, worker, cheap, FIRST_BATCH_CROWD_GRACE_S if crowd else FIRST_BATCH_GRACE_S, crowd))
+                run_conn, self.engine, lambda c: hot.cheap_lease(c, self.jobs, worker, cheap, FIRST_BATCH_GRACE_S,
+                                                                 crowd))
         except hot.Unusual:  # a lease expired: the ORM path reaps it first
             return await super()._empty_lease(worker, kinds)  # type: ignore[misc]
         if got is None:

@@ -115,8 +115,9 @@ class Store(ABC):
         are reaped first when none is queued): the lease answer (``task``, ``trial``, ``job``,
         ``lease``, and ``source`` for an export), or None when nothing is queued. With a
         :attr:`cheap` proposer, an empty queue is answered by a cheap proposal for a running
-        compression job with budget left, when there is one (a just-profiled job's first batch
-        is left to the engine for a moment: ``sql_store.FIRST_BATCH_GRACE_S``)."""
+        compression job with budget left and parallel demand (one of its trials running, or other
+        workers idle a moment ago), when there is one; a lone worker waits for the engine, and a
+        just-profiled job's first batch is left to the engine (``sql_store.FIRST_BATCH_GRACE_S``)."""
 
     @abstractmethod
     async def heartbeat(self, trial_id: int, token: str | None) -> dict[str, Any]:

@@ -633,7 +633,6 @@ def test_workers_idle_together_are_parallel_demand(store: Store, monkeypatch: py
 
     store.set_cheap_proposer(_cheap)
     monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 0.0)
-    monkeypatch.setattr(sql_store, "FIRST_BATCH_CROWD_GRACE_S", 0.0)
     profile = ProfileReport.model_validate(synthetic_profile(2, 16)).model_dump(mode="json")
 
     async def profiled(s: Store, worker: str) -> dict[str, Any]:
@@ -661,7 +660,7 @@ def test_workers_idle_together_are_parallel_demand(store: Store, monkeypatch: py
         await s.cancel(cj["id"], ME)
 
         monkeypatch.setattr(sql_store, "IDLE_WORKER_WINDOW_S", 60.0)
-        monkeypatch.setattr(sql_store, "FIRST_BATCH_CROWD_GRACE_S", 3600.0)
+        monkeypatch.setattr(sql_store, "FIRST_BATCH_GRACE_S", 3600.0)
         cj = await profiled(s, "w3")
         assert await s.lease("w3", ["evaluate"]) is None
         assert await s.lease("w4", ["evaluate"]) is None  # idle together, but the first batch is the engine's
