@@ -406,6 +406,31 @@ def run_ax_generic(pending: int, n_obs: int, calls: int) -> dict[str, Any]:
                                lambda params: (_generic_value(params), 0.0), pending, n_obs, calls)
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def healthz_cpu_ms(url: str, pid: int, n: int = 2000) -> float:
+    """The service's CPU per ``GET /healthz`` (ms), one keep-alive client, after a warm-up: this
+    machine's speed for the request path, so tables from different runs can be compared."""
+    from bocompress.procs import RawClient
+
+    async def go(k: int) -> None:
+        c = RawClient(url, "")
+        try:
+            for _ in range(k):
+                await c.request("GET", "/healthz")
+        finally:
+            await c.close()
+
+    asyncio.run(go(200))
+    before = _process_cpu_s(pid)
+    asyncio.run(go(n))
+    return 1e3 * (_process_cpu_s(pid) - before) / n
+
+
 def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
     """Part 3: every scenario on one ``bocompress serve`` (SQLite), idle and loaded; Ax in the same run."""
     from bench.load import SERVICE_ROOT
@@ -415,6 +440,7 @@ def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
 
     rows: list[dict[str, Any]] = []
     ax_rows: list[dict[str, Any]] = []
+    healthz: list[float] = []
     tmp = tempfile.mkdtemp(prefix="bo_askers_")
     cells = [(m, c, j) for m in ("ask", "lease") for j in ((1,) if quick else (1, 10)) for c in (16, 64)]
     if not quick:
@@ -427,6 +453,10 @@ def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
         srv = ServiceProcess(db, log_path=Path(tmp) / f"server-{cheap}.log", pythonpath=SERVICE_ROOT,
                              env={"BOCOMPRESS_CHEAP_PROPOSALS": cheap}).start()
         try:
+            if cheap == "auto":
+                assert srv.proc is not None
+                healthz.append(healthz_cpu_ms(srv.url, srv.proc.pid))
+                print(json.dumps({"healthz_cpu_ms": healthz[-1]}), file=sys.stderr, flush=True)
             for loaded in (False, True):
                 todo = cells if cheap == "auto" else [("ask", 16, 1)]
                 for k, (mode, consumers, jobs) in enumerate(todo):
@@ -468,6 +498,8 @@ def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:
     for a in ax_rows:
         lines.append(f"| {'loaded' if a['loaded'] else 'idle'} (load1 {a['load1']:.1f}) | {a['calls']} | "
                      f"{1e3 * a['p50_s']:.0f} | {1e3 * a['p95_s']:.0f} | {1e3 * a['max_s']:.0f} |")
+    lines += ["", f"This machine, this run: the service spends {healthz[0]:.2f} ms of CPU per `GET /healthz` "
+              "(the request path alone, measured before the scenarios); compare runs by it."]
     return "\n".join(lines), rows
 
 
