@@ -406,15 +406,11 @@ def run_ax_generic(pending: int, n_obs: int, calls: int) -> dict[str, Any]:
                                lambda params: (_generic_value(params), 0.0), pending, n_obs, calls)
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def healthz_cpu_ms(url: str, pid: int, n: int = 2000) -> float:
     """The service's CPU per ``GET /healthz`` (ms), one keep-alive client, after a warm-up: this
-    machine's speed for the request path, so tables from different runs can be compared."""
+    machine's speed for the request path, so tables from different runs can be compared (its
+    engine child, idle meanwhile, included)."""
+    from bench.load import cpu_seconds
     from bocompress.procs import RawClient
 
     async def go(k: int) -> None:
@@ -426,9 +422,9 @@ def healthz_cpu_ms(url: str, pid: int, n: int = 2000) -> float:
             await c.close()
 
     asyncio.run(go(200))
-    before = _process_cpu_s(pid)
+    before = cpu_seconds(pid)
     asyncio.run(go(n))
-    return 1e3 * (_process_cpu_s(pid) - before) / n
+    return 1e3 * (cpu_seconds(pid) - before) / n
 
 
 def run_askers(quick: bool, with_off: bool) -> tuple[str, list[dict[str, Any]]]:

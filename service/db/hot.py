@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Row
 from bocompress.spec import JobSpec
 from bocompress.states import ACTIVE_JOB_STATES, OPEN_TRIAL_STATES, JobState, TrialState, sql_in
 from bocompress.service.db.models import Event, Job, Trial, utcnow
-from bocompress.service.db.queries import BUSY, CHEAP_JOBS, CHEAP_JOBS_CROWD, EXPIRED_LEASE, best_query
+from bocompress.service.db.queries import BUSY, EXPIRED_LEASE, best_query, cheap_jobs
 
 TRIALS = Trial.__table__
 JOBS = Job.__table__
@@ -278,10 +278,11 @@ _INSERT_ASKED = (insert(TRIALS).values(
     worker=bindparam("worker"), started_at=bindparam("now"), lease_token=bindparam("tok"),
     lease_expires_at=bindparam("until"))
     .returning(*_TRIAL_COLS))
-#: The trials of job ``:job`` changed after ``seq`` ``:seen`` (each change bumps the trial's ``seq``
+#: The evaluations of job ``:job`` changed after ``seq`` ``:seen`` (each change bumps the trial's ``seq``
 #: under the job row's lock, so the committed ones come in ``seq`` order): an index range scan.
-_CHANGED_SINCE = (select(TRIALS.c.id, TRIALS.c.seq, TRIALS.c.kind, TRIALS.c.state, TRIALS.c["values"], TRIALS.c.params)
-                  .where(TRIALS.c.job_id == bindparam("job"), TRIALS.c.seq > bindparam("seen")))
+_CHANGED_SINCE = (select(TRIALS.c.id, TRIALS.c.seq, TRIALS.c.state, TRIALS.c["values"], TRIALS.c.params)
+                  .where(TRIALS.c.job_id == bindparam("job"), TRIALS.c.kind == "evaluate",
+                         TRIALS.c.seq > bindparam("seen")))
 _LAST_SEQ = select(func.max(TRIALS.c.seq)).where(TRIALS.c.job_id == bindparam("job"))
 #: More changes than this since the last look: rank the job's trials in SQL again instead.
 _FOLD_LIMIT = 256
@@ -289,7 +290,7 @@ _FOLD_LIMIT = 256
 
 def _objective(info: JobInfo, row: Any) -> float | None:
     """The value :func:`~bocompress.service.db.queries.best_query` ranks ``row`` by (None: not ranked)."""
-    if row.kind != "evaluate" or row.state != TrialState.COMPLETED:
+    if row.state != TrialState.COMPLETED:
         return None
     v = (row.values or {}).get(info.view.metric)
     return None if v is None else float(v)
@@ -402,8 +403,7 @@ def cheap_lease(conn: Connection, cache: JobInfoCache, worker: str, cheap: Any,
     now = utcnow()
     if conn.execute(EXPIRED_LEASE, {"now": now}).first() is not None:
         raise Unusual
-    jobs = CHEAP_JOBS_CROWD if crowd else CHEAP_JOBS
-    for job_id in conn.execute(jobs, {"grace": now - timedelta(seconds=grace_s)} if crowd else {}).scalars().all():
+    for job_id in conn.execute(*cheap_jobs(crowd, now, grace_s)).scalars().all():
         info = cache.get(conn, int(job_id))
         if info is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select
@@ -69,16 +70,26 @@ def _has(state: TrialState) -> Any:
     return select(Trial.id).where(Trial.job_id == Job.id, Trial.kind == "evaluate", Trial.state == state).exists()
 
 
-#: Running compression jobs with parallel demand (a trial running) and an empty buffer, served
-#: longest ago first; a just-profiled one (nothing created yet) only once ``:grace`` has passed.
-CHEAP_JOBS = (select(Job.id).where(
-    Job.state == JobState.RUNNING, Job.kind == "compression", ~_has(TrialState.QUEUED), _has(TrialState.RUNNING))
-    .order_by(Job.updated_at, Job.id).limit(16))
-#: :data:`CHEAP_JOBS` when other workers found nothing to do a moment ago: parallel demand though no
-#: trial of the job runs (a job just profiled only once its first batch is ``:grace`` overdue).
-CHEAP_JOBS_CROWD = (select(Job.id).where(
-    Job.state == JobState.RUNNING, Job.kind == "compression", or_(Job.n_created > 0, Job.updated_at < bindparam("grace")),
-    ~_has(TrialState.QUEUED)).order_by(Job.updated_at, Job.id).limit(16))
+def _cheap_jobs(*demand: Any) -> Any:
+    """Running compression jobs with an empty buffer and ``demand``, served longest ago first."""
+    return (select(Job.id).where(Job.state == JobState.RUNNING, Job.kind == "compression", ~_has(TrialState.QUEUED),
+                                 *demand).order_by(Job.updated_at, Job.id).limit(16))
+
+
+#: Parallel demand is a trial of the job running ...
+CHEAP_JOBS = _cheap_jobs(_has(TrialState.RUNNING))
+#: ... or other workers that found nothing a moment ago, though no trial of the job runs (a job
+#: just profiled only once its first batch is ``:grace`` overdue).
+CHEAP_JOBS_CROWD = _cheap_jobs(or_(Job.n_created > 0, Job.updated_at < bindparam("grace")))
+
+
+def cheap_jobs(crowd: bool, now: datetime, grace_s: float) -> tuple[Any, dict[str, Any]]:
+    """The statement that finds the jobs a worker's empty lease may get a cheap point of, and its
+    parameters: :data:`CHEAP_JOBS`, or with ``crowd`` (other workers idle too) :data:`CHEAP_JOBS_CROWD`
+    with a just-profiled job's first batch ``grace_s`` overdue."""
+    if crowd:
+        return CHEAP_JOBS_CROWD, {"grace": now - timedelta(seconds=grace_s)}
+    return CHEAP_JOBS, {}
 
 
 def pareto_trials(session: Session, job: Job) -> list[Trial]:
@@ -95,5 +106,5 @@ def pareto_trials(session: Session, job: Job) -> list[Trial]:
     return sorted((rows[i] for i in pareto_front(pts)), key=lambda t: float(t.values.get("ratio", 0.0)))
 
 
-__all__ = ["BUSY", "CHEAP_JOBS", "CHEAP_JOBS_CROWD", "EXPIRED_LEASE", "best_query", "best_trial", "count_states", "pareto_trials",
+__all__ = ["BUSY", "CHEAP_JOBS", "CHEAP_JOBS_CROWD", "EXPIRED_LEASE", "best_query", "cheap_jobs", "best_trial", "count_states", "pareto_trials",
            "visible_job"]

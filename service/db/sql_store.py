@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -32,7 +31,7 @@ from bocompress.service.db.errors import Invalid, NotFound, TransitionError
 from bocompress.service.db.exports import ExportsMixin
 from bocompress.service.db.models import Blob, Job, Trial, utcnow
 from bocompress.service.db.pipeline import PipelineMixin, as_requested, cancel_pipeline, first_pass_budget, start_pipeline
-from bocompress.service.db.queries import BUSY, CHEAP_JOBS, CHEAP_JOBS_CROWD, best_trial, pareto_trials, visible_job
+from bocompress.service.db.queries import BUSY, best_trial, cheap_jobs, pareto_trials, visible_job
 from bocompress.service.db.records import RecordsMixin
 from bocompress.service.db.session import read_session, run_conn, run_tx
 from bocompress.service.db.snapshot import SnapshotMixin
@@ -231,9 +230,7 @@ class OrmStore(ExportsMixin, PipelineMixin, RecordsMixin, SnapshotMixin, Strateg
         fits does not keep its workers idle for long."""
         def _go(s: Session) -> tuple[Any, dict[str, Any]] | None:
             # only jobs with parallel demand and an empty buffer, found in the query rather than job by job
-            jobs = (s.execute(CHEAP_JOBS_CROWD, {"grace": utcnow() - timedelta(seconds=FIRST_BATCH_GRACE_S)}) if crowd
-                    else s.execute(CHEAP_JOBS))
-            for job_id in jobs.scalars().all():
+            for job_id in s.execute(*cheap_jobs(crowd, utcnow(), FIRST_BATCH_GRACE_S)).scalars().all():
                 job = s.get(Job, job_id)
                 if job is not None and self._add_cheap(s, job, crowd):
                     c = claim_next(s, worker, ("evaluate",), job_id=job.id, dialect=self.dialect)
